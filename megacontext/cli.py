@@ -1,0 +1,147 @@
+"""The `megacontext` command (also `python -m megacontext`): one subcommand per lifecycle step.
+
+Every subcommand takes `--profile NAME` and trailing `key.sub=value` overrides,
+resolves the config, calls one library function and prints a short report.
+Errors the user can fix print one line (`error: ...`) and exit with status 2.
+DVC stages and Dagster assets call these same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from megacontext.config import Config, load_config
+from megacontext.errors import MegaContextError
+
+console = Console()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.profile, args.overrides)
+        return args.handler(cfg, args) or 0
+    except MegaContextError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; nothing partial was published")
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megacontext", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--profile", default="default", help="configs/<NAME>.yaml or a YAML path (default: default)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.max_documents=10")
+        p.set_defaults(handler=handler)
+        return p
+
+    command("config", cmd_config, "print the resolved config as YAML")
+    for name, handler, help in (
+        ("build-corpus", cmd_build_corpus, "collect the raw corpus (data/ or the stdlib) into artifacts"),
+        ("build-shards", cmd_build_shards, "tokenize the corpus into schema-checked Parquet shards"),
+        ("prepare-data", cmd_prepare_data, "build-corpus then build-shards"),
+    ):
+        p = command(name, handler, help)
+        p.add_argument("--force", action="store_true", default=os.environ.get("MEGACONTEXT_FORCE_DATA_REBUILD") == "1",
+                       help="rebuild even when an identical build exists (env MEGACONTEXT_FORCE_DATA_REBUILD=1)")
+    command("cache-model", cmd_cache_model, "convert the base model once to an fp32 safetensors cache; time a load")
+    p = command("score", cmd_score, "base-model NLL@H on held-out documents")
+    p.add_argument("--context", type=int, default=2048, help="tokens the base reads before the horizon")
+    p.add_argument("--horizon", type=int, default=64, help="scored tokens after the context (H)")
+    p.add_argument("--max-docs", type=int, default=8)
+    p.add_argument("--split", default="val", choices=["train", "val", "test"])
+    return parser
+
+
+def cmd_config(cfg: Config, args: argparse.Namespace) -> int:
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def cmd_build_corpus(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext.corpus import build_corpus
+    from megacontext.lineage import read_manifest
+
+    out = build_corpus(cfg, force=args.force)
+    stats = read_manifest(out)["stats"]
+    console.print(f"corpus: {stats['documents']:,} documents, {stats['chars']:,} characters ({stats['source']}) -> {out}")
+    return 0
+
+
+def cmd_build_shards(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext.lineage import read_manifest
+    from megacontext.shards import build_shards
+
+    start = time.perf_counter()
+    out = build_shards(cfg, force=args.force)
+    _print_summary(read_manifest(out)["summary"], title=f"dataset shards -> {out}")
+    console.print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_prepare_data(cfg: Config, args: argparse.Namespace) -> int:
+    cmd_build_corpus(cfg, args)
+    return cmd_build_shards(cfg, args)
+
+
+def cmd_cache_model(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext.base_model import load_base_model
+
+    load_base_model(cfg)  # converts on first use
+    start = time.perf_counter()
+    base = load_base_model(cfg)
+    seconds = time.perf_counter() - start
+    params = sum(p.numel() for p in base.model.parameters())
+    console.print(f"{base.model_id}: {params / 1e6:.1f}M parameters, {base.max_positions:,} positions, "
+                  f"loaded in {seconds:.2f} s")
+    return 0
+
+
+def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext.base_model import load_base_model
+    from megacontext.scoring import score_documents
+    from megacontext.shards import read_split, shards_dir
+
+    base = load_base_model(cfg)
+    docs = read_split(shards_dir(cfg), args.split, tokenizer_name=base.tokenizer.name)
+    scores = score_documents(base, docs, context=args.context, horizon=args.horizon, max_docs=args.max_docs)
+    table = Table(title=f"{base.model_id}: NLL@{args.horizon} after {args.context} tokens ({args.split})")
+    for column in ("document", "NLL@H (nats/token)", "seconds"):
+        table.add_column(column, justify="left" if column == "document" else "right")
+    for s in scores:
+        table.add_row(s.source, f"{s.nll:.3f}", f"{s.seconds:.2f}")
+    mean = sum(s.nll for s in scores) / len(scores)
+    table.add_row("[bold]mean", f"[bold]{mean:.3f}", "")
+    console.print(table)
+    print(json.dumps({"model_id": base.model_id, "split": args.split, "documents": len(scores), "mean_nll": mean}))
+    return 0
+
+
+def _print_summary(summary: dict, title: str) -> None:
+    table = Table(title=title)
+    for column in ("split", "documents", "tokens"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, values in summary["splits"].items():
+        table.add_row(split, f"{values['documents']:,}", f"{values['tokens']:,}")
+    table.add_row("[bold]all", f"[bold]{summary['documents']:,}", f"[bold]{summary['tokens']:,}")
+    console.print(table)
+    hist = "  ".join(f"{label}: {count}" for label, count in summary["length_histogram"].items())
+    console.print(f"document lengths (tokens)  {hist}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

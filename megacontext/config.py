@@ -1,0 +1,229 @@
+"""Typed, validated configuration: code defaults < YAML profile < environment < overrides.
+
+A profile (`configs/<name>.yaml`) lists only what differs from the defaults in
+this file. Overrides use one syntax everywhere (CLI, DVC, Dagster):
+`key.sub=value`, the value parsed as YAML. Unknown keys and bad values raise
+`ConfigError` naming the key. Paths are where things go, not what they are, so
+they are left out of `config_hash`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from megacontext.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Environment variables honoured everywhere (seed 004), mapped to config keys.
+ENV_OVERRIDES = {
+    "MEGACONTEXT_ARTIFACT_ROOT": "paths.artifact_root",
+    "MEGACONTEXT_DATA_ROOT": "paths.data_root",
+    "MEGACONTEXT_SEED": "seed",
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class PathsConfig(Section):
+    artifact_root: str = "artifacts"  # every stage output and checkpoint lives below this
+    data_root: str | None = None  # corpus + shards; None -> <artifact_root>/data
+    corpus_dir: str = "data"  # the user's raw files (tracked by data.dvc); empty -> stdlib corpus
+    model_cache: str | None = None  # fp32 safetensors cache; None -> ~/.cache/megacontext/models
+
+    def data_dir(self) -> Path:
+        return Path(self.data_root) if self.data_root else Path(self.artifact_root) / "data"
+
+
+class TinyModelConfig(Section):
+    """The random tiny Llama built in code for tests (byte-level vocabulary)."""
+
+    d_model: int = Field(64, ge=8)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int = Field(2, ge=1)
+    d_ff: int = Field(128, ge=8)
+    max_positions: int = Field(65_536, ge=64)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError("need d_model % n_heads == 0 and n_heads % n_kv_heads == 0")
+        return self
+
+
+class ModelConfig(Section):
+    kind: Literal["smollm2", "hf", "tiny", "gemma3-270m"] = "smollm2"
+    path: str | None = None  # a local Hugging Face model directory, for kind=hf
+    dtype: Literal["float32", "bfloat16"] = "float32"  # fp32 on CPU; bf16 is ~3x slower there
+    tiny: TinyModelConfig = TinyModelConfig()
+
+    @model_validator(mode="after")
+    def _path_for_hf(self) -> "ModelConfig":
+        if self.kind == "hf" and not self.path:
+            raise ValueError("kind=hf needs model.path=<local Hugging Face model directory>")
+        return self
+
+
+class DataConfig(Section):
+    source: Literal["auto", "stdlib", "folder"] = "auto"  # auto: the corpus folder if it has files
+    text_field: str = "text"  # field of .jsonl records / column of .parquet files
+    doc_target_chars: int = Field(120_000, ge=1_000)  # stdlib: pack files of a package up to this
+    max_documents: int | None = Field(None, ge=1)
+    max_doc_tokens: int | None = Field(None, ge=32)  # truncate longer documents
+    min_doc_tokens: int = Field(32, ge=1)  # one block; shorter documents are an input error
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    shard_max_tokens: int = Field(4_000_000, ge=1_024)
+
+    @model_validator(mode="after")
+    def _splits_leave_train(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave room for a train split (< 1)")
+        return self
+
+
+class Config(Section):
+    profile: str = "default"
+    seed: int = Field(0, ge=0)
+    paths: PathsConfig = PathsConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def config_hash(cfg: Config, sections: Sequence[str] | None = None) -> str:
+    """sha256 of the canonical JSON of the config (or of `sections`), without paths/profile."""
+    data = cfg.to_dict()
+    data.pop("paths")
+    data.pop("profile")
+    if sections is not None:
+        data = {name: data[name] for name in sections}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def profile_path(profile: str) -> Path:
+    """A profile name (`tiny`) in configs/, or a path to a YAML file."""
+    candidate = Path(profile)
+    if candidate.suffix in {".yaml", ".yml"}:
+        path = candidate
+    else:
+        path = CONFIG_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"profile '{profile}' not found ({path}); known profiles: {', '.join(known)}")
+    return path
+
+
+def load_config(
+    profile: str = "default",
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Resolve the config: defaults < profile YAML < MEGACONTEXT_* env vars < `key=value` overrides."""
+    env = os.environ if env is None else env
+    path = profile_path(profile)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc}); fix the file") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of config keys")
+    tree: dict[str, Any] = {}
+    for key, value in _flatten(raw):
+        _set_key(tree, key, value, origin=str(path))
+    tree["profile"] = path.stem
+    for var, key in ENV_OVERRIDES.items():
+        if env.get(var):
+            _set_key(tree, key, yaml.safe_load(env[var]), origin=f"environment variable {var}")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_key(tree, key, value, origin=f"override '{item}'")
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        raise ConfigError(f"config key '{key}': {err['msg']} (got {err.get('input')!r})") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`data.val_fraction=0.2` -> ("data.val_fraction", 0.2); values are parsed as YAML scalars."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and _is_section(full):
+            items.extend(_flatten(value, prefix=f"{full}."))
+        else:
+            items.append((full, value))
+    return items
+
+
+def _section_model(key: str) -> type[BaseModel] | None:
+    """The pydantic model behind a dotted key, if the key names a section."""
+    model: type[BaseModel] = Config
+    for part in key.split("."):
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _is_section(key: str) -> bool:
+    return _section_model(key) is not None
+
+
+def _set_key(tree: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    """Set a dotted key in a nested dict, refusing keys the Config does not have."""
+    parts = key.split(".")
+    model: type[BaseModel] = Config
+    node = tree
+    for depth, part in enumerate(parts):
+        if part not in model.model_fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            valid = sorted(model.model_fields)
+            close = difflib.get_close_matches(part, valid, n=1)
+            hint = f"did you mean '{'.'.join(parts[:depth] + close)}'? " if close else ""
+            raise ConfigError(
+                f"unknown config key '{key}' (from {origin}); {hint}valid keys under {where}: {', '.join(valid)}"
+            )
+        if depth == len(parts) - 1:
+            if isinstance(value, dict) and _is_section(key):
+                for sub, sub_value in _flatten(value, prefix=f"{key}."):
+                    _set_key(tree, sub, sub_value, origin)
+            else:
+                node[part] = value
+            return
+        sub_model = _section_model(".".join(parts[: depth + 1]))
+        if sub_model is None:
+            raise ConfigError(f"config key '{'.'.join(parts[: depth + 1])}' is a value, not a section (from {origin})")
+        model = sub_model
+        node = node.setdefault(part, {})

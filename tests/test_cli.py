@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from megacontext.cli import main
+
+
+def _args(tmp_path: Path) -> list[str]:
+    return ["--profile", "tiny", f"paths.artifact_root={tmp_path / 'artifacts'}", f"paths.corpus_dir={tmp_path / 'data'}",
+            "data.max_documents=4"]
+
+
+def test_unknown_key_is_a_one_line_error_with_exit_2(tmp_path: Path, capsys) -> None:
+    assert main(["prepare-data", *_args(tmp_path), "data.bogus=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown config key 'data.bogus'") and "\n" not in err
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_prepare_data_then_score_on_the_tiny_profile(tmp_path: Path, capsys) -> None:
+    args = [*_args(tmp_path), "data.val_fraction=0", "data.test_fraction=0"]  # every document in train
+    assert main(["prepare-data", *args]) == 0
+    assert (tmp_path / "artifacts" / "data" / "shards" / "manifest.json").is_file()
+    capsys.readouterr()
+    assert main(["score", *args, "--split", "train", "--context", "512", "--horizon", "32", "--max-docs", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["documents"] == 2 and 4.5 < result["mean_nll"] < 6.5  # random tiny model: about ln(258) = 5.55
+    assert main(["score", *args, "--split", "train", "--context", "70000"]) == 2
+    assert "exceeds the base model's 65536 positions" in capsys.readouterr().err
+    assert main(["score", *args, "--split", "train", "--context", "50000"]) == 2
+    assert "error: no document in this split has 50064 tokens" in capsys.readouterr().err
+
+
+def test_python_dash_m_and_config_command(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "megacontext", "config", "--profile", "tiny", "seed=3"],
+                          capture_output=True, text=True, check=True)
+    assert "seed: 3" in done.stdout and "kind: tiny" in done.stdout

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import pytest
+
+from megacontext.config import Config, config_hash, load_config, parse_override
+from megacontext.errors import ConfigError
+
+
+@pytest.mark.parametrize("profile", ["tiny", "default", "gate-8k"])
+def test_every_profile_resolves(profile: str) -> None:
+    cfg = load_config(profile, env={})
+    assert cfg.profile == profile
+
+
+def test_profiles_differ_only_where_they_say() -> None:
+    tiny, default = load_config("tiny", env={}), load_config("default", env={})
+    assert default == Config(profile="default")  # the defaults in code are the default profile
+    assert tiny.model.kind == "tiny" and default.model.kind == "smollm2"
+    assert tiny.data.min_doc_tokens == default.data.min_doc_tokens
+
+
+def test_overrides_are_parsed_as_yaml_scalars() -> None:
+    assert parse_override("data.val_fraction=0.2") == ("data.val_fraction", 0.2)
+    assert parse_override("data.max_documents=null") == ("data.max_documents", None)
+    cfg = load_config("tiny", ["data.max_documents=3", "model.tiny.n_layers=1", "seed=7"], env={})
+    assert (cfg.data.max_documents, cfg.model.tiny.n_layers, cfg.seed) == (3, 1, 7)
+
+
+def test_unknown_key_names_the_key_and_suggests() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.max_docments'.*did you mean 'data\.max_documents'"):
+        load_config("tiny", ["data.max_docments=3"], env={})
+
+
+def test_bad_value_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"config key 'data\.val_fraction'.*less than 1"):
+        load_config("tiny", ["data.val_fraction=1.5"], env={})
+    with pytest.raises(ConfigError, match=r"config key 'model\.kind'"):
+        load_config("tiny", ["model.kind=gpt5"], env={})
+    with pytest.raises(ConfigError, match=r"config key 'model\.tiny'.*n_heads"):
+        load_config("tiny", ["model.tiny.n_heads=3"], env={})
+
+
+def test_value_key_used_as_section_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"'seed' is a value, not a section"):
+        load_config("tiny", ["seed.x=1"], env={})
+
+
+def test_malformed_override_and_unknown_profile() -> None:
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config("tiny", ["data.max_documents"], env={})
+    with pytest.raises(ConfigError, match=r"profile 'nope' not found.*tiny"):
+        load_config("nope", env={})
+
+
+def test_environment_overrides_sit_between_profile_and_cli() -> None:
+    env = {"MEGACONTEXT_ARTIFACT_ROOT": "/tmp/x", "MEGACONTEXT_SEED": "5", "MEGACONTEXT_DATA_ROOT": "/tmp/d"}
+    cfg = load_config("tiny", env=env)
+    assert (cfg.paths.artifact_root, cfg.seed, str(cfg.paths.data_dir())) == ("/tmp/x", 5, "/tmp/d")
+    assert load_config("tiny", ["seed=9"], env=env).seed == 9
+
+
+def test_unknown_key_in_a_profile_file_names_the_file(tmp_path) -> None:
+    profile = tmp_path / "mine.yaml"
+    profile.write_text("data:\n  shard_max_token: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'data\.shard_max_token' \(from .*mine\.yaml\)"):
+        load_config(str(profile), env={})
+
+
+def test_config_hash_ignores_paths_but_not_content() -> None:
+    a = load_config("tiny", ["paths.artifact_root=/a"], env={})
+    b = load_config("tiny", ["paths.artifact_root=/b"], env={})
+    c = load_config("tiny", ["data.val_fraction=0.3"], env={})
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+    assert config_hash(a, ["model"]) == config_hash(c, ["model"])
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path) -> None:
+    cfg = load_config("tiny", ["data.max_documents=2"], env={})
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(str(path), env={}).model_dump(exclude={"profile"}) == cfg.model_dump(exclude={"profile"})

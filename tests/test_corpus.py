@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from megacontext.config import Config
+from megacontext.corpus import build_corpus, pack_files, read_documents, stdlib_files, stdlib_root
+from megacontext.errors import InputDataError
+from megacontext.lineage import verify_files
+from megacontext.shards import build_shards
+from tests.conftest import tiny_config
+
+LONG_TEXT = "def f(x):\n    return x * 2\n" * 20
+
+
+def _folder_cfg(tmp_path: Path) -> Config:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    return tiny_config(tmp_path, "data.source=folder")
+
+
+def test_user_files_of_every_supported_kind_become_documents(tmp_path: Path) -> None:
+    cfg = _folder_cfg(tmp_path)
+    data = tmp_path / "data"
+    (data / "a.txt").write_text("plain " + LONG_TEXT)
+    (data / "b.md").write_text("# md\n" + LONG_TEXT)
+    (data / "sub").mkdir()
+    (data / "sub" / "c.py").write_text("# py\n" + LONG_TEXT)
+    (data / "d.jsonl").write_text(json.dumps({"text": "j1 " + LONG_TEXT}) + "\n\n" + json.dumps({"text": "j2 " + LONG_TEXT}) + "\n")
+    pq.write_table(pa.table({"text": ["p1 " + LONG_TEXT]}), data / "e.parquet")
+    (data / ".hidden").write_text("ignored")
+    sources = read_documents(build_corpus(cfg)).column("source").to_pylist()
+    root = str(data)
+    assert sources == [f"{root}/a.txt", f"{root}/b.md", f"{root}/d.jsonl:1", f"{root}/d.jsonl:3",
+                       f"{root}/e.parquet#row0", f"{root}/sub/c.py"]
+
+
+BAD_INPUTS = {
+    "empty": ("empty.txt", b"", r"empty\.txt: file is empty; add text"),
+    "binary": ("blob.txt", b"\x00\x01\x02binary", r"blob\.txt: looks binary"),
+    "unsupported": ("image.png", b"\x89PNG", r"image\.png: unsupported file type '\.png'"),
+    "non_utf8": ("latin.txt", "caf\xe9 au lait".encode("latin-1"), r"latin\.txt: not UTF-8 \(byte 0xe9 at offset 3\).*iconv"),
+    "bad_jsonl": ("r.jsonl", b'{"text": "ok ok ok"}\n{"txt": "x"}\n', r"r\.jsonl:2: no non-empty string field 'text'"),
+    "bad_json": ("r.jsonl", b"{not json\n", r"r\.jsonl:1: not valid JSON"),
+    "whitespace": ("w.md", b"  \n\n ", r"w\.md: file holds only whitespace"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_naming_the_file_and_nothing_is_lost(tmp_path: Path, case: str) -> None:
+    cfg = _folder_cfg(tmp_path)
+    (tmp_path / "data" / "good.txt").write_text(LONG_TEXT)
+    out = build_corpus(cfg)
+    before = (out / "documents.parquet").read_bytes()
+    name, content, pattern = BAD_INPUTS[case]
+    (tmp_path / "data" / name).write_bytes(content)
+    with pytest.raises(InputDataError, match=pattern) as err:
+        build_corpus(cfg)
+    assert "\n" not in str(err.value)
+    assert (out / "documents.parquet").read_bytes() == before and verify_files(out) == []
+
+
+def test_document_shorter_than_a_block_fails_at_tokenization_naming_it(tmp_path: Path) -> None:
+    cfg = _folder_cfg(tmp_path)
+    (tmp_path / "data" / "good.txt").write_text(LONG_TEXT)
+    build_corpus(cfg)
+    shards = build_shards(cfg)
+    before = (shards / "manifest.json").read_bytes()
+    (tmp_path / "data" / "short.txt").write_text("tiny")
+    build_corpus(cfg)
+    with pytest.raises(InputDataError, match=r"short\.txt: only 4 tokens, shorter than one block \(32\)"):
+        build_shards(cfg)
+    assert (shards / "manifest.json").read_bytes() == before and verify_files(shards) == []
+
+
+def test_folder_without_usable_text_is_refused(tmp_path: Path) -> None:
+    cfg = _folder_cfg(tmp_path)
+    (tmp_path / "data" / ".DS_Store").write_bytes(b"\x00")
+    with pytest.raises(InputDataError, match=r"data/: no usable text files.*empty the folder"):
+        build_corpus(cfg)
+
+
+def test_auto_source_uses_the_folder_when_it_has_files_else_the_stdlib(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "data.source=auto", "data.max_documents=2")
+    (tmp_path / "data").mkdir()
+    assert json.loads((build_corpus(cfg) / "stats.json").read_text())["source"] == "stdlib"
+    (tmp_path / "data" / "mine.txt").write_text(LONG_TEXT)
+    assert json.loads((build_corpus(cfg) / "stats.json").read_text())["source"] == "folder"
+
+
+def test_stdlib_packing_makes_long_documents_and_keeps_every_file() -> None:
+    root = stdlib_root()
+    files = stdlib_files(root)[:60]
+    docs = pack_files(files, root, target_chars=50_000)
+    assert all(len(d.text) >= 50_000 for d in docs[:-1])
+    text = "".join(d.text for d in docs)
+    assert all(f"# ---- file: {f.relative_to(root).as_posix()} ----" in text for f in files)
+    assert docs[0].source.startswith("stdlib:") and ".." in docs[0].source
+
+
+def test_rebuild_reuses_an_identical_corpus_and_notices_new_files(tmp_path: Path) -> None:
+    cfg = _folder_cfg(tmp_path)
+    (tmp_path / "data" / "a.txt").write_text(LONG_TEXT)
+    out = build_corpus(cfg)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    assert build_corpus(cfg) == out and (out / "manifest.json").stat().st_mtime_ns == stamp
+    (tmp_path / "data" / "b.txt").write_text("b " + LONG_TEXT)
+    assert read_documents(build_corpus(cfg)).num_rows == 2
+    assert build_corpus(cfg, force=True) == out

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megacontext.errors import ArtifactError
+from megacontext.lineage import (
+    is_reusable,
+    manifest_digest,
+    read_manifest,
+    staged_artifact,
+    verify_files,
+    write_manifest,
+)
+
+
+def _publish(final: Path, content: str, inputs=()) -> dict:
+    with staged_artifact(final) as staging:
+        (staging / "sub").mkdir()
+        (staging / "sub" / "a.txt").write_text(content)
+        write_manifest(staging, kind="demo", format_version=1, config_hash="c0", inputs=inputs)
+    return read_manifest(final)
+
+
+def test_published_artifact_lists_every_file_with_its_hash(tmp_path: Path) -> None:
+    manifest = _publish(tmp_path / "art", "hello")
+    assert list(manifest["files"]) == ["sub/a.txt"]
+    assert manifest["files"]["sub/a.txt"]["bytes"] == 5
+    assert verify_files(tmp_path / "art") == []
+    assert not list(tmp_path.glob(".art*"))  # no staging or old folders left behind
+
+
+def test_a_modified_byte_is_detected(tmp_path: Path) -> None:
+    _publish(tmp_path / "art", "hello")
+    path = tmp_path / "art" / "sub" / "a.txt"
+    path.write_bytes(b"hellp")
+    assert verify_files(tmp_path / "art") == [f"{path}: content differs from the manifest (modified or corrupt)"]
+    assert not is_reusable(tmp_path / "art", kind="demo", format_version=1, config_hash="c0")
+
+
+def test_missing_and_unlisted_files_are_reported(tmp_path: Path) -> None:
+    _publish(tmp_path / "art", "hello")
+    (tmp_path / "art" / "sub" / "a.txt").unlink()
+    (tmp_path / "art" / "extra.bin").write_bytes(b"x")
+    problems = verify_files(tmp_path / "art")
+    assert any("a.txt: missing" in p for p in problems) and any("extra.bin: not in the manifest" in p for p in problems)
+
+
+def test_failed_build_leaves_the_previous_artifact_untouched(tmp_path: Path) -> None:
+    _publish(tmp_path / "art", "version one")
+    with pytest.raises(RuntimeError):
+        with staged_artifact(tmp_path / "art") as staging:
+            (staging / "sub").mkdir()
+            (staging / "sub" / "a.txt").write_text("half-written")
+            raise RuntimeError("killed mid-build")
+    assert (tmp_path / "art" / "sub" / "a.txt").read_text() == "version one"
+    assert verify_files(tmp_path / "art") == []
+    assert not list(tmp_path.glob(".art*"))
+
+
+def test_build_without_manifest_is_never_published(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        with staged_artifact(tmp_path / "art") as staging:
+            (staging / "x").write_text("x")
+    assert not (tmp_path / "art").exists()
+
+
+def test_digest_ignores_run_fields_and_inputs_are_relative(tmp_path: Path) -> None:
+    parent = _publish(tmp_path / "root" / "parent", "p")
+    child = _publish(tmp_path / "root" / "child", "c", inputs=[tmp_path / "root" / "parent"])
+    assert child["inputs"] == [{"path": "../parent", "kind": "demo", "digest": manifest_digest(parent)}]
+    again = dict(child, created_at="1999-01-01T00:00:00Z", git={"commit": "x", "dirty": True})
+    assert manifest_digest(again) == manifest_digest(child)
+    assert manifest_digest(dict(child, config_hash="other")) != manifest_digest(child)
+
+
+def test_corrupt_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    _publish(tmp_path / "art", "x")
+    (tmp_path / "art" / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="corrupt manifest"):
+        read_manifest(tmp_path / "art")
+    assert not is_reusable(tmp_path / "art", kind="demo", format_version=1, config_hash="c0")
