@@ -88,7 +88,8 @@ def cmd_build_shards(cfg: Config, args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     out = build_shards(cfg, force=args.force)
-    _print_summary(read_manifest(out)["summary"], title=f"dataset shards -> {out}")
+    _print_summary(read_manifest(out)["summary"], title="dataset shards")
+    console.print(f"shards -> {out}")
     console.print(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 

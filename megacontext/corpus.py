@@ -29,7 +29,9 @@ FORMAT_VERSION = 1
 DOCUMENTS_FILE = "documents.parquet"
 TEXT_SUFFIXES = {".txt", ".md", ".py"}
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".parquet"}
-STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+# Tests are excluded (not long real documents), and so are generated lookup tables
+# (codec maps, pydoc topic strings) that any short context predicts perfectly.
+STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings", "pydoc_data"}
 
 
 @dataclass(frozen=True)
