@@ -110,8 +110,10 @@ def read_split(folder: Path, split: str, tokenizer_name: str | None = None) -> l
     docs = []
     for path in sorted(Path(folder).glob(f"{split}-*.parquet")):
         df = validate(pl.read_parquet(path), SHARD_SCHEMA, where=str(path))
-        for row in df.iter_rows(named=True):
-            docs.append(TokenizedDocument(row["doc_id"], row["source"], row["split"], np.asarray(row["tokens"], dtype=np.uint32)))
+        tokens = df["tokens"].rechunk().to_arrow()  # large_list<uint32>: one flat buffer + offsets
+        values, offsets = tokens.values.to_numpy(), tokens.offsets.to_numpy()
+        for i, (doc_id, source, split_name) in enumerate(df.select("doc_id", "source", "split").iter_rows()):
+            docs.append(TokenizedDocument(doc_id, source, split_name, values[offsets[i] : offsets[i + 1]].copy()))
     return docs
 
 
