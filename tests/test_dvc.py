@@ -17,7 +17,7 @@ DVC = ROOT / ".venv-dvc" / "bin" / "dvc"
 def test_dvc_parses_the_pipeline_in_its_own_environment() -> None:
     assert DVC.is_file(), "DVC is installed by `make setup` into .venv-dvc"
     listed = subprocess.run([str(DVC), "stage", "list"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert [line.split()[0] for line in listed.splitlines() if line.strip()] == ["data.dvc", "corpus", "shards"]
+    assert [line.split()[0] for line in listed.splitlines() if line.strip()] == ["corpus", "shards"]
 
 
 def test_every_stage_calls_a_real_cli_subcommand_and_lists_its_code() -> None:
