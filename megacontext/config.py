@@ -93,12 +93,65 @@ class DataConfig(Section):
         return self
 
 
+class GistNetConfig(Section):
+    """GistNet (DESIGN §2.3): a small non-causal transformer, 32 vectors -> 1 gist."""
+
+    width: int = Field(256, ge=16)  # internal width (< d); in/out projections
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    level_weights: Literal["shared", "separate"] = "shared"  # LOD1 and LOD2 share weights (+ level embedding)
+    gist_dtype: Literal["float16", "float32"] = "float16"  # storage in the tree
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "GistNetConfig":
+        if self.width % self.heads:
+            raise ValueError("width must be divisible by heads")
+        return self
+
+
+class WorkingContextConfig(Section):
+    """The budgeted working context (DESIGN §1, §2.4)."""
+
+    w_max: int = Field(2_048, ge=64)  # budget in positions; every entry costs 1
+    protected_tail: int = Field(256, ge=0)  # R: the last R tokens are always LOD0
+    levels: int = Field(2, ge=1, le=4)  # highest gist level in the tree (POR: 2)
+
+    @model_validator(mode="after")
+    def _tail_fits(self) -> "WorkingContextConfig":
+        if self.protected_tail + 32 > self.w_max:
+            raise ValueError("protected_tail must leave room for at least one block under w_max")
+        return self
+
+
+class EvalConfig(Section):
+    """Evaluation and the validation gate (DESIGN §4)."""
+
+    history: int = Field(8_128, ge=64)  # L: tokens of history before each cursor (default 8,192 - H)
+    horizon: int = Field(64, ge=1)  # H: teacher-forced scored tokens after the cursor
+    split: Literal["val", "test"] = "val"
+    max_docs: int = Field(12, ge=1)
+    cursors_per_doc: int = Field(1, ge=1)
+    key_token_margin: float = Field(0.5, gt=0)  # key token: full context beats recency by > this (nats)
+    delta_nll_max: float = Field(0.1, gt=0)  # gate: NLL_mc - NLL_full <= this
+    bootstrap_samples: int = Field(1_000, ge=100)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+
+
 class Config(Section):
     profile: str = "default"
     seed: int = Field(0, ge=0)
     paths: PathsConfig = PathsConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
+    gistnet: GistNetConfig = GistNetConfig()
+    wc: WorkingContextConfig = WorkingContextConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _history_exceeds_budget(self) -> "Config":
+        if self.eval.history <= self.wc.w_max:
+            raise ValueError(f"eval.history ({self.eval.history}) must exceed wc.w_max ({self.wc.w_max}): nothing to compress")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
