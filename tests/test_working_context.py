@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megacontext.nodes import Node
+from megacontext.working_context import (
+    BudgetExceeded,
+    InvariantViolation,
+    WorkingContext,
+    assemble,
+    check_invariants,
+    cold_start,
+    single_level_start,
+)
+
+
+class ArraySource:
+    """An in-memory NodeSource: gist of a node = a vector that encodes (level, index)."""
+
+    def __init__(self, tokens: np.ndarray, d: int = 8):
+        self._tokens, self.d = tokens, d
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        return self._tokens[start:end]
+
+    def gists(self, level: int, start_index: int, end_index: int) -> np.ndarray:
+        out = np.zeros((end_index - start_index, self.d), np.float32)
+        out[:, 0] = level
+        out[:, 1] = np.arange(start_index, end_index)
+        return out
+
+
+def test_cold_start_keeps_the_most_recent_detail_and_summarises_the_rest() -> None:
+    wc = cold_start(8_128, w_max=2_048, protected_tail=256)
+    assert wc.levels_used == {1: 197, 0: 1_824} and len(wc) == 2_021
+    assert wc.entries[197] == Node(6_304, 0)  # first LOD0 token: the boundary is block aligned
+    # one more LOD0 block would not fit: 1,856 tokens + 196 gists = 2,052 > 2,048
+    assert 1_824 + 32 + 196 > 2_048
+
+
+def test_history_within_budget_is_all_tokens() -> None:
+    wc = cold_start(2_000, w_max=2_048, protected_tail=256)
+    assert wc.entries == [Node(t, 0) for t in range(2_000)]
+
+
+def test_lod2_is_used_only_when_lod1_cannot_fit() -> None:
+    assert 2 not in cold_start(55_000, w_max=2_048, protected_tail=256).levels_used
+    far = cold_start(200_000, w_max=2_048, protected_tail=256)
+    assert far.levels_used[2] > 0 and far.levels_used[0] == 256
+    with pytest.raises(BudgetExceeded, match="cannot fit W_max 300"):
+        cold_start(2_000_000, w_max=300, protected_tail=256)
+
+
+def test_single_level_starts_for_per_level_evaluation() -> None:
+    assert single_level_start(8_128, 2_048, 256, level=2).levels_used == {2: 6, 0: 1_984}
+    assert single_level_start(8_128, 2_048, 256, level=1).levels_used == {1: 197, 0: 1_824}
+
+
+def test_expand_and_collapse_edit_in_place_with_budget_accounting() -> None:
+    wc = cold_start(8_128, w_max=2_048, protected_tail=256)
+    with pytest.raises(BudgetExceeded):
+        wc.expand(0)  # 2,021 + 31 > 2,048
+    wc.collapse(0)  # LOD1 gists 0..31 -> their LOD2 parent
+    assert wc.entries[0] == Node(0, 2) and len(wc) == 2_021 - 31
+    wc.expand(0)
+    assert wc.entries[:32] == Node(0, 2).children() and len(wc) == 2_021
+    wc.check()
+    with pytest.raises(ValueError, match="only gists expand"):
+        wc.expand(len(wc) - 1)
+    with pytest.raises(ValueError, match="not 32 aligned siblings"):
+        wc.collapse(1)
+    with pytest.raises(ValueError, match="protected tail"):
+        wc.collapse(len(wc) - 32)
+
+
+def test_invariant_checks_catch_each_violation() -> None:
+    good = [Node(0, 1)] + [Node(t, 0) for t in range(32, 64)]
+    check_invariants(good, 64, w_max=64, protected_tail=16, levels=2)
+    with pytest.raises(InvariantViolation, match="budget"):
+        check_invariants(good, 64, w_max=10, protected_tail=16, levels=2)
+    with pytest.raises(InvariantViolation, match="coverage"):
+        check_invariants(good[:1] + good[2:], 64, w_max=64, protected_tail=16, levels=2)
+    with pytest.raises(InvariantViolation, match="coverage: entries end"):
+        check_invariants(good, 65, w_max=64, protected_tail=16, levels=2)
+    with pytest.raises(InvariantViolation, match="protected tail"):
+        check_invariants([Node(t, 0) for t in range(32)] + [Node(32, 1)], 64, w_max=64,
+                         protected_tail=16, levels=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 40_000),
+    w_max=st.integers(300, 3_000),
+    tail=st.integers(0, 256),
+    ops=st.lists(st.tuples(st.booleans(), st.floats(0, 1)), max_size=25),
+)
+def test_every_reachable_working_context_satisfies_the_invariants(n, w_max, tail, ops) -> None:
+    try:
+        wc = cold_start(n, w_max=w_max, protected_tail=tail)
+    except BudgetExceeded:
+        return
+    wc.check()
+    for do_expand, where in ops:
+        if do_expand:
+            gists = [i for i, e in enumerate(wc.entries) if e.level > 0]
+            if gists:
+                try:
+                    wc.expand(gists[int(where * len(gists)) % len(gists)])
+                except BudgetExceeded:
+                    pass
+        else:
+            starts = [i for i, e in enumerate(wc.entries) if e.level < 2 and e.start == e.parent().start
+                      and wc.entries[i : i + 32] == e.siblings() and e.parent().end <= n - tail]
+            if starts:
+                wc.collapse(starts[int(where * len(starts)) % len(starts)])
+        wc.check()  # coverage, alignment, budget and protected tail after every edit
+
+
+def test_assemble_gathers_tokens_and_gists_with_gaussian_positions() -> None:
+    tokens = np.arange(2_000, dtype=np.uint32) % 50
+    embedding = torch.nn.Embedding(50, 8)
+    wc = cold_start(2_000, w_max=400, protected_tail=64)
+    out = assemble(wc.entries, ArraySource(tokens), embedding, horizon=np.array([7, 8], np.uint32))
+    n = len(wc)
+    assert out.inputs_embeds.shape == (1, n + 2, 8)
+    first_token = wc.levels_used[1]
+    assert torch.equal(out.inputs_embeds[0, first_token], embedding.weight[tokens[wc.entries[first_token].start]])
+    assert out.inputs_embeds[0, 3, 0] == 1 and out.inputs_embeds[0, 3, 1] == 3  # the 4th LOD1 gist
+    assert out.mu[0, 0] == 15.5 and out.sigma[0, 0] == pytest.approx(32 / 12**0.5)
+    assert out.mu[0, -2:].tolist() == [2_000.0, 2_001.0] and out.sigma[0, first_token:].abs().sum() == 0
+    shifted = assemble(wc.entries, ArraySource(np.concatenate([np.zeros(1_024, np.uint32), tokens])), embedding,
+                       offset=1_024)
+    assert torch.equal(shifted.inputs_embeds[0, first_token:], out.inputs_embeds[0, first_token:n])
+    assert shifted.inputs_embeds[0, 0, 1] == 32  # gist index shifted by 1,024 / 32
