@@ -45,3 +45,47 @@ def validate(df: pl.DataFrame, schema: pa.DataFrameSchema, where: str) -> pl.Dat
     except (pa.errors.SchemaError, pa.errors.SchemaDefinitionError) as exc:
         message = " ".join(str(exc).split())
         raise SchemaViolation(f"{where}: violates schema '{schema.name}': {message}") from None
+
+
+# Evaluation results (DESIGN §4): one row per scored horizon token of one sample (doc_id, cursor).
+EVAL_NLL_COLUMNS = ("nll_full", "nll_recency", "nll_mc")
+EVAL_LEVEL_COLUMNS = ("nll_mc_lod1", "nll_mc_lod2")
+_SAMPLE = ("doc_id", "cursor")
+
+
+def _nlls_are_finite(data: pa.PolarsData) -> pl.LazyFrame:
+    # A frame-level check (not nullable=False) so a NaN or missing NLL is reported with its row.
+    required = [pl.col(c).is_finite().fill_null(False) for c in EVAL_NLL_COLUMNS]
+    optional = [pl.col(c).is_null() | pl.col(c).is_finite() for c in EVAL_LEVEL_COLUMNS]
+    return data.lazyframe.select(pl.all_horizontal(*required, *optional))
+
+
+def _t_is_contiguous_from_zero(data: pa.PolarsData) -> pl.LazyFrame:
+    # With (doc_id, cursor, t) unique, min 0 and max n-1 means t runs 0..n-1 within each sample.
+    t = pl.col("t")
+    return data.lazyframe.select(
+        (t.min().over(_SAMPLE) == 0) & (t.max().over(_SAMPLE) == pl.len().over(_SAMPLE).cast(pl.Int64) - 1)
+    )
+
+
+EVAL_SCHEMA = pa.DataFrameSchema(
+    {
+        "doc_id": pa.Column(pl.Utf8, checks=pa.Check.str_matches(r"^[0-9a-f]{16}$")),
+        "cursor": pa.Column(pl.Int64, checks=pa.Check.ge(1)),
+        "t": pa.Column(pl.Int32, checks=pa.Check.ge(0)),
+        "token": pa.Column(pl.UInt32),
+        # nullable=True on all NLLs: presence of the required ones is checked by nlls_finite_and_present.
+        **{
+            c: pa.Column(pl.Float64, nullable=True, checks=pa.Check.ge(0.0))
+            for c in EVAL_NLL_COLUMNS + EVAL_LEVEL_COLUMNS
+        },
+    },
+    checks=[
+        pa.Check(_nlls_are_finite, name="nlls_finite_and_present"),
+        pa.Check(_t_is_contiguous_from_zero, name="t_contiguous_from_zero_per_sample"),
+    ],
+    unique=["doc_id", "cursor", "t"],
+    strict=True,
+    ordered=True,
+    name="eval_results",
+)
