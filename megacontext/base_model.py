@@ -201,15 +201,23 @@ def ensure_gguf_cache(package: GGUFPackage, cache_root: Path) -> Path:
 
 
 @torch.no_grad()
-def horizon_nll(model: PreTrainedModel, input_ids: torch.Tensor, horizon: int) -> torch.Tensor:
-    """Mean NLL (nats/token) of the last `horizon` tokens of each row of `input_ids` [B, T].
+def horizon_token_nll(model: PreTrainedModel, horizon: int, **inputs: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL (nats) [B, H] of the last `horizon` positions of `input_ids` or `inputs_embeds`.
 
+    With `inputs_embeds`, pass the horizon's true token ids as `targets` [B, H].
     Only the logits that are scored are computed (`logits_to_keep`), never a
     vocabulary-sized row for the whole context.
     """
-    if not 0 < horizon < input_ids.shape[1]:
-        raise ValueError(f"horizon {horizon} must be in [1, {input_ids.shape[1] - 1}] for a {input_ids.shape[1]}-token input")
-    logits = model(input_ids=input_ids, logits_to_keep=horizon + 1).logits[:, :-1]  # [B, H, V]
-    targets = input_ids[:, -horizon:]  # [B, H]
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [B, H]
-    return nll.mean(dim=1)
+    targets = inputs.pop("targets", None)
+    seq = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+    if not 0 < horizon < seq.shape[1]:
+        raise ValueError(f"horizon {horizon} must be in [1, {seq.shape[1] - 1}] for a {seq.shape[1]}-token input")
+    if targets is None:
+        targets = inputs["input_ids"][:, -horizon:]  # [B, H]
+    logits = model(**inputs, logits_to_keep=horizon + 1, use_cache=False).logits[:, :-1]  # [B, H, V]
+    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [B, H]
+
+
+def horizon_nll(model: PreTrainedModel, input_ids: torch.Tensor, horizon: int) -> torch.Tensor:
+    """Mean NLL (nats/token) of the last `horizon` tokens of each row of `input_ids` [B, T] -> [B]."""
+    return horizon_token_nll(model, horizon, input_ids=input_ids).mean(dim=1)

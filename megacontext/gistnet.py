@@ -13,13 +13,16 @@ Notation: N blocks, S = 32 slots, d = base width, w = internal width.
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from megacontext.config import GistNetConfig
+from megacontext.errors import ArtifactError
 from megacontext.nodes import BLOCK
 
 
@@ -109,3 +112,30 @@ class TreeGistEncoder:
         out = [self.gistnet(chunk(i).float(), level) for i in range(0, n, self.batch)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.d), np.float32)
 
+
+
+GISTNET_WEIGHTS = "gistnet.safetensors"
+GISTNET_CONFIG = "gistnet.json"
+
+
+def save_gistnet(folder: Path, gistnet: GistNet) -> None:
+    """Weights as safetensors (never pickles) + the config needed to rebuild the module."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in gistnet.state_dict().items()}
+    save_file(state, folder / GISTNET_WEIGHTS)
+    meta = {"config": gistnet.cfg.model_dump(), "d_model": gistnet.d_model, "levels": gistnet.levels,
+            "identity": gistnet_identity(gistnet)}
+    (folder / GISTNET_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def load_gistnet(folder: Path) -> GistNet:
+    """Rebuild a saved GistNet; refuses weights whose hash is not the recorded identity."""
+    meta_path = folder / GISTNET_CONFIG
+    if not meta_path.is_file():
+        raise ArtifactError(f"{folder}: no {GISTNET_CONFIG}; not a GistNet checkpoint")
+    meta = json.loads(meta_path.read_text())
+    net = GistNet(GistNetConfig(**meta["config"]), meta["d_model"], embed_rms=0.0, levels=meta["levels"])
+    net.load_state_dict(load_file(folder / GISTNET_WEIGHTS))  # includes target_norm
+    if gistnet_identity(net) != meta["identity"]:
+        raise ArtifactError(f"{folder / GISTNET_WEIGHTS}: weights do not match the recorded identity; the checkpoint is corrupt")
+    return net

@@ -79,3 +79,20 @@ def test_tree_encoder_matches_gistnet_over_embeddings(base) -> None:
     assert lod2.shape == (2, 64) and np.allclose(lod2[0], lod2[1])
     assert enc.encode_tokens(np.zeros((0, 32), np.uint32)).shape == (0, 64)
     assert enc.identity == gistnet_identity(net)
+
+
+def test_checkpoint_round_trip_and_tamper_detection(base, tmp_path) -> None:
+    from megacontext.errors import ArtifactError
+    from megacontext.gistnet import load_gistnet, save_gistnet
+
+    net = _gistnet(base, level_weights="separate")
+    with torch.no_grad():
+        net.bodies[1].out_proj.weight.normal_()
+    save_gistnet(tmp_path, net)
+    loaded = load_gistnet(tmp_path)
+    x = torch.randn(3, 32, 64)
+    assert torch.equal(loaded(x, 2), net(x, 2)) and gistnet_identity(loaded) == gistnet_identity(net)
+    meta = (tmp_path / "gistnet.json").read_text().replace(gistnet_identity(net)[-4:], "beef")
+    (tmp_path / "gistnet.json").write_text(meta)
+    with pytest.raises(ArtifactError, match="do not match the recorded identity"):
+        load_gistnet(tmp_path)
