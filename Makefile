@@ -16,6 +16,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster
 .PHONY: setup demo test bench clean
 
 setup: $(VENV)/.installed $(DVC_VENV)/.installed
+	@mkdir -p data  # DVC-tracked corpus folder (git keeps no empty folders); empty = stdlib corpus
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed: run make PYTHON=python3.11 ...")'
@@ -34,7 +35,6 @@ $(DVC_VENV)/.installed:
 	touch $@
 
 demo: setup
-	mkdir -p data
 	$(BIN)/megacontext prepare-data --profile $(PROFILE)
 	$(BIN)/megacontext cache-model --profile $(PROFILE)
 	$(BIN)/megacontext score --profile $(PROFILE)

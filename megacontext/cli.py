@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         p = command(name, handler, help)
         p.add_argument("--force", action="store_true", default=os.environ.get("MEGACONTEXT_FORCE_DATA_REBUILD") == "1",
                        help="rebuild even when an identical build exists (env MEGACONTEXT_FORCE_DATA_REBUILD=1)")
+    p = command("build-trees", cmd_build_trees, "build a MegaContext tree (tokens + GistNet gists) per document")
+    p.add_argument("--force", action="store_true", help="rebuild even when an identical build exists")
+    command("evaluate", cmd_evaluate, "NLL_full / NLL_recency / NLL_mc, ΔNLL, gap recovery and the gate verdict")
     command("cache-model", cmd_cache_model, "convert the base model once to an fp32 safetensors cache; time a load")
     p = command("score", cmd_score, "base-model NLL@H on held-out documents")
     p.add_argument("--context", type=int, default=2048, help="tokens the base reads before the horizon")
@@ -97,6 +100,31 @@ def cmd_build_shards(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_prepare_data(cfg: Config, args: argparse.Namespace) -> int:
     cmd_build_corpus(cfg, args)
     return cmd_build_shards(cfg, args)
+
+
+def cmd_build_trees(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext.lineage import read_manifest
+    from megacontext.tree_build import build_trees
+
+    start = time.perf_counter()
+    out = build_trees(cfg, force=args.force)
+    manifest = read_manifest(out)
+    docs = ", ".join(f"{split} {n}" for split, n in manifest["documents"].items())
+    console.print(f"trees: {manifest['tokens']:,} tokens ({docs} documents), GistNet {manifest['gistnet']} -> {out} "
+                  f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext.evaluation import evaluate
+
+    out = evaluate(cfg)
+    summary = json.loads((out / "summary.json").read_text())
+    console.print((out / "report.md").read_text(), markup=False, highlight=False)
+    passed = json.loads((out / "manifest.json").read_text())["gate_passed"]
+    console.print(f"gate: {'PASS' if passed else 'FAIL'}   report: {out / 'report.md'}")
+    print(json.dumps({"gate_passed": passed, "report": str(out / "report.md"), "summary_keys": sorted(summary)}))
+    return 0
 
 
 def cmd_cache_model(cfg: Config, args: argparse.Namespace) -> int:
