@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from megacontext.base_model import horizon_token_nll, load_base_model
+from megacontext.cli import main
+from megacontext.corpus import build_corpus
+from megacontext.errors import ArtifactError
+from megacontext.evaluation import evaluate, sample_cursors, wc_token_nll, Sample
+from megacontext.gate import gate
+from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
+from megacontext.gistnet import TreeGistEncoder, build_gistnet
+from megacontext.shards import build_shards, read_split, shards_dir
+from megacontext.tree import MegaContextTree
+from megacontext.tree_build import build_trees, load_tree_gistnet
+from megacontext.working_context import assemble, cold_start
+from tests.conftest import tiny_config
+
+EVAL_ARGS = ("data.max_documents=5", "data.val_fraction=0.999", "data.test_fraction=0")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    cfg = tiny_config(root, *EVAL_ARGS)
+    build_corpus(cfg)
+    build_shards(cfg)
+    build_trees(cfg)
+    return cfg
+
+
+def test_a_working_context_without_gists_reproduces_the_base_logits_exactly(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    base = load_base_model(cfg)
+    embedding = base.model.get_input_embeddings()
+    tokens = np.random.default_rng(0).integers(0, 256, 200).astype(np.uint32)
+    tree = MegaContextTree.create(tmp_path / "t", base_model_id=base.model_id,
+                                  encoder=TreeGistEncoder(build_gistnet(cfg.gistnet, embedding, seed=0), embedding),
+                                  gist_dtype="float32")
+    tree.append(tokens, TreeGistEncoder(build_gistnet(cfg.gistnet, embedding, seed=0), embedding))
+    wc = cold_start(200, w_max=256, protected_tail=64)
+    assert wc.levels_used == {0: 200}
+    inputs = assemble(wc.entries, tree, embedding)
+    plain = base.model(input_ids=torch.as_tensor(tokens.astype(np.int64))[None]).logits
+    install_gaussian_rope(base.model)
+    with gaussian_positions(base.model, inputs.mu, inputs.sigma):
+        through_wc = base.model(inputs_embeds=inputs.inputs_embeds).logits
+    assert torch.equal(through_wc, plain)
+
+
+def test_cursors_are_aligned_and_inside_the_document() -> None:
+    from megacontext.shards import TokenizedDocument
+
+    doc = TokenizedDocument("0" * 16, "x", "val", np.zeros(10_000, np.uint32))
+    samples = sample_cursors([doc], history=2_000, horizon=64, per_doc=3, align=1_024)
+    assert [s.window_start for s in samples] == [0, 4_096, 7_168]
+    assert all(s.cursor - s.window_start == 2_000 and s.cursor + 64 <= 10_000 for s in samples)
+    assert sample_cursors([doc], history=9_990, horizon=64, per_doc=3, align=1_024) == []
+
+
+def test_evaluation_scores_every_sample_and_the_gate_follows_the_numbers(built) -> None:
+    cfg = built
+    out = evaluate(cfg)
+    table = pl.read_parquet(out / "results.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    samples = table.select("doc_id", "cursor").unique().height
+    assert table.height == samples * cfg.eval.horizon and samples >= 2
+    assert manifest["gate_passed"] == gate(summary, delta_nll_max=cfg.eval.delta_nll_max).passed
+    all_ = summary["all"]
+    assert manifest["gate_passed"] == (all_["delta_nll"]["value"] <= 0.1 and all_["nll_mc"]["value"] < all_["nll_recency"]["value"])
+    assert "Gate: **" in (out / "report.md").read_text() and (out / "report.png").stat().st_size > 1_000
+    # NLL_full and NLL_recency are exactly the base model's scores on the raw windows
+    base = load_base_model(cfg)
+    doc_id, cursor = table.row(0, named=True)["doc_id"], table.row(0, named=True)["cursor"]
+    doc = next(d for d in read_split(shards_dir(cfg), "val") if d.doc_id == doc_id)
+    ids = torch.as_tensor(doc.tokens.astype(np.int64))
+    h, L, w = cfg.eval.horizon, cfg.eval.history, cfg.wc.w_max
+    rows = table.filter((pl.col("doc_id") == doc_id) & (pl.col("cursor") == cursor)).sort("t")
+    full = horizon_token_nll(base.model, h, input_ids=ids[cursor - L : cursor + h][None])[0].numpy()
+    recency = horizon_token_nll(base.model, h, input_ids=ids[cursor - w : cursor + h][None])[0].numpy()
+    assert np.allclose(rows["nll_full"].to_numpy(), full, atol=1e-5)
+    assert np.allclose(rows["nll_recency"].to_numpy(), recency, atol=1e-5)
+    assert rows["nll_mc_lod2"].null_count() == h  # LOD2 alone cannot fit W_max 256 over L 1,984: recorded as null
+
+
+def test_mc_nll_changes_when_the_gists_change(built, tmp_path: Path) -> None:
+    cfg = built
+    base = load_base_model(cfg)
+    install_gaussian_rope(base.model)
+    embedding = base.model.get_input_embeddings()
+    doc = read_split(shards_dir(cfg), "val")[0]
+    sample = Sample(doc, cfg.eval.history, 0)
+    horizon = doc.tokens[sample.cursor : sample.cursor + cfg.eval.horizon]
+    wc = cold_start(cfg.eval.history, cfg.wc.w_max, cfg.wc.protected_tail)
+    scores = []
+    for seed in (0, 1):
+        net = build_gistnet(cfg.gistnet, embedding, seed=seed)
+        with torch.no_grad():
+            net.bodies[0].out_proj.weight.normal_(std=0.5)  # a trained-looking GistNet, different per seed
+        tree = MegaContextTree.create(tmp_path / f"s{seed}", base_model_id=base.model_id,
+                                      encoder=TreeGistEncoder(net, embedding), gist_dtype="float32")
+        tree.append(doc.tokens[: sample.cursor], TreeGistEncoder(net, embedding))
+        scores.append(wc_token_nll(base, wc, tree, sample, horizon))
+    assert not np.allclose(scores[0], scores[1])
+
+
+def test_trees_of_another_base_model_are_refused(built) -> None:
+    from megacontext.tree_build import trees_dir
+
+    with pytest.raises(ArtifactError, match=r"built with base model tiny-llama-.*, not smollm2-x; rebuild"):
+        load_tree_gistnet(trees_dir(built), "smollm2-x")
+
+
+def test_gate_refuses_a_history_longer_than_the_base_context(built, capsys) -> None:
+    args = ["--profile", "tiny", f"paths.artifact_root={built.paths.artifact_root}",
+            f"paths.corpus_dir={built.paths.corpus_dir}", *EVAL_ARGS, "model.tiny.max_positions=1024"]
+    assert main(["evaluate", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "1024 positions" in err and "\n" not in err.strip()
