@@ -12,12 +12,14 @@ from megacontext.cli import _parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DVC = ROOT / ".venv-dvc" / "bin" / "dvc"
+STAGE_CODE = {"build-corpus": "corpus.py", "build-shards": "shards.py", "build-trees": "tree_build.py",
+              "evaluate": "evaluation.py"}
 
 
 def test_dvc_parses_the_pipeline_in_its_own_environment() -> None:
     assert DVC.is_file(), "DVC is installed by `make setup` into .venv-dvc"
     listed = subprocess.run([str(DVC), "stage", "list"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert [line.split()[0] for line in listed.splitlines() if line.strip()] == ["corpus", "shards"]
+    assert [line.split()[0] for line in listed.splitlines() if line.strip()] == ["corpus", "shards", "trees", "evaluate"]
 
 
 def test_every_stage_calls_a_real_cli_subcommand_and_lists_its_code() -> None:
@@ -28,7 +30,7 @@ def test_every_stage_calls_a_real_cli_subcommand_and_lists_its_code() -> None:
         argv = shlex.split(stage["cmd"].replace("${profile}", profile))
         assert argv[0] == ".venv/bin/megacontext", name
         args = parser.parse_args(argv[1:])  # exits (fails the test) on an unknown subcommand or flag
-        module = ROOT / "megacontext" / f"{args.command.replace('build-', '')}.py"
+        module = ROOT / "megacontext" / STAGE_CODE[args.command]
         assert f"megacontext/{module.name}" in stage["deps"], f"stage {name} must depend on its code {module.name}"
         assert all((ROOT / dep).exists() or dep.startswith(("artifacts/", "data")) for dep in stage["deps"])
         assert all(str(out).startswith("artifacts/") for out in stage["outs"])
