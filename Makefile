@@ -37,13 +37,15 @@ $(DVC_VENV)/.installed:
 demo: setup
 	$(BIN)/megacontext prepare-data --profile $(PROFILE)
 	$(BIN)/megacontext cache-model --profile $(PROFILE)
-	$(BIN)/megacontext score --profile $(PROFILE)
+	$(BIN)/megacontext build-trees --profile $(PROFILE)
+	$(BIN)/megacontext evaluate --profile $(PROFILE)
 
 test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
 	$(BIN)/python benchmarks/bench_foundation.py --profile $(PROFILE)
+	$(BIN)/python benchmarks/bench_tree.py --profile $(PROFILE)
 
 clean:
 	rm -rf artifacts .dagster/storage .dagster/history .pytest_cache

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from megacontext.config import Config, ModelConfig
 from megacontext.errors import ConfigError
@@ -133,6 +134,7 @@ def build_tiny_base(model_cfg: ModelConfig, seed: int) -> BaseLM:
 def load_hf_directory(path: Path, dtype: str = "float32") -> BaseLM:
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.path '{path}': no config.json; point it at a local Hugging Face model directory")
+    hf_logging.disable_progress_bar()  # a sub-second cached load needs no bar
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"})
     identity = hashlib.sha256((path / "config.json").read_bytes())
