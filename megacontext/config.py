@@ -123,6 +123,35 @@ class WorkingContextConfig(Section):
         return self
 
 
+class LensNetConfig(Section):
+    """LensNet (DESIGN §2.5): a small non-causal scorer over the working context."""
+
+    width: int = Field(256, ge=16)  # d_lens
+    heads: int = Field(4, ge=1)
+    tail_lod1: int = Field(5, ge=0)  # tail gists: the latest LOD2 gist + this many latest LOD1 gists
+    mlp_hidden: int = Field(256, ge=8)
+    ranking_weight: float = Field(0.5, ge=0)
+    budget_weight: float = Field(0.1, ge=0)
+    legality_weight: float = Field(0.3, ge=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "LensNetConfig":
+        if self.width % self.heads:
+            raise ValueError("width must be divisible by heads")
+        return self
+
+
+class AllocatorConfig(Section):
+    """The greedy Focus Allocator (DESIGN §2.6)."""
+
+    expand_threshold: float = Field(0.2, ge=0, le=1)  # τ_e
+    collapse_threshold: float = Field(0.2, ge=0, le=1)  # τ_c
+    max_actions: int = Field(4, ge=1)  # N_diff per refocus
+    cooldown: int = Field(2, ge=0)  # refocuses before the opposite action is allowed
+    min_residency: int = Field(3, ge=0)  # refocuses an entry stays after a change
+    refocus_every: int = Field(32, ge=1)  # tokens between refocuses
+
+
 class EvalConfig(Section):
     """Evaluation and the validation gate (DESIGN §4)."""
 
@@ -145,6 +174,8 @@ class Config(Section):
     data: DataConfig = DataConfig()
     gistnet: GistNetConfig = GistNetConfig()
     wc: WorkingContextConfig = WorkingContextConfig()
+    lensnet: LensNetConfig = LensNetConfig()
+    allocator: AllocatorConfig = AllocatorConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
