@@ -152,6 +152,34 @@ class AllocatorConfig(Section):
     refocus_every: int = Field(32, ge=1)  # tokens between refocuses
 
 
+class PhaseConfig(Section):
+    """One training phase (JT1/JT2/JT3): its steps and optimiser."""
+
+    steps: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch: int = Field(2, ge=1)  # windows per optimiser step (global, split across DDP ranks)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class TrainConfig(Section):
+    """The alternating JT1 -> JT2 -> JT3 cycle (DESIGN §3)."""
+
+    history: int = Field(2_048, ge=64)  # L_train: tokens of history per training window
+    budget: int = Field(512, ge=64)  # B_train: working-context budget while training
+    horizon: int = Field(64, ge=1)  # H for NLL@H / KL@H
+    checkpoint_every: int = Field(10, ge=1)  # optimiser steps between resumable checkpoints
+    jt1: PhaseConfig = PhaseConfig(steps=30, lr=1e-3)
+    jt2: PhaseConfig = PhaseConfig(steps=60, lr=1e-3, batch=8)
+    jt3: PhaseConfig = PhaseConfig(steps=20, lr=5e-4)
+
+    @model_validator(mode="after")
+    def _history_exceeds_budget(self) -> "TrainConfig":
+        if self.history <= self.budget:
+            raise ValueError("train.history must exceed train.budget: nothing would be compressed")
+        return self
+
+
 class EvalConfig(Section):
     """Evaluation and the validation gate (DESIGN §4)."""
 
@@ -176,6 +204,7 @@ class Config(Section):
     wc: WorkingContextConfig = WorkingContextConfig()
     lensnet: LensNetConfig = LensNetConfig()
     allocator: AllocatorConfig = AllocatorConfig()
+    train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
@@ -228,7 +257,9 @@ def load_config(
         raise ConfigError(f"{path}: not valid YAML ({exc}); fix the file") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a profile must be a mapping of config keys")
-    tree: dict[str, Any] = {}
+    # Start from the full defaults so a partial section (e.g. `train.jt3: {steps: 4}`)
+    # keeps the defaults its parent declares for the keys it does not name.
+    tree: dict[str, Any] = Config().to_dict()
     for key, value in _flatten(raw):
         _set_key(tree, key, value, origin=str(path))
     tree["profile"] = path.stem

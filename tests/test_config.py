@@ -79,3 +79,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path) -> None:
     path = tmp_path / "resolved.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(str(path), env={}).model_dump(exclude={"profile"}) == cfg.model_dump(exclude={"profile"})
+
+
+def test_a_partial_section_keeps_the_defaults_its_parent_declares() -> None:
+    cfg = load_config("tiny", ["train.jt3.steps=7"], env={})
+    assert cfg.train.jt3.steps == 7 and cfg.train.jt3.lr == 5e-4  # TrainConfig's default for jt3, not PhaseConfig's
