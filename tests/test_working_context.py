@@ -136,3 +136,30 @@ def test_assemble_gathers_tokens_and_gists_with_gaussian_positions() -> None:
                        offset=1_024)
     assert torch.equal(shifted.inputs_embeds[0, first_token:], out.inputs_embeds[0, first_token:n])
     assert shifted.inputs_embeds[0, 0, 1] == 32  # gist index shifted by 1,024 / 32
+
+
+def test_live_assembly_equals_assembly_from_a_tree_built_by_the_same_gistnet(tmp_path) -> None:
+    from megacontext.base_model import load_base_model
+    from megacontext.config import load_config
+    from megacontext.gistnet import TreeGistEncoder, build_gistnet
+    from megacontext.tree import MegaContextTree
+    from megacontext.working_context import assemble_live
+
+    cfg = load_config("tiny", env={})
+    base = load_base_model(cfg)
+    emb = base.model.get_input_embeddings()
+    net = build_gistnet(cfg.gistnet, emb, seed=0)
+    with torch.no_grad():
+        net.bodies[0].out_proj.weight.normal_(std=0.1)
+    tokens = np.random.default_rng(1).integers(0, 256, 3_000).astype(np.uint32)
+    tree = MegaContextTree.create(tmp_path / "t", base_model_id=base.model_id, encoder=TreeGistEncoder(net, emb),
+                                  gist_dtype="float32")
+    tree.append(tokens, TreeGistEncoder(net, emb))
+    wc = cold_start(2_900, w_max=100, protected_tail=32)
+    assert set(wc.levels_used) == {0, 1, 2}
+    stored = assemble(wc.entries, tree, emb, horizon=tokens[2_900:2_932])
+    live = assemble_live(wc.entries, torch.as_tensor(tokens.astype(np.int64)), emb, net, horizon=32)
+    assert torch.allclose(live.inputs_embeds, stored.inputs_embeds, atol=1e-5)
+    assert torch.equal(live.mu, stored.mu) and torch.equal(live.sigma, stored.sigma)
+    live.inputs_embeds.sum().backward()
+    assert net.bodies[0].out_proj.weight.grad is not None and net.bodies[0].out_proj.weight.grad.abs().sum() > 0

@@ -1,0 +1,153 @@
+"""The one training loop every phase plugs into (STYLE 7): resumable, data-parallel, logged.
+
+A phase says what trains (`trainable`), how the batch of a step is built
+(`make_batch`, a pure function of the step and item indices, so a resumed or
+data-parallel run sees exactly the same data) and how the loss is computed.
+The loop owns the optimiser, gradient all-reduce under `torchrun` (DDP, gloo
+on CPU), clipping, telemetry, and checkpoints (safetensors + JSON, published
+by atomic rename; resuming picks the latest complete one). It does not know
+what a gist or a working context is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from megacontext.config import PhaseConfig
+from megacontext.progress import progress_bar
+
+CHECKPOINTS = "checkpoints"
+STATE = "state.json"  # written last inside a checkpoint; its presence marks it complete
+KEEP_CHECKPOINTS = 2
+
+
+class Phase(Protocol):
+    name: str
+
+    def trainable(self) -> dict[str, nn.Parameter]: ...  # exactly the parameters this phase updates
+
+    def make_batch(self, step: int, items: list[int]) -> Any: ...  # items: this rank's indices of the global batch
+
+    def loss(self, batch: Any, global_batch: int) -> tuple[torch.Tensor, dict[str, float]]: ...  # sum over items / global
+
+    def export(self, folder: Path) -> None: ...  # publish the trained weights
+
+
+@dataclass(frozen=True)
+class FitResult:
+    steps: int
+    resumed_from: int
+    telemetry: list[dict[str, float]]
+    seconds: float
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless running under an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) -> FitResult:
+    """Train `phase` for `pcfg.steps` optimiser steps, resuming from `out/checkpoints` if present."""
+    rank, size = world()
+    params = phase.trainable()
+    optimizer = torch.optim.AdamW(list(params.values()), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
+    start, telemetry = load_latest_checkpoint(out, params, optimizer)
+    began = time.perf_counter()
+    items = [i for i in range(pcfg.batch) if i % size == rank]
+    with progress_bar(phase.name, total=pcfg.steps, unit="steps") as advance:
+        advance(start)
+        for step in range(start, pcfg.steps):
+            tick = time.perf_counter()
+            loss, metrics = phase.loss(phase.make_batch(step, items), pcfg.batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            stats = torch.tensor([loss.item()] + [metrics.get(k, 0.0) for k in sorted(metrics)], dtype=torch.float64)
+            if size > 1:
+                _all_reduce_grads(params)
+                dist.all_reduce(stats)  # losses and metric sums across ranks
+            grad_norm = nn.utils.clip_grad_norm_(list(params.values()), pcfg.grad_clip).item()
+            optimizer.step()
+            seconds = time.perf_counter() - tick
+            row = {"step": step + 1, "loss": stats[0].item(), "grad_norm": grad_norm, "seconds": seconds}
+            row.update({k: v.item() for k, v in zip(sorted(metrics), stats[1:])})
+            if "tokens" in row:
+                row["tokens_per_s"] = row["tokens"] / seconds
+            telemetry.append(row)
+            if rank == 0 and ((step + 1) % checkpoint_every == 0 or step + 1 == pcfg.steps):
+                save_checkpoint(out, step + 1, params, optimizer, telemetry)
+            advance(1)
+    if rank == 0:
+        final = out / "final"
+        staging = out / f".final.staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        phase.export(staging)
+        (staging / "telemetry.json").write_text(json.dumps(telemetry, indent=1) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+    if size > 1:
+        dist.barrier()
+    return FitResult(pcfg.steps, start, telemetry, time.perf_counter() - began)
+
+
+def _all_reduce_grads(params: dict[str, nn.Parameter]) -> None:
+    for p in params.values():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)  # each rank's loss is already divided by the global batch: a sum is the mean
+
+
+def save_checkpoint(out: Path, step: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                    telemetry: list[dict[str, float]]) -> Path:
+    """Weights + optimiser state as safetensors, step + telemetry as JSON; published by rename."""
+    root = out / CHECKPOINTS
+    final = root / f"step-{step:06d}"
+    staging = root / f".step-{step:06d}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in params.items()}, staging / "trainable.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        for key, value in optimizer.state.get(p, {}).items():
+            state[f"{name}::{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+    save_file(state, staging / "optimizer.safetensors")
+    (staging / STATE).write_text(json.dumps({"step": step, "telemetry": telemetry}) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    for old in sorted(p for p in root.glob("step-*") if (p / STATE).is_file())[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_latest_checkpoint(out: Path, params: dict[str, nn.Parameter],
+                           optimizer: torch.optim.Optimizer) -> tuple[int, list[dict[str, float]]]:
+    """Restore the latest complete checkpoint (if any); return (step, telemetry so far)."""
+    complete = sorted(p for p in (out / CHECKPOINTS).glob("step-*") if (p / STATE).is_file())
+    if not complete:
+        return 0, []
+    latest = complete[-1]
+    weights = load_file(latest / "trainable.safetensors")
+    if set(weights) != set(params):
+        raise ValueError(f"{latest}: checkpoint holds {sorted(set(weights) ^ set(params))[:3]}... not this phase's parameters")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    state = load_file(latest / "optimizer.safetensors")
+    for name, p in params.items():
+        keys = {k.split("::", 1)[1]: v for k, v in state.items() if k.split("::", 1)[0] == name}
+        if keys:
+            optimizer.state[p] = keys
+    meta = json.loads((latest / STATE).read_text())
+    return meta["step"], meta["telemetry"]
