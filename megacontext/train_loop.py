@@ -83,6 +83,8 @@ def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) ->
             seconds = time.perf_counter() - tick
             row = {"step": step + 1, "loss": stats[0].item(), "grad_norm": grad_norm, "seconds": seconds}
             row.update({k: v.item() for k, v in zip(sorted(metrics), stats[1:])})
+            for key in set(metrics) - {"tokens", "windows"}:  # phases report sums; log means per window
+                row[key] /= max(row.get("windows", 1.0), 1.0)
             if "tokens" in row:
                 row["tokens_per_s"] = row["tokens"] / seconds
             telemetry.append(row)

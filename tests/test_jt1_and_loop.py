@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megacontext.base_model import load_base_model
+from megacontext.config import Config, PhaseConfig
+from megacontext.corpus import build_corpus
+from megacontext.gistnet import build_gistnet, load_gistnet
+from megacontext.jt1_gistnet import JT1GistNet
+from megacontext.shards import build_shards, read_split, shards_dir
+from megacontext.train_loop import fit
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Config:
+    cfg = tiny_config(tmp_path_factory.mktemp("jt1"), "data.max_documents=4", "data.val_fraction=0", "data.test_fraction=0")
+    build_corpus(cfg)
+    build_shards(cfg)
+    return cfg
+
+
+def _phase(cfg: Config) -> JT1GistNet:
+    base = load_base_model(cfg)
+    gistnet = build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=cfg.seed)
+    return JT1GistNet(cfg, base, gistnet, read_split(shards_dir(cfg), "train"))
+
+
+def _weights(phase: JT1GistNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in phase.trainable().items()}
+
+
+def test_jt1_trains_exactly_gistnet(tiny: Config, tmp_path: Path) -> None:
+    phase = _phase(tiny)
+    trainable = phase.trainable()
+    assert set(trainable) == {f"gistnet.{n}" for n, _ in phase.gistnet.named_parameters()}
+    assert all(p.requires_grad for p in trainable.values())
+    assert not any(p.requires_grad for p in phase.base.model.parameters())
+    base_before = {k: v.clone() for k, v in phase.base.model.state_dict().items()}
+    before = _weights(phase)
+    result = fit(phase, PhaseConfig(steps=2, batch=2, lr=1e-2), tmp_path, checkpoint_every=1)
+    assert all(not torch.equal(before[k], v) for k, v in _weights(phase).items() if "out_proj" in k)
+    assert all(torch.equal(base_before[k], v) for k, v in phase.base.model.state_dict().items())
+    assert all(p.grad is None for p in phase.base.model.parameters())
+    row = result.telemetry[-1]
+    assert row["kl"] > 0 and row["windows"] == 2 and row["tokens_per_s"] > 0 and "delta_nll" in row
+    loaded = load_gistnet(tmp_path / "final")
+    assert all(torch.equal(p, loaded.state_dict()[k.removeprefix("gistnet.")]) for k, p in phase.trainable().items())
+
+
+def test_kill_and_resume_gives_the_same_weights(tiny: Config, tmp_path: Path) -> None:
+    straight = _phase(tiny)
+    fit(straight, PhaseConfig(steps=4, batch=2), tmp_path / "straight", checkpoint_every=2)
+    interrupted = _phase(tiny)
+    fit(interrupted, PhaseConfig(steps=2, batch=2), tmp_path / "resumed", checkpoint_every=2)  # "killed" after step 2
+    resumed = _phase(tiny)  # a fresh process: weights from the seed, then the checkpoint
+    result = fit(resumed, PhaseConfig(steps=4, batch=2), tmp_path / "resumed", checkpoint_every=2)
+    assert result.resumed_from == 2 and len(result.telemetry) == 4
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _ddp_worker(rank: int, world: int, cfg_json: str, out: str, init: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        phase = _phase(Config.model_validate_json(cfg_json))
+        fit(phase, PhaseConfig(steps=2, batch=2), Path(out), checkpoint_every=2)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_data_parallel_matches_one_process(tiny: Config, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    single = _phase(tiny)
+    fit(single, PhaseConfig(steps=2, batch=2), tmp_path / "single", checkpoint_every=2)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_ddp_worker, args=(2, tiny.model_dump_json(), str(tmp_path / "ddp"), init), nprocs=2, join=True)
+    ddp = load_gistnet(tmp_path / "ddp" / "final").state_dict()
+    torch.set_num_threads(os.cpu_count() or 1)
+    for name, p in single.trainable().items():
+        assert torch.allclose(p, ddp[name.removeprefix("gistnet.")], atol=1e-6), name
