@@ -162,6 +162,18 @@ class PhaseConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
 
 
+class LoraSettings(Section):
+    """LoRA adapters on the frozen base for JT3 (DESIGN §3): targets by config."""
+
+    rank: int = Field(8, ge=1, le=64)
+    alpha: float = Field(16.0, gt=0)
+    embedding: bool = True  # adapt the input embedding
+    first_blocks: int = Field(2, ge=0)  # attention projections of the first N decoder blocks
+    last_blocks: int = Field(2, ge=0)  # ... and of the last N
+    projections: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    keepalive_weight: float = Field(0.1, ge=0)  # weak substitutability term: KL(P_full ‖ P_WC)
+
+
 class TrainConfig(Section):
     """The alternating JT1 -> JT2 -> JT3 cycle (DESIGN §3)."""
 
@@ -172,6 +184,7 @@ class TrainConfig(Section):
     jt1: PhaseConfig = PhaseConfig(steps=30, lr=1e-3)
     jt2: PhaseConfig = PhaseConfig(steps=60, lr=1e-3, batch=8)
     jt3: PhaseConfig = PhaseConfig(steps=20, lr=5e-4)
+    lora: LoraSettings = LoraSettings()
 
     @model_validator(mode="after")
     def _history_exceeds_budget(self) -> "TrainConfig":

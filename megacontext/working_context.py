@@ -205,13 +205,21 @@ def assemble(
 
 
 def assemble_live(
-    entries: Sequence[Node], tokens: torch.Tensor, embedding: nn.Embedding, gistnet: nn.Module, *, horizon: int = 0
+    entries: Sequence[Node],
+    tokens: torch.Tensor,
+    embedding: nn.Module,
+    gistnet: nn.Module,
+    *,
+    horizon: int = 0,
+    gist_embedding: nn.Module | None = None,
 ) -> WCInputs:
     """Like `assemble`, but gists are computed now by `gistnet` from the window's tokens (differentiable).
 
     `tokens` [T] holds the window's history followed by `horizon` teacher-forced
     tokens. LOD2 gists are two-stage (32 LOD1 gists of their children, then 32 -> 1),
     exactly as the tree builds them, so gradients reach GistNet through both levels.
+    `gist_embedding` (default: `embedding`) is what GistNet reads: the plain base
+    embedding when `embedding` carries a LoRA adapter, as the trees were built.
     """
     cursor = entries[-1].end if entries else 0
     parts: list[torch.Tensor] = []
@@ -223,13 +231,14 @@ def assemble_live(
     for level, rows in sorted(by_level.items()):
         starts = torch.tensor([entries[i].start for i in rows])
         ids = starts[:, None] + torch.arange(span(level))  # [n, 32**level] token positions
-        x = embedding(tokens[ids])  # [n, 32**level, d]
+        reader = embedding if level == 0 or gist_embedding is None else gist_embedding
+        x = reader(tokens[ids])  # [n, 32**level, d]
         for stage in range(1, level + 1):  # 32**level tokens -> 32**(level-1) gists -> ... -> 1
             x = gistnet(x.reshape(-1, BLOCK, x.shape[-1]), stage).reshape(len(rows), -1, x.shape[-1])
         parts.append(x[:, 0])  # [n, d]
         order[rows] = torch.arange(offset, offset + len(rows))
         offset += len(rows)
-    vectors = torch.cat(parts)[order] if parts else torch.empty(0, embedding.weight.shape[1])  # [N, d]
+    vectors = torch.cat(parts)[order] if parts else embedding(tokens[:0])  # [N, d]
     mu = torch.tensor([n.mu for n in entries], dtype=torch.float64)
     sigma = torch.tensor([n.sigma for n in entries], dtype=torch.float64)
     if horizon:

@@ -86,3 +86,29 @@ def test_two_process_data_parallel_matches_one_process(tiny: Config, tmp_path: P
     torch.set_num_threads(os.cpu_count() or 1)
     for name, p in single.trainable().items():
         assert torch.allclose(p, ddp[name.removeprefix("gistnet.")], atol=1e-6), name
+
+
+def test_jt3_trains_exactly_the_configured_lora_adapters(tiny: Config, tmp_path: Path) -> None:
+    from megacontext.jt3_lora import JT3LoRA, load_lora
+
+    base = load_base_model(tiny)
+    gistnet = build_gistnet(tiny.gistnet, base.model.get_input_embeddings(), seed=0)
+    phase = JT3LoRA(tiny, base, gistnet, read_split(shards_dir(tiny), "train"))
+    trainable = phase.trainable()
+    adapted = {name.split(".lora_")[0].removeprefix("base_model.model.") for name in trainable}
+    layers = tiny.model.tiny.n_layers
+    expected = {"model.embed_tokens"} | {f"model.layers.{i}.self_attn.{p}" for i in range(layers)
+                                         for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert adapted == expected  # first 2 + last 2 blocks of a 2-layer model = both blocks
+    requires_grad = {n for n, p in phase.peft.named_parameters() if p.requires_grad}
+    assert requires_grad == set(trainable)
+    assert not any(p.requires_grad for p in gistnet.parameters())
+    gist_before = {k: v.clone() for k, v in gistnet.state_dict().items()}
+    result = fit(phase, PhaseConfig(steps=2, batch=2, lr=1e-2), tmp_path, checkpoint_every=2)
+    assert all(torch.equal(gist_before[k], v) for k, v in gistnet.state_dict().items())
+    assert result.telemetry[-1]["nll"] > 0 and (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    lora_b = [p for n, p in trainable.items() if "lora_B" in n or "lora_embedding_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero; training moved it
+    reloaded = load_lora(load_base_model(tiny), tmp_path / "final")
+    ids = torch.arange(40)[None] % 250
+    assert torch.allclose(reloaded(input_ids=ids).logits, phase.peft(input_ids=ids).logits, atol=1e-5)

@@ -1,0 +1,110 @@
+"""JT3 — LoRA adapters on the frozen base so it reads gists well (DESIGN §3).
+
+Adapters (peft) go on the input embedding and the q/k/v/o projections of the
+first and last decoder blocks, by config. Loss: NLL@H of the horizon read
+through the discrete working context, plus a weak substitutability keep-alive
+KL(P_full ‖ P_WC) against the plain base on the full window. GistNet is frozen
+and reads the plain embedding, exactly as the trees were built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from megacontext.base_model import BaseLM
+from megacontext.config import Config, LoraSettings
+from megacontext.errors import ConfigError
+from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
+from megacontext.gistnet import GistNet
+from megacontext.jt1_gistnet import Policy, cold_start_policy, horizon_logprobs
+from megacontext.nodes import span
+from megacontext.shards import TokenizedDocument
+from megacontext.windows import Window, eligible, sample_window
+from megacontext.working_context import assemble_live
+
+
+def lora_targets(model: torch.nn.Module, settings: LoraSettings) -> list[str]:
+    """Module names to adapt: the embedding and the chosen projections of the first/last blocks."""
+    n_layers = model.config.num_hidden_layers
+    blocks = sorted(set(range(min(settings.first_blocks, n_layers))) |
+                    set(range(max(n_layers - settings.last_blocks, 0), n_layers)))
+    names = {name for name, _ in model.named_modules()}
+    targets = [f"model.layers.{i}.self_attn.{p}" for i in blocks for p in settings.projections]
+    if settings.embedding:
+        targets.insert(0, "model.embed_tokens")
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ConfigError(f"train.lora targets not found in the base model: {missing[:3]}; check train.lora.projections")
+    return targets
+
+
+def attach_lora(base: BaseLM, settings: LoraSettings, *, seed: int) -> PeftModel:
+    """Wrap the (frozen) base with fresh LoRA adapters; only the adapters require grad."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
+                            target_modules=lora_targets(base.model, settings))
+        return get_peft_model(base.model, config)
+
+
+def load_lora(base: BaseLM, folder: Path) -> PeftModel:
+    """Apply saved adapters (safetensors) to the base, frozen."""
+    return PeftModel.from_pretrained(base.model, folder, is_trainable=False)
+
+
+class JT3LoRA:
+    name = "jt3_lora"
+
+    def __init__(self, cfg: Config, base: BaseLM, gistnet: GistNet, docs: list[TokenizedDocument],
+                 policy: Policy | None = None, peft_model: PeftModel | None = None):
+        self.cfg, self.base, self.gistnet = cfg, base, gistnet
+        self.docs = eligible(docs, cfg.train.history, cfg.train.horizon)
+        self.policy = policy or cold_start_policy(cfg)
+        install_gaussian_rope(base.model)
+        base.model.requires_grad_(False)
+        gistnet.requires_grad_(False)
+        self.peft = peft_model or attach_lora(base, cfg.train.lora, seed=cfg.seed)
+        self.plain_embedding = self.peft.get_input_embeddings()
+        self.plain_embedding = getattr(self.plain_embedding, "base_layer", self.plain_embedding)
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.peft.named_parameters() if "lora_" in name}
+
+    def make_batch(self, step: int, items: list[int]) -> list[Window]:
+        t = self.cfg.train
+        return [sample_window(self.docs, history=t.history, horizon=t.horizon, align=span(self.cfg.wc.levels),
+                              seed=self.cfg.seed + 3, step=step, item=item) for item in items]
+
+    def loss(self, batch: list[Window], global_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        total = torch.zeros(())
+        nll_sum = kl_sum = delta_sum = tokens = 0.0
+        weight = self.cfg.train.lora.keepalive_weight
+        for window in batch:
+            ids = torch.as_tensor(window.tokens.astype(np.int64))
+            h = len(window.horizon)
+            targets = ids[None, window.history :]
+            with torch.no_grad(), self.peft.disable_adapter():
+                full = horizon_logprobs(self.base, h, input_ids=ids[None])  # the plain base, full window
+            wc = self.policy(window)
+            # tokens read the adapted embedding; gists come from the frozen GistNet over the plain one
+            inputs = assemble_live(wc.entries, ids, self.peft.get_input_embeddings(), self.gistnet, horizon=h,
+                                   gist_embedding=self.plain_embedding)
+            with gaussian_positions(self.base.model, inputs.mu, inputs.sigma):
+                student = horizon_logprobs(self.base, h, inputs_embeds=inputs.inputs_embeds)
+            nll = -student.gather(-1, targets[..., None]).mean()
+            kl = F.kl_div(student, full, log_target=True, reduction="none").sum(-1).mean()
+            total = total + (nll + weight * kl) / global_batch
+            nll_sum += nll.item()
+            kl_sum += kl.item()
+            delta_sum += nll.item() + full.gather(-1, targets[..., None]).mean().item()
+            tokens += len(ids) + len(wc) + h
+        return total, {"nll": nll_sum, "kl": kl_sum, "delta_nll": delta_sum, "windows": float(len(batch)),
+                       "tokens": tokens}
+
+    def export(self, folder: Path) -> None:
+        self.peft.save_pretrained(folder)  # adapter_model.safetensors + adapter_config.json
