@@ -89,3 +89,41 @@ EVAL_SCHEMA = pa.DataFrameSchema(
     ordered=True,
     name="eval_results",
 )
+
+
+def _finite(*columns: str):
+    def check(data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.all_horizontal(*(pl.col(c).is_finite() for c in columns)))
+
+    return check
+
+
+def _cost_matches_action(data: pa.PolarsData) -> pl.LazyFrame:
+    action, cost = pl.col("action"), pl.col("cost")
+    return data.lazyframe.select(((action == "expand") & (cost == 31)) | ((action == "collapse") & (cost == -31)))
+
+
+LABEL_SCHEMA = pa.DataFrameSchema(
+    {
+        "snapshot_id": pa.Column(pl.Utf8, checks=pa.Check.str_length(min_value=1)),
+        "doc_id": pa.Column(pl.Utf8, checks=pa.Check.str_matches(r"^[0-9a-f]{16}$")),
+        "window_start": pa.Column(pl.Int64, checks=pa.Check.ge(0)),
+        "cursor": pa.Column(pl.Int64, checks=pa.Check.ge(1)),
+        "entry_index": pa.Column(pl.Int32, checks=pa.Check.ge(0)),
+        "level": pa.Column(pl.Int32, checks=pa.Check.in_range(0, 4)),
+        "start": pa.Column(pl.Int64, checks=pa.Check.ge(0)),
+        "action": pa.Column(pl.Utf8, checks=pa.Check.isin(["expand", "collapse"])),
+        "delta_nll": pa.Column(pl.Float64),
+        "cost": pa.Column(pl.Int32),
+        "utility": pa.Column(pl.Float64),
+        "target": pa.Column(pl.Float64, checks=pa.Check.in_range(-1.0, 1.0)),
+    },
+    checks=[
+        pa.Check(_finite("delta_nll", "utility", "target"), name="finite_numbers"),
+        pa.Check(_cost_matches_action, name="cost_matches_action"),
+    ],
+    unique=["snapshot_id", "entry_index", "action"],
+    strict=True,
+    ordered=True,
+    name="jt2_labels",
+)

@@ -212,6 +212,7 @@ def assemble_live(
     *,
     horizon: int = 0,
     gist_embedding: nn.Module | None = None,
+    cursor: int | None = None,
 ) -> WCInputs:
     """Like `assemble`, but gists are computed now by `gistnet` from the window's tokens (differentiable).
 
@@ -220,8 +221,10 @@ def assemble_live(
     exactly as the tree builds them, so gradients reach GistNet through both levels.
     `gist_embedding` (default: `embedding`) is what GistNet reads: the plain base
     embedding when `embedding` carries a LoRA adapter, as the trees were built.
+    `entries` may be a suffix of a working context; `cursor` (default: the end of
+    the last entry) is where the horizon starts.
     """
-    cursor = entries[-1].end if entries else 0
+    cursor = cursor if cursor is not None else entries[-1].end
     parts: list[torch.Tensor] = []
     by_level: dict[int, list[int]] = {}
     for i, node in enumerate(entries):

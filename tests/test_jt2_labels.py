@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from megacontext.base_model import load_base_model
+from megacontext.config import load_config
+from megacontext.gaussian_rope import install_gaussian_rope
+from megacontext.gistnet import build_gistnet
+from megacontext.jt2_labels import candidates, label_snapshot, label_table, to_targets
+from megacontext.schemas import SchemaViolation
+from megacontext.windows import Window
+from megacontext.working_context import cold_start
+
+
+@pytest.fixture(scope="module")
+def snapshot():
+    cfg = load_config("tiny", env={})
+    base = load_base_model(cfg)
+    install_gaussian_rope(base.model)
+    gistnet = build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=0)
+    tokens = np.random.default_rng(0).integers(0, 256, 1_024 + 32).astype(np.uint32)
+    window = Window("0123456789abcdef", 0, tokens, 1_024)
+    wc = cold_start(1_024, w_max=192, protected_tail=64)
+    return base, gistnet, window, wc
+
+
+def test_candidates_cover_every_legal_action(snapshot) -> None:
+    _, _, _, wc = snapshot
+    cands = candidates(wc, limit=10_000, rng=np.random.default_rng(0))
+    expands = [c for c in cands if c.action == "expand"]
+    collapses = [c for c in cands if c.action == "collapse"]
+    assert len(expands) == wc.levels_used[1]
+    assert all(c.node.parent().end <= wc.cursor - wc.protected_tail for c in collapses) and collapses
+    assert len(candidates(wc, limit=5, rng=np.random.default_rng(0))) == 5
+
+
+def test_prefix_reuse_gives_the_same_labels_as_naive_recompute(snapshot) -> None:
+    base, gistnet, window, wc = snapshot
+    cands = candidates(wc, limit=12, rng=np.random.default_rng(1))
+    reused = label_snapshot(base, gistnet, window, wc, cands)
+    naive = label_snapshot(base, gistnet, window, wc, cands, naive=True)
+    assert [r["action"] for r in reused] == [c.action for c in cands]
+    assert np.allclose([r["delta_nll"] for r in reused], [r["delta_nll"] for r in naive], atol=2e-5)
+    assert any(abs(r["delta_nll"]) > 1e-4 for r in reused)  # the edits do change the prediction
+
+
+def test_targets_and_schema(snapshot) -> None:
+    base, gistnet, window, wc = snapshot
+    rows = to_targets(label_snapshot(base, gistnet, window, wc, candidates(wc, 12, np.random.default_rng(1))))
+    assert all(r["target"] >= 0 for r in rows if r["action"] == "expand")
+    assert all(r["target"] <= 0 for r in rows if r["action"] == "collapse")
+    table = label_table([("s0", window, wc, rows)])
+    assert table.height == len(rows) and table["cost"].abs().unique().to_list() == [31]
+    bad = table.with_columns(pl.lit(2.0).alias("target"))
+    from megacontext.schemas import LABEL_SCHEMA, validate
+
+    with pytest.raises(SchemaViolation, match="jt2_labels"):
+        validate(bad, LABEL_SCHEMA, where="bad labels")
+    rows[0]["utility"] = float("inf")
+    with pytest.raises(SchemaViolation, match="finite_numbers"):
+        label_table([("s0", window, wc, rows)])
