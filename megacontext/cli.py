@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 from rich.console import Console
@@ -60,7 +61,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="rebuild even when an identical build exists (env MEGACONTEXT_FORCE_DATA_REBUILD=1)")
     p = command("build-trees", cmd_build_trees, "build a MegaContext tree (tokens + GistNet gists) per document")
     p.add_argument("--force", action="store_true", help="rebuild even when an identical build exists")
-    command("evaluate", cmd_evaluate, "NLL_full / NLL_recency / NLL_mc, ΔNLL, gap recovery and the gate verdict")
+    p = command("evaluate", cmd_evaluate, "NLL_full / NLL_recency / NLL_mc, ΔNLL, gap recovery and the gate verdict")
+    p.add_argument("--checkpoint", type=Path, help="a cycle folder (artifacts/cycles/cycle-NNNN); default: untrained")
+    p = command("train-cycle", cmd_train_cycle, "one JT1 -> JT2 -> JT3 cycle (resumes if killed), warm-started")
+    p.add_argument("--cycle", type=int, default=1, help="cycle number (folder cycles/cycle-NNNN)")
+    p.add_argument("--previous", type=Path, help="the previous accepted cycle folder to warm-start from")
     command("cache-model", cmd_cache_model, "convert the base model once to an fp32 safetensors cache; time a load")
     p = command("score", cmd_score, "base-model NLL@H on held-out documents")
     p.add_argument("--context", type=int, default=2048, help="tokens the base reads before the horizon")
@@ -118,12 +123,25 @@ def cmd_build_trees(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from megacontext.evaluation import evaluate
 
-    out = evaluate(cfg)
+    out = evaluate(cfg, checkpoint=args.checkpoint)
     summary = json.loads((out / "summary.json").read_text())
     console.print((out / "report.md").read_text(), markup=False, highlight=False)
     passed = json.loads((out / "manifest.json").read_text())["gate_passed"]
     console.print(f"gate: {'PASS' if passed else 'FAIL'}   report: {out / 'report.md'}")
     print(json.dumps({"gate_passed": passed, "report": str(out / "report.md"), "summary_keys": sorted(summary)}))
+    return 0
+
+
+def cmd_train_cycle(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext.cycle import run_cycle
+
+    out = run_cycle(cfg, args.cycle, previous=args.previous)
+    summary = json.loads((out / "cycle.json").read_text())
+    for phase, rows in summary["telemetry"].items():
+        last = rows[-1]
+        console.print(f"{phase}: {len(rows)} steps, final loss {last['loss']:.4f}, "
+                      f"{summary['seconds'][phase]:.0f} s")
+    console.print(f"cycle {args.cycle} -> {out} in {summary['seconds']['total']:.0f} s")
     return 0
 
 

@@ -181,9 +181,11 @@ class TrainConfig(Section):
     budget: int = Field(512, ge=64)  # B_train: working-context budget while training
     horizon: int = Field(64, ge=1)  # H for NLL@H / KL@H
     checkpoint_every: int = Field(10, ge=1)  # optimiser steps between resumable checkpoints
-    jt1: PhaseConfig = PhaseConfig(steps=30, lr=1e-3)
+    label_snapshots: int = Field(6, ge=1)  # JT2: on-policy snapshots labelled per cycle
+    label_candidates: int = Field(24, ge=1)  # JT2: candidate actions scored per snapshot
+    jt1: PhaseConfig = PhaseConfig(steps=24, lr=1e-3)
     jt2: PhaseConfig = PhaseConfig(steps=60, lr=1e-3, batch=8)
-    jt3: PhaseConfig = PhaseConfig(steps=20, lr=5e-4)
+    jt3: PhaseConfig = PhaseConfig(steps=16, lr=5e-4)
     lora: LoraSettings = LoraSettings()
 
     @model_validator(mode="after")

@@ -11,26 +11,19 @@ cold start; later cycles pass LensNet + allocator in as `policy`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from megacontext.base_model import BaseLM
 from megacontext.config import Config
+from megacontext.focus_policy import Policy, cold_start_policy
 from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.gistnet import GistNet, save_gistnet
 from megacontext.nodes import span
 from megacontext.shards import TokenizedDocument
 from megacontext.windows import Window, eligible, sample_window
-from megacontext.working_context import WorkingContext, assemble_live, cold_start
-
-Policy = Callable[[Window], WorkingContext]
-
-
-def cold_start_policy(cfg: Config) -> Policy:
-    return lambda w: cold_start(w.history, cfg.train.budget, cfg.wc.protected_tail, cfg.wc.levels)
+from megacontext.working_context import WorkingContext, assemble_live
 
 
 def horizon_logprobs(base: BaseLM, horizon: int, **inputs: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,8 @@ from megacontext.config import Config, LoraSettings
 from megacontext.errors import ConfigError
 from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.gistnet import GistNet
-from megacontext.jt1_gistnet import Policy, cold_start_policy, horizon_logprobs
+from megacontext.focus_policy import Policy, cold_start_policy
+from megacontext.jt1_gistnet import horizon_logprobs
 from megacontext.nodes import span
 from megacontext.shards import TokenizedDocument
 from megacontext.windows import Window, eligible, sample_window

@@ -30,20 +30,21 @@ def trees_dir(cfg: Config) -> Path:
     return Path(cfg.paths.artifact_root) / "trees"
 
 
-def build_trees(cfg: Config, *, base: BaseLM | None = None, gistnet: GistNet | None = None, force: bool = False) -> Path:
-    """Build a tree per document of every split under `<artifact_root>/trees`."""
+def build_trees(cfg: Config, *, base: BaseLM | None = None, gistnet: GistNet | None = None, force: bool = False,
+                out: Path | None = None, splits: tuple[str, ...] = SPLITS) -> Path:
+    """Build a tree per document of `splits` under `out` (default `<artifact_root>/trees`)."""
     base = base or load_base_model(cfg)
     embedding = base.model.get_input_embeddings()
     gistnet = gistnet or build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels)
     encoder = TreeGistEncoder(gistnet, embedding)
     source = shards_dir(cfg)
-    out = trees_dir(cfg)
-    chash = config_hash(cfg, sections=["gistnet", "wc", "data"]) + f":{base.model_id}:{encoder.identity}"
+    out = out or trees_dir(cfg)
+    chash = config_hash(cfg, sections=["gistnet", "wc", "data"]) + f":{base.model_id}:{encoder.identity}:{','.join(splits)}"
     shards_digest = manifest_digest(read_manifest(source))
     if not force and is_reusable(out, kind=KIND, format_version=FORMAT_VERSION, config_hash=chash):
         if read_manifest(out)["inputs"][0]["digest"] == shards_digest:
             return out
-    docs = {split: read_split(source, split, tokenizer_name=base.tokenizer.name) for split in SPLITS}
+    docs = {split: read_split(source, split, tokenizer_name=base.tokenizer.name) for split in splits}
     total = sum(len(d.tokens) for split_docs in docs.values() for d in split_docs)
     counts = {}
     with staged_artifact(out) as staging, progress_bar("building trees", total=total, unit="tokens") as advance:
