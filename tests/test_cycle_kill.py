@@ -48,8 +48,6 @@ def test_killed_cycle_resumes_to_the_uninterrupted_result(tmp_path: Path) -> Non
         time.sleep(0.02)
     os.kill(victim.pid, signal.SIGKILL)  # mid-JT1, after at least two checkpoints
     victim.wait()
-    partial = sorted(checkpoints.glob(".step-*"))  # a staging folder the kill may have left behind
-    assert all(not (p / "state.json").exists() or not p.name.startswith("step-") for p in partial)
     resumed = _train(tmp_path / "killed")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
     a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "killed")
