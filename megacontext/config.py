@@ -205,6 +205,7 @@ class EvalConfig(Section):
     cursors_per_doc: int = Field(1, ge=1)
     key_token_margin: float = Field(0.5, gt=0)  # key token: full context beats recency by > this (nats)
     delta_nll_max: float = Field(0.1, gt=0)  # gate: NLL_mc - NLL_full <= this
+    noise_band: float = Field(0.02, ge=0)  # nightly: worse than the champion's recorded numbers by more fails
     bootstrap_samples: int = Field(1_000, ge=100)
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
 

@@ -12,6 +12,7 @@ a Markdown/PNG report are written as the `validation_report` artifact.
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch
 
 from megacontext.base_model import BaseLM, horizon_token_nll, load_base_model
 from megacontext.config import Config, config_hash
-from megacontext.errors import InputDataError
+from megacontext.errors import ConfigError, InputDataError
 from megacontext.eval_report import write_report
 from megacontext.focus_policy import Policy, cold_start_policy, lens_policy
 from megacontext.gistnet import gistnet_identity
@@ -33,7 +34,9 @@ from megacontext.lensnet import load_lensnet
 from megacontext.gate import check_gate_setting, gate, summarize
 from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.lineage import staged_artifact, write_manifest
-from megacontext.nodes import span
+from megacontext.nodes import BLOCK, span
+from megacontext.plots import plot_lod_map
+from megacontext.tracking import current_run, start_run
 from megacontext.progress import progress_bar
 from megacontext.shards import TokenizedDocument, read_split, shards_dir
 from megacontext.tree import MegaContextTree
@@ -73,8 +76,12 @@ def wc_token_nll(base: BaseLM, wc: WorkingContext, tree: MegaContextTree, sample
 
 
 def score_sample(base: BaseLM, tree: MegaContextTree, sample: Sample, cfg: Config, *,
-                 policy: Policy, plain: Callable[[], ContextManager]) -> dict[str, np.ndarray]:
-    """Per-token NLLs of one sample; `plain()` switches adapters off for the full/recency baselines."""
+                 policy: Policy, plain: Callable[[], ContextManager],
+                 timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Per-token NLLs of one sample; `plain()` switches adapters off for the full/recency baselines.
+
+    `timings` accumulates the MegaContext path's wall seconds (focus + WC forward) under "mc_seconds".
+    """
     ev, wcc = cfg.eval, cfg.wc
     tokens = sample.doc.tokens.astype(np.int64)
     c, h, w = sample.cursor, ev.horizon, wcc.w_max
@@ -87,7 +94,10 @@ def score_sample(base: BaseLM, tree: MegaContextTree, sample: Sample, cfg: Confi
             "nll_recency": horizon_token_nll(base.model, h, input_ids=recent_ids)[0].numpy(),
         }
     window = Window(sample.doc.doc_id, sample.window_start, sample.doc.tokens[sample.window_start : c + h], ev.history)
+    tick = time.perf_counter()
     columns["nll_mc"] = wc_token_nll(base, policy(window), tree, sample, horizon)
+    if timings is not None:
+        timings["mc_seconds"] = timings.get("mc_seconds", 0.0) + time.perf_counter() - tick
     for level in (1, 2):  # per-level ΔNLL; null where that level alone cannot fit the budget
         columns[f"nll_mc_lod{level}"] = np.full(h, np.nan)
         if level <= wcc.levels:
@@ -99,25 +109,63 @@ def score_sample(base: BaseLM, tree: MegaContextTree, sample: Sample, cfg: Confi
     return columns
 
 
-def evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None = None) -> Path:
+def focus_telemetry(focus: dict[str, float], mc_seconds: float, *, blocks: float) -> dict[str, float]:
+    """Focus telemetry of the MegaContext path (means per sample) for the report's context table."""
+    return {"swap rate": round(focus.get("swap_rate", 0.0), 4), "residency (refocuses)": round(focus.get("residency_mean", 0.0), 2),
+            "budget utilisation": round(focus.get("budget_utilisation", 0.0), 4),
+            "focus ms / sample": round(focus.get("focus_ms", 0.0), 1),
+            "MC latency ms / block": round(1000 * mc_seconds / max(blocks, 1.0), 2)}
+
+
+ABLATABLE = ("gistnet", "lensnet", "lora")
+
+
+def evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None = None,
+             without: tuple[str, ...] = ()) -> Path:
+    """`_evaluate` inside its own W&B run (job type "evaluate", grouped by cycle) unless a run is already active."""
+    if current_run() is not None:  # e.g. the nightly regression's run
+        return _evaluate(cfg, checkpoint=checkpoint, out=out, without=without)
+    group = checkpoint.name if checkpoint else "baseline"
+    with start_run(cfg.model_dump(mode="json"), name=f"{group}-evaluate", group=group, job_type="evaluate",
+                   directory=Path(cfg.paths.artifact_root)) as run:
+        report = _evaluate(cfg, checkpoint=checkpoint, out=out, without=without)
+        summary = json.loads((report / "summary.json").read_text())
+        run.summary({k: v["value"] for k, v in summary["all"].items() if isinstance(v, dict)}
+                    | {"gate_passed": summary["gate"]["passed"], "without": ",".join(without)})
+        return report
+
+
+def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None = None,
+              without: tuple[str, ...] = ()) -> Path:
     """Score every sample, summarise, gate, and publish the report folder.
 
     Without `checkpoint`: the untrained system (tree gists from `build-trees`, cold-start WC).
     With a cycle folder: its trees (its GistNet), LensNet + allocator focus, and LoRA adapters for NLL_mc.
+    `without` ablates trained parts of the cycle: "gistnet" (baseline trees), "lensnet" (cold start),
+    "lora" (no adapters); the report goes to <cycle>/evaluation-without-<parts> unless `out` is given.
     """
+    unknown = sorted(set(without) - set(ABLATABLE))
+    if unknown or (without and not checkpoint):
+        raise ConfigError(f"--without takes {', '.join(ABLATABLE)} and needs --checkpoint; got {', '.join(without)}")
     ev = cfg.eval
     base = load_base_model(cfg)
     check_gate_setting(history=ev.history, horizon=ev.horizon, w_max=cfg.wc.w_max, base_positions=base.max_positions)
     install_gaussian_rope(base.model)
-    trees = checkpoint / "trees" if checkpoint else trees_dir(cfg)
+    trees = checkpoint / "trees" if checkpoint and "gistnet" not in without else trees_dir(cfg)
     gistnet = load_tree_gistnet(trees, base.model_id)
     identity = gistnet_identity(gistnet)
     policy, plain, focus = cold_start_policy(cfg, budget=cfg.wc.w_max), nullcontext, "cold start (no LensNet)"
     if checkpoint:
-        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, load_lensnet(checkpoint / "jt2" / "final"),
-                             budget=cfg.wc.w_max)
-        peft = load_lora(base, checkpoint / "jt3" / "final")
-        plain, focus = peft.disable_adapter, f"LensNet + allocator + LoRA ({checkpoint.name})"
+        parts = []
+        if "lensnet" not in without:
+            policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet,
+                                 load_lensnet(checkpoint / "jt2" / "final"), budget=cfg.wc.w_max)
+            parts.append("LensNet + allocator")
+        if "lora" not in without:
+            plain = load_lora(base, checkpoint / "jt3" / "final").disable_adapter
+            parts.append("LoRA")
+        trained = "GistNet" if "gistnet" not in without else "baseline GistNet"
+        focus = f"{' + '.join(parts) or 'cold start'}, {trained} ({checkpoint.name})"
     docs = read_split(shards_dir(cfg), ev.split, tokenizer_name=base.tokenizer.name)
     samples = sample_cursors(docs, history=ev.history, horizon=ev.horizon, per_doc=ev.cursors_per_doc,
                              align=span(cfg.wc.levels))
@@ -128,11 +176,12 @@ def evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None = 
             "add longer documents or lower eval.history"
         )
     frames = []
+    timings: dict[str, float] = {}
     start = time.perf_counter()
     with progress_bar("evaluating", total=len(samples), unit="samples") as advance:
         for sample in samples:
             tree = open_tree(trees, ev.split, sample.doc.doc_id, base_model_id=base.model_id, encoder_identity=identity)
-            columns = score_sample(base, tree, sample, cfg, policy=policy, plain=plain)
+            columns = score_sample(base, tree, sample, cfg, policy=policy, plain=plain, timings=timings)
             frames.append(pl.DataFrame({
                 "doc_id": [sample.doc.doc_id] * ev.horizon,
                 "cursor": pl.Series([sample.cursor] * ev.horizon, dtype=pl.Int64),
@@ -147,10 +196,17 @@ def evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None = 
     verdict = gate(summary, delta_nll_max=ev.delta_nll_max)
     context = {"profile": cfg.profile, "base model": base.model_id, "GistNet": identity, "W_max": cfg.wc.w_max,
                "L (history)": ev.history, "H (horizon)": ev.horizon, "split": ev.split,
-               "working context": focus, "seconds": round(time.perf_counter() - start, 1)}
-    out = out or (checkpoint / "evaluation" if checkpoint else Path(cfg.paths.artifact_root) / "evaluation")
+               "working context": focus, "seconds": round(time.perf_counter() - start, 1),
+               **focus_telemetry(policy.drain(), timings["mc_seconds"], blocks=len(samples) * (ev.history + ev.horizon) / BLOCK)}
+    suffix = "-without-" + "-".join(sorted(without)) if without else ""
+    out = out or (checkpoint / f"evaluation{suffix}" if checkpoint else Path(cfg.paths.artifact_root) / "evaluation")
     with staged_artifact(out) as staging:
         write_report(staging, table, summary, verdict, title="MegaContext validation report", context=context)
+        first = samples[0]  # the LOD map of one working context the policy built
+        wc = policy(Window(first.doc.doc_id, first.window_start,
+                           first.doc.tokens[first.window_start : first.cursor + ev.horizon], ev.history))
+        plot_lod_map(wc.entries, wc.cursor, staging / "lod_map.png", w_max=wc.w_max,
+                     title=f"{first.doc.doc_id} @ {first.cursor:,}")
         write_manifest(staging, kind=KIND, format_version=FORMAT_VERSION,
                        config_hash=config_hash(cfg, sections=["eval", "wc", "gistnet"]),
                        inputs=[shards_dir(cfg), checkpoint or trees], extra={"gate_passed": verdict.passed, "context": context})

@@ -4,10 +4,13 @@
 exactly as the base reads them, tail gists, features); `lens_policy` refocuses a
 window's cold-start WC a few times, which is how training phases get on-policy
 working contexts. Streaming refocus every 32 tokens belongs to the runtime.
+A policy keeps focus telemetry (swap rate, residency, budget utilisation, time
+spent focusing) that phases and the evaluation drain into their own telemetry.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import numpy as np
@@ -20,8 +23,35 @@ from megacontext.lensnet import LensInputs, LensNet, lens_inputs, tail_nodes
 from megacontext.windows import Window
 from megacontext.working_context import WorkingContext, assemble_live, cold_start
 
-Policy = Callable[[Window], WorkingContext]
 REFOCUSES = 4  # allocator passes per training window (each at most N_diff edits)
+FOCUS_METRICS = ("swap_rate", "residency_mean", "budget_utilisation", "focus_ms")
+
+
+class Policy:
+    """Window -> working context, keeping per-window focus telemetry until drained."""
+
+    def __init__(self, focus: Callable[[Window], tuple[WorkingContext, dict[str, float]]]):
+        self._focus = focus
+        self._sums = dict.fromkeys(FOCUS_METRICS, 0.0)
+        self._windows = 0
+
+    def __call__(self, window: Window) -> WorkingContext:
+        tick = time.perf_counter()
+        wc, stats = self._focus(window)
+        stats = {"budget_utilisation": len(wc) / wc.w_max, "focus_ms": 1000 * (time.perf_counter() - tick), **stats}
+        for key in FOCUS_METRICS:
+            self._sums[key] += stats.get(key, 0.0)
+        self._windows += 1
+        return wc
+
+    def drain(self, windows: float | None = None) -> dict[str, float]:
+        """Means per window since the last drain; times `windows` when given (the training loop logs sums / windows)."""
+        if not self._windows:
+            return {}
+        scale = (windows if windows is not None else 1.0) / self._windows
+        out = {key: value * scale for key, value in self._sums.items()}
+        self._sums, self._windows = dict.fromkeys(FOCUS_METRICS, 0.0), 0
+        return out
 
 
 @torch.no_grad()
@@ -36,23 +66,24 @@ def lens_inputs_for(wc: WorkingContext, tokens: torch.Tensor, embedding: nn.Modu
 
 def cold_start_policy(cfg: Config, budget: int | None = None) -> Policy:
     budget = budget or cfg.train.budget
-    return lambda w: cold_start(w.history, budget, cfg.wc.protected_tail, cfg.wc.levels)
+    return Policy(lambda w: (cold_start(w.history, budget, cfg.wc.protected_tail, cfg.wc.levels), {}))
 
 
 def lens_policy(cfg: Config, embedding: nn.Module, gistnet: nn.Module, lensnet: LensNet,
                 budget: int | None = None, refocuses: int = REFOCUSES) -> Policy:
     """Cold start, then up to `refocuses` LensNet + allocator passes (stops early when nothing changes)."""
-    start = cold_start_policy(cfg, budget)
+    budget = budget or cfg.train.budget
 
     @torch.no_grad()
-    def policy(window: Window) -> WorkingContext:
-        wc = start(window)
+    def focus(window: Window) -> tuple[WorkingContext, dict[str, float]]:
+        wc = cold_start(window.history, budget, cfg.wc.protected_tail, cfg.wc.levels)
         tokens = torch.as_tensor(window.tokens.astype(np.int64))
         allocator = FocusAllocator(cfg.allocator)
         for _ in range(refocuses):
             scores = lensnet(lens_inputs_for(wc, tokens, embedding, gistnet, cfg.lensnet.tail_lod1))[0]
             if not allocator.refocus(wc, scores.numpy()):
                 break
-        return wc
+        stats = allocator.telemetry()
+        return wc, {"swap_rate": stats["swap_rate"], "residency_mean": stats["residency_mean"]}
 
-    return policy
+    return Policy(focus)

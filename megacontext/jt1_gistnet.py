@@ -20,7 +20,7 @@ from megacontext.config import Config
 from megacontext.focus_policy import Policy, cold_start_policy
 from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.gistnet import GistNet, save_gistnet
-from megacontext.nodes import span
+from megacontext.nodes import BLOCK, span
 from megacontext.shards import TokenizedDocument
 from megacontext.windows import Window, eligible, sample_window
 from megacontext.working_context import WorkingContext, assemble_live
@@ -77,7 +77,9 @@ class JT1GistNet:
             kl_sum += kl.item()
             delta_sum += nll(student.detach()) - nll(full)
             tokens += ids.shape[1] + len(wc) + len(window.horizon)
-        return total, {"kl": kl_sum, "delta_nll": delta_sum, "windows": float(len(batch)), "tokens": tokens}
+        metrics = {"kl": kl_sum, "delta_nll": delta_sum, "windows": float(len(batch)), "tokens": tokens,
+                   "blocks": sum(len(w.tokens) for w in batch) / BLOCK}
+        return total, metrics | self.policy.drain(len(batch))
 
     def export(self, folder: Path) -> None:
         save_gistnet(folder, self.gistnet)

@@ -59,8 +59,9 @@ def generate_labels(cfg: Config, base: BaseLM, gistnet: GistNet, docs: list[Toke
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(table.to_arrow(), out / LABELS_FILE, compression="zstd")
     seconds = time.perf_counter() - start
+    focus = {f"focus_{k}": v for k, v in policy.drain().items()}  # means over the on-policy snapshots
     return {"snapshots": len(snapshots), "labels": table.height, "seconds": seconds,
-            "labels_per_s": table.height / seconds}
+            "labels_per_s": table.height / seconds, **focus}
 
 
 def entry_targets(rows: pl.DataFrame, n_entries: int) -> tuple[torch.Tensor, torch.Tensor]:

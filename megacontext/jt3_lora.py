@@ -23,7 +23,7 @@ from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.gistnet import GistNet
 from megacontext.focus_policy import Policy, cold_start_policy
 from megacontext.jt1_gistnet import horizon_logprobs
-from megacontext.nodes import span
+from megacontext.nodes import BLOCK, span
 from megacontext.shards import TokenizedDocument
 from megacontext.windows import Window, eligible, sample_window
 from megacontext.working_context import assemble_live
@@ -104,8 +104,9 @@ class JT3LoRA:
             kl_sum += kl.item()
             delta_sum += nll.item() + full.gather(-1, targets[..., None]).mean().item()
             tokens += len(ids) + len(wc) + h
-        return total, {"nll": nll_sum, "kl": kl_sum, "delta_nll": delta_sum, "windows": float(len(batch)),
-                       "tokens": tokens}
+        metrics = {"nll": nll_sum, "kl": kl_sum, "delta_nll": delta_sum, "windows": float(len(batch)),
+                   "tokens": tokens, "blocks": sum(len(w.tokens) for w in batch) / BLOCK}
+        return total, metrics | self.policy.drain(len(batch))
 
     def export(self, folder: Path) -> None:
         self.peft.save_pretrained(folder)  # adapter_model.safetensors + adapter_config.json

@@ -83,10 +83,12 @@ def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) ->
             seconds = time.perf_counter() - tick
             row = {"step": step + 1, "loss": stats[0].item(), "grad_norm": grad_norm, "seconds": seconds}
             row.update({k: v.item() for k, v in zip(sorted(metrics), stats[1:])})
-            for key in set(metrics) - {"tokens", "windows"}:  # phases report sums; log means per window
+            for key in set(metrics) - {"tokens", "windows", "blocks"}:  # phases report sums; log means per window
                 row[key] /= max(row.get("windows", 1.0), 1.0)
             if "tokens" in row:
                 row["tokens_per_s"] = row["tokens"] / seconds
+            if row.get("blocks"):  # 32-token blocks of history + horizon this step processed
+                row["ms_per_block"] = 1000 * seconds / row["blocks"]
             telemetry.append(row)
             if rank == 0 and ((step + 1) % checkpoint_every == 0 or step + 1 == pcfg.steps):
                 save_checkpoint(out, step + 1, params, optimizer, telemetry)
