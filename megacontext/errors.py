@@ -20,3 +20,11 @@ class InputDataError(MegaContextError):
 
 class ArtifactError(MegaContextError):
     """An artifact on disk is missing, corrupt, or was made by something else."""
+
+
+class GateError(MegaContextError):
+    """A cycle did not pass the validation gate (or was never evaluated), so it cannot be promoted."""
+
+
+class RegressionError(MegaContextError):
+    """The nightly regression found the champion worse than its recorded numbers beyond the noise band."""

@@ -22,11 +22,12 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from megacontext import __version__
 from megacontext.errors import ArtifactError
+from megacontext.tracking import current_run
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # Fields that describe the run rather than the content; left out of the digest.
-VOLATILE_FIELDS = ("created_at", "git", "wandb_run_id")
+VOLATILE_FIELDS = ("created_at", "git", "wandb_run_id", "wandb_run_url")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -71,9 +72,30 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return sha256_json({k: v for k, v in manifest.items() if k not in VOLATILE_FIELDS})
 
 
+def artifact_files(folder: Path) -> list[Path]:
+    """The files an artifact's manifest covers: everything below it except nested artifacts.
+
+    A subfolder holding its own manifest.json (a cycle's phase outputs, its
+    evaluation report) is a separate artifact, linked as an input and verified
+    on its own, so it can be published after its parent without breaking it.
+    """
+    folder = Path(folder)
+    files = []
+    for root, dirs, names in os.walk(folder):
+        here = Path(root)
+        dirs[:] = sorted(d for d in dirs if not (here / d / MANIFEST).is_file() and not _in_flight(d))
+        files.extend(here / n for n in names if not (here == folder and n == MANIFEST))
+    return sorted(files)
+
+
+def _in_flight(name: str) -> bool:
+    """A nested artifact being published right now (staging or old copy), not part of the parent."""
+    return name.startswith(".") and (_STAGING_MARK in name or ".old-" in name)
+
+
 def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
     entries = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in artifact_files(folder):
         entries[path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return entries
 
@@ -115,6 +137,9 @@ def write_manifest(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git": git_state(),
     }
+    run = current_run()
+    if run is not None and run.id:  # the W&B run of the step that built this artifact
+        manifest.update({"wandb_run_id": run.id, "wandb_run_url": run.url})
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -140,7 +165,7 @@ def verify_files(folder: Path) -> list[str]:
             problems.append(f"{path}: missing")
         elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             problems.append(f"{path}: content differs from the manifest (modified or corrupt)")
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in artifact_files(folder):
         if path.relative_to(folder).as_posix() not in recorded:
             problems.append(f"{path}: not in the manifest")
     return problems

@@ -31,8 +31,11 @@ def trees_dir(cfg: Config) -> Path:
 
 
 def build_trees(cfg: Config, *, base: BaseLM | None = None, gistnet: GistNet | None = None, force: bool = False,
-                out: Path | None = None, splits: tuple[str, ...] = SPLITS) -> Path:
-    """Build a tree per document of `splits` under `out` (default `<artifact_root>/trees`)."""
+                out: Path | None = None, splits: tuple[str, ...] = SPLITS, gistnet_source: Path | None = None) -> Path:
+    """Build a tree per document of `splits` under `out` (default `<artifact_root>/trees`).
+
+    `gistnet_source`: the artifact the GistNet came from (a cycle's JT1 output), linked in the lineage.
+    """
     base = base or load_base_model(cfg)
     embedding = base.model.get_input_embeddings()
     gistnet = gistnet or build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels)
@@ -58,7 +61,8 @@ def build_trees(cfg: Config, *, base: BaseLM | None = None, gistnet: GistNet | N
                     advance(min(APPEND_CHUNK, len(doc.tokens) - start))
                 tree.check_invariants()
             counts[split] = len(split_docs)
-        write_manifest(staging, kind=KIND, format_version=FORMAT_VERSION, config_hash=chash, inputs=[source],
+        write_manifest(staging, kind=KIND, format_version=FORMAT_VERSION, config_hash=chash,
+                       inputs=[source] + ([gistnet_source] if gistnet_source else []),
                        extra={"base_model_id": base.model_id, "gistnet": encoder.identity, "documents": counts,
                               "tokens": total})
     return out

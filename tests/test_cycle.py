@@ -8,6 +8,7 @@ import torch
 
 from megacontext.corpus import build_corpus
 from megacontext.cycle import run_cycle
+from megacontext.errors import ConfigError
 from megacontext.evaluation import evaluate
 from megacontext.gistnet import load_gistnet
 from megacontext.lensnet import load_lensnet
@@ -30,10 +31,28 @@ def test_a_tiny_cycle_runs_end_to_end_and_is_evaluated(first_cycle) -> None:
     summary = json.loads((out / "cycle.json").read_text())
     assert [len(summary["telemetry"][p]) for p in ("jt1", "jt2", "jt3")] == [4, 4, 4]
     assert (out / "jt2" / "labels" / "labels.parquet").is_file() and verify_files(out) == []
+    for phase in ("jt1", "jt3"):  # focus telemetry and latency per block on every step
+        for row in summary["telemetry"][phase]:
+            assert 0 < row["budget_utilisation"] <= 1 and row["swap_rate"] >= 0 and row["ms_per_block"] > 0
+    assert summary["labels"]["focus_budget_utilisation"] > 0
     report = evaluate(cfg, checkpoint=out)
     manifest = json.loads((report / "manifest.json").read_text())
     assert "LensNet + allocator + LoRA" in manifest["context"]["working context"]
+    assert 0 < manifest["context"]["budget utilisation"] <= 1 and manifest["context"]["MC latency ms / block"] > 0
     assert manifest["inputs"][1]["kind"] == "cycle"
+    assert verify_files(out) == []  # the evaluation is a nested artifact of its own
+
+
+def test_every_phase_output_has_its_own_lineage(first_cycle) -> None:
+    cfg, out = first_cycle
+    kinds = {"jt1/final": "gistnet", "jt2/labels": "lens_labels", "jt2/final": "lensnet", "jt3/final": "lora_adapter"}
+    for folder, kind in kinds.items():
+        manifest = json.loads((out / folder / "manifest.json").read_text())
+        assert manifest["kind"] == kind and verify_files(out / folder) == []
+    lora_inputs = {i["kind"] for i in json.loads((out / "jt3/final/manifest.json").read_text())["inputs"]}
+    assert lora_inputs == {"dataset_shards", "gistnet", "lensnet"}
+    cycle_inputs = [i["kind"] for i in json.loads((out / "manifest.json").read_text())["inputs"]]
+    assert sorted(cycle_inputs) == sorted(["dataset_shards", *kinds.values(), "megacontext_trees"])
 
 
 def test_rerunning_a_finished_cycle_redoes_nothing(first_cycle) -> None:
@@ -55,9 +74,75 @@ def test_the_second_cycle_warm_starts_from_the_first(first_cycle, monkeypatch) -
         return real_fit(phase, pcfg, out, **kw)
 
     monkeypatch.setattr(cycle_module, "fit", spy)
-    run_cycle(cfg, 2, previous=first)
+    second = run_cycle(cfg, 2, previous=first)
+    warm = {i["path"] for i in json.loads((second / "jt1/final/manifest.json").read_text())["inputs"]}
+    assert "../../../cycle-0001/jt1/final" in warm  # the warm start is in the lineage
     gist = load_gistnet(first / "jt1" / "final").state_dict()
     assert all(torch.equal(v, gist[k.removeprefix("gistnet.")]) for k, v in seen["jt1_gistnet"].items())
     lens = load_lensnet(first / "jt2" / "final").state_dict()
     assert all(torch.equal(v, lens[k.removeprefix("lensnet.")]) for k, v in seen["jt2_lensnet"].items())
     assert any(v.abs().sum() > 0 for k, v in seen["jt3_lora"].items() if "lora_B" in k or "embedding_B" in k)
+
+
+def test_an_ablation_evaluates_the_cycle_without_a_trained_part(first_cycle) -> None:
+    cfg, out = first_cycle
+    report = evaluate(cfg, checkpoint=out, without=("lora",))
+    assert report == out / "evaluation-without-lora"
+    context = json.loads((report / "manifest.json").read_text())["context"]
+    assert context["working context"].startswith("LensNet + allocator, GistNet")
+    with_lora = json.loads((out / "evaluation" / "summary.json").read_text())["all"]
+    without = json.loads((report / "summary.json").read_text())["all"]
+    assert without["nll_full"] == with_lora["nll_full"] and without["nll_mc"] != with_lora["nll_mc"]
+    assert (report / "lod_map.png").is_file()
+    with pytest.raises(ConfigError, match="--without takes"):
+        evaluate(cfg, checkpoint=out, without=("lensnett",))
+
+
+def test_promotion_needs_a_passing_evaluation_and_nightly_reproduces_the_champion(first_cycle, tmp_path) -> None:
+    from megacontext.champion import current_champion, previous_accepted, promote
+    from megacontext.errors import GateError
+    from megacontext.nightly import run_nightly
+
+    cfg, out = first_cycle
+    evaluated = json.loads((out / "evaluation" / "summary.json").read_text())
+    assert evaluated["gate"]["passed"], "the tiny cycle passes the gate (ΔNLL < 0.1 and NLL_mc < NLL_recency)"
+    unevaluated = tmp_path / "cycle-0009"
+    unevaluated.mkdir()
+    with pytest.raises(GateError, match="not evaluated"):
+        promote(cfg, unevaluated)
+    assert current_champion(cfg) is None
+    promote(cfg, out)
+    assert current_champion(cfg)["cycle"] == 1 and previous_accepted(cfg, 2) == out and previous_accepted(cfg, 1) is None
+
+    import datetime as dt
+    result = run_nightly(cfg, day=dt.date(2026, 1, 2))
+    assert result.passed and result.deltas["nll_mc"] == 0.0  # same weights, same fixed eval set: same numbers
+    assert (result.report / "report.md").read_text().count("PASS") == 1 and (result.report / "compare.png").is_file()
+
+    champion_json = Path(cfg.paths.artifact_root) / "champion" / "champion.json"  # pretend it once scored 1 nat better
+    record = json.loads(champion_json.read_text())
+    record["recorded"]["nll_mc"]["value"] -= 1.0
+    champion_json.write_text(json.dumps(record))
+    result = run_nightly(cfg, day=dt.date(2026, 1, 3))
+    assert not result.passed and result.deltas["nll_mc"] == pytest.approx(1.0)
+    assert "REGRESSION" in (result.report / "report.md").read_text()
+    assert (Path(cfg.paths.artifact_root) / "nightly" / "trend.png").is_file()
+
+
+def test_the_audit_walks_a_real_cycle_to_the_corpus_and_finds_a_modified_byte(first_cycle) -> None:
+    from megacontext.audit import audit
+
+    cfg, out = first_cycle
+    result = audit(out / "evaluation")
+    kinds = {n.kind for n in result.walk()}
+    assert result.ok, [p for n in result.walk() for p in n.problems]
+    assert {"validation_report", "cycle", "gistnet", "lens_labels", "lensnet", "lora_adapter", "megacontext_trees",
+            "dataset_shards", "corpus"} <= kinds
+    weights = out / "jt3" / "final" / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    try:
+        bad = [n for n in audit(out / "evaluation").walk() if n.problems]
+        assert {n.kind for n in bad} == {"lora_adapter"} and str(weights) in bad[0].problems[0]
+    finally:
+        weights.write_bytes(original)

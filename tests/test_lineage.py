@@ -81,3 +81,15 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="corrupt manifest"):
         read_manifest(tmp_path / "art")
     assert not is_reusable(tmp_path / "art", kind="demo", format_version=1, config_hash="c0")
+
+
+def test_a_nested_artifact_is_its_own_artifact_and_may_be_published_later(tmp_path: Path) -> None:
+    parent = tmp_path / "cycle"
+    _publish(parent, "weights")
+    _publish(parent / "evaluation", "report")  # published after the parent, with its own manifest
+    (parent / "loose.txt").write_text("x")  # an unlisted file directly in the parent still counts
+    assert "evaluation/sub/a.txt" not in read_manifest(parent)["files"]
+    assert verify_files(parent) == [f"{parent / 'loose.txt'}: not in the manifest"]
+    assert verify_files(parent / "evaluation") == []
+    (parent / "evaluation" / "sub" / "a.txt").write_text("tampered")
+    assert verify_files(parent / "evaluation") != [] and verify_files(parent) == [f"{parent / 'loose.txt'}: not in the manifest"]
