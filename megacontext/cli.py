@@ -13,8 +13,10 @@ import json
 import os
 import sys
 import time
+from datetime import date
 from pathlib import Path
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.table import Table
@@ -63,9 +65,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even when an identical build exists")
     p = command("evaluate", cmd_evaluate, "NLL_full / NLL_recency / NLL_mc, ΔNLL, gap recovery and the gate verdict")
     p.add_argument("--checkpoint", type=Path, help="a cycle folder (artifacts/cycles/cycle-NNNN); default: untrained")
+    p.add_argument("--out", type=Path, help="report folder (default: artifacts/evaluation or <checkpoint>/evaluation)")
+    p.add_argument("--without", default="", metavar="PARTS",
+                   help="ablate trained parts of the checkpoint, comma-separated: gistnet,lensnet,lora")
     p = command("train-cycle", cmd_train_cycle, "one JT1 -> JT2 -> JT3 cycle (resumes if killed), warm-started")
     p.add_argument("--cycle", type=int, default=1, help="cycle number (folder cycles/cycle-NNNN)")
     p.add_argument("--previous", type=Path, help="the previous accepted cycle folder to warm-start from")
+    p = command("train-phase", cmd_train_phase, "one phase of a cycle (runs under `torchrun` data-parallel)")
+    p.add_argument("--phase", required=True, choices=["jt1", "jt2-labels", "jt2", "jt3", "finish"])
+    p.add_argument("--cycle", type=int, default=1, help="cycle number (folder cycles/cycle-NNNN)")
+    p.add_argument("--previous", type=Path, help="the previous accepted cycle folder to warm-start from")
+    p = command("promote", cmd_promote, "make a cycle the champion (only if its validation report passed the gate)")
+    p.add_argument("--cycle", type=int, required=True, help="cycle number (folder cycles/cycle-NNNN)")
+    p = command("nightly", cmd_nightly, "re-evaluate the champion and compare with its recorded numbers")
+    p.add_argument("--date", type=date.fromisoformat, help="the report's date (YYYY-MM-DD; default: today, UTC)")
+    p = command("audit", cmd_audit, "walk an artifact's lineage back to the corpus and verify every hash")
+    p.add_argument("path", type=Path, help="any artifact folder or file inside one (e.g. artifacts/cycles/cycle-0001)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     command("cache-model", cmd_cache_model, "convert the base model once to an fp32 safetensors cache; time a load")
     p = command("score", cmd_score, "base-model NLL@H on held-out documents")
     p.add_argument("--context", type=int, default=2048, help="tokens the base reads before the horizon")
@@ -123,7 +139,7 @@ def cmd_build_trees(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from megacontext.evaluation import evaluate
 
-    out = evaluate(cfg, checkpoint=args.checkpoint)
+    out = evaluate(cfg, checkpoint=args.checkpoint, out=args.out, without=tuple(p for p in args.without.split(",") if p))
     summary = json.loads((out / "summary.json").read_text())
     console.print((out / "report.md").read_text(), markup=False, highlight=False)
     passed = json.loads((out / "manifest.json").read_text())["gate_passed"]
@@ -135,7 +151,14 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_train_cycle(cfg: Config, args: argparse.Namespace) -> int:
     from megacontext.cycle import run_cycle
 
-    out = run_cycle(cfg, args.cycle, previous=args.previous)
+    from megacontext.cycle import finish_cycle, run_jt1, run_jt2, run_jt3
+
+    with _process_group() as rank:
+        if rank != 0:  # torchrun: the other ranks train, rank 0 also builds trees and the summary
+            for run in (run_jt1, run_jt2, run_jt3):
+                run(cfg, args.cycle, args.previous)
+            return 0
+        out = run_cycle(cfg, args.cycle, previous=args.previous)
     summary = json.loads((out / "cycle.json").read_text())
     for phase, rows in summary["telemetry"].items():
         last = rows[-1]
@@ -143,6 +166,73 @@ def cmd_train_cycle(cfg: Config, args: argparse.Namespace) -> int:
                       f"{summary['seconds'][phase]:.0f} s")
     console.print(f"cycle {args.cycle} -> {out} in {summary['seconds']['total']:.0f} s")
     return 0
+
+
+@contextmanager
+def _process_group() -> Iterator[int]:
+    """Under `torchrun` (WORLD_SIZE > 1) join the gloo process group for data-parallel phases; yield the rank."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield dist.get_rank() if dist.is_initialized() else 0
+        return
+    dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
+def cmd_train_phase(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext import cycle
+
+    run = {"jt1": cycle.run_jt1, "jt2-labels": cycle.run_jt2_labels, "jt2": cycle.run_jt2, "jt3": cycle.run_jt3,
+           "finish": cycle.finish_cycle}[args.phase]
+    with _process_group() as rank:
+        if args.phase == "finish" and rank != 0:
+            return 0
+        out = run(cfg, args.cycle, args.previous)
+    if rank == 0:
+        console.print(f"cycle {args.cycle} {args.phase} -> {out}")
+    return 0
+
+
+def cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext.champion import promote
+    from megacontext.cycle import cycle_dir
+    from megacontext.errors import GateError
+
+    try:
+        out = promote(cfg, cycle_dir(cfg, args.cycle))
+    except GateError as exc:
+        Console(stderr=True).print(f"[bold red]not promoted:[/] {exc}", highlight=False, soft_wrap=True)
+        return 1
+    console.print(f"cycle {args.cycle} is the champion: {out / 'champion.json'}")
+    return 0
+
+
+def cmd_nightly(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext.nightly import run_nightly
+
+    result = run_nightly(cfg, day=args.date)
+    console.print((result.report / "report.md").read_text(), markup=False, highlight=False)
+    console.print(f"nightly: {'PASS' if result.passed else 'REGRESSION'}   report: {result.report / 'report.md'}")
+    return 0 if result.passed else 1
+
+
+def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext.audit import audit, render
+
+    result = audit(args.path)
+    nodes = list(result.walk())
+    bad = [n for n in nodes if n.problems]
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        console.print(render(result))
+        verdict = "[green]verified[/]" if not bad else f"[red]{sum(len(n.problems) for n in bad)} problem(s)[/]"
+        console.print(f"{len({n.path for n in nodes})} artifacts: {verdict}")
+    return 0 if not bad else 1
 
 
 def cmd_cache_model(cfg: Config, args: argparse.Namespace) -> int:
