@@ -1,16 +1,72 @@
-"""Wires the MegaContext code location: assets, resources, executor. Nothing else lives here."""
+"""Wires the MegaContext code location: assets, jobs, schedule, sensor, resources, executor. Nothing else lives here."""
 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
-from dagster import Definitions, in_process_executor
+from dagster import (
+    AssetSelection,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    Definitions,
+    PipesSubprocessClient,
+    RunRequest,
+    ScheduleDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    define_asset_job,
+    in_process_executor,
+    sensor,
+)
 
-from orchestration.assets.data import corpus, dataset_shards
-from orchestration.resources import MegaContextConfig
+from megacontext.cycle import cycle_dir
+from orchestration.assets.cycles import GROUP, champion, cycle_partitions, gistnet, lens_labels, lensnet, lora_adapter, \
+    validation_report
+from orchestration.assets.data import corpus, dataset_shards, megacontext_trees
+from orchestration.assets.nightly import nightly_regression_report
+from orchestration.resources import MegaContextConfig, env_overrides
+
+mc = MegaContextConfig(profile=os.environ.get("MEGACONTEXT_PROFILE", "default"), overrides=env_overrides(),
+                       nproc=int(os.environ.get("MEGACONTEXT_NPROC", "1")))
+
+cycle_job = define_asset_job("cycle", selection=AssetSelection.groups(GROUP), partitions_def=cycle_partitions,
+                             description="One training cycle: JT1 -> JT2 labels -> LensNet -> LoRA -> gate -> champion.")
+data_job = define_asset_job("data", selection=AssetSelection.groups("data"),
+                            description="Corpus -> shards -> baseline trees.")
+nightly_job = define_asset_job("nightly_regression", selection=AssetSelection.assets(nightly_regression_report),
+                               description="Re-evaluate the champion and compare with its recorded numbers.")
+nightly_schedule = ScheduleDefinition(job=nightly_job, cron_schedule="0 3 * * *", execution_timezone="UTC",
+                                      default_status=DefaultScheduleStatus.RUNNING)
+
+
+def next_cycle_key(existing: list[str], evaluated: Callable[[int], bool]) -> str | None:
+    """The partition to add next: cycle-0001 first, then n+1 once cycle n has its validation report."""
+    numbers = sorted(int(k.split("-")[1]) for k in existing)
+    if not numbers:
+        return "cycle-0001"
+    return f"cycle-{numbers[-1] + 1:04d}" if evaluated(numbers[-1]) else None
+
+
+@sensor(job=cycle_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.STOPPED,
+        description="Adds the next cycle partition and launches it once the latest cycle has been evaluated.")
+def next_cycle(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+    cfg = mc.resolve()
+    existing = list(context.instance.get_dynamic_partitions(cycle_partitions.name))
+    key = next_cycle_key(existing, lambda n: (cycle_dir(cfg, n) / "evaluation" / "manifest.json").is_file())
+    if key is None:
+        return SkipReason("the latest cycle has no validation report yet")
+    return SensorResult(run_requests=[RunRequest(partition_key=key, run_key=key)],
+                        dynamic_partitions_requests=[cycle_partitions.build_add_request([key])])
+
 
 defs = Definitions(
-    assets=[corpus, dataset_shards],
-    resources={"mc": MegaContextConfig(profile=os.environ.get("MEGACONTEXT_PROFILE", "default"))},
+    assets=[corpus, dataset_shards, megacontext_trees, gistnet, lens_labels, lensnet, lora_adapter, validation_report,
+            champion, nightly_regression_report],
+    jobs=[cycle_job, data_job, nightly_job],
+    schedules=[nightly_schedule],
+    sensors=[next_cycle],
+    resources={"mc": mc, "pipes": PipesSubprocessClient()},
     executor=in_process_executor,  # 2-core machines: the multiprocess executor re-imports torch per step
 )

@@ -1,14 +1,33 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from dagster import materialize
+import pytest
+from dagster import DagsterInstance, PipesSubprocessClient, materialize
 
-from orchestration.assets.data import corpus, dataset_shards
-from orchestration.definitions import defs
+from megacontext.gate import gate
+from orchestration.assets.cycles import champion, cycle_number, gistnet, lens_labels, lensnet, lora_adapter, \
+    validation_report
+from orchestration.assets.data import corpus, dataset_shards, megacontext_trees
+from orchestration.definitions import defs, next_cycle_key
 from orchestration.resources import MegaContextConfig
 
-ASSET_GRAPH = {"corpus": [], "dataset_shards": ["corpus"]}
+ASSET_GRAPH = {
+    "corpus": [],
+    "dataset_shards": ["corpus"],
+    "megacontext_trees": ["dataset_shards"],
+    "gistnet": ["dataset_shards", "megacontext_trees"],
+    "lens_labels": ["gistnet"],
+    "lensnet": ["lens_labels"],
+    "lora_adapter": ["lensnet"],
+    "validation_report": ["lora_adapter"],
+    "champion": ["validation_report"],
+    "nightly_regression_report": [],
+}
+CYCLE_ASSETS = [corpus, dataset_shards, megacontext_trees, gistnet, lens_labels, lensnet, lora_adapter,
+                validation_report, champion]
+TINY = ["data.max_documents=5", "data.val_fraction=0.45", "data.test_fraction=0"]
 
 
 def test_definitions_load_and_the_asset_graph_matches_the_snapshot() -> None:
@@ -18,13 +37,91 @@ def test_definitions_load_and_the_asset_graph_matches_the_snapshot() -> None:
         for key in graph.get_all_asset_keys()
     }
     assert snapshot == ASSET_GRAPH
+    assert {job.name for job in defs.resolve_all_job_defs()} >= {"cycle", "nightly_regression"}
+    assert defs.resolve_schedule_def("nightly_regression_schedule").cron_schedule == "0 3 * * *"
+    assert {(spec.name, spec.blocking) for spec in validation_report.check_specs} == {("delta_nll_gate", True)}
 
 
-def test_data_assets_materialize_in_process_on_the_tiny_profile(tmp_path: Path) -> None:
-    mc = MegaContextConfig(profile="tiny", overrides=[f"paths.artifact_root={tmp_path}", f"paths.corpus_dir={tmp_path / 'none'}",
-                                                       "data.max_documents=2"])
-    result = materialize([corpus, dataset_shards], resources={"mc": mc})
-    assert result.success
-    shards = result.asset_materializations_for_node("dataset_shards")[0].metadata
-    assert shards["path"].value == str(tmp_path / "data" / "shards")
-    assert shards["tokens"].value > 0 and "| **all** | 2 |" in shards["summary"].value
+def test_cycle_partition_names_and_the_next_cycle_rule() -> None:
+    assert cycle_number("cycle-0012") == 12
+    with pytest.raises(ValueError, match="not a cycle name"):
+        cycle_number("cycle-x")
+    assert next_cycle_key([], lambda n: False) == "cycle-0001"
+    assert next_cycle_key(["cycle-0001"], lambda n: False) is None  # cycle 1 not evaluated yet: wait
+    assert next_cycle_key(["cycle-0001", "cycle-0002"], lambda n: n == 2) == "cycle-0003"
+
+
+def _materialize(root: Path, instance: DagsterInstance, key: str, *overrides: str):
+    mc = MegaContextConfig(profile="tiny", overrides=[f"paths.artifact_root={root}", f"paths.corpus_dir={root / 'none'}",
+                                                       *TINY, *overrides])
+    instance.add_dynamic_partitions("cycles", [key])
+    result = materialize(CYCLE_ASSETS, partition_key=key, instance=instance,
+                         resources={"mc": mc, "pipes": PipesSubprocessClient()}, raise_on_error=False)
+    return mc.resolve(), result
+
+
+def _gate_result(result) -> bool:
+    [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == "delta_nll_gate"]
+    return check.passed
+
+
+@pytest.fixture(scope="module")
+def two_cycles(tmp_path_factory):
+    """Cycle 1 as configured; cycle 2 with a diverging JT3 (lr 0.5), which must fail the gate."""
+    root = tmp_path_factory.mktemp("dagster")
+    with DagsterInstance.ephemeral() as instance:
+        cfg, first = _materialize(root, instance, "cycle-0001")
+        _, second = _materialize(root, instance, "cycle-0002", "train.jt3.lr=0.5", "train.jt3.steps=6")
+        yield cfg, first, second
+
+
+def _materialized(result) -> set[str]:
+    return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+
+
+def test_a_tiny_cycle_materializes_every_asset_and_the_gate_follows_its_numbers(two_cycles) -> None:
+    cfg, first, _ = two_cycles
+    summary = json.loads((Path(cfg.paths.artifact_root) / "cycles/cycle-0001/evaluation/summary.json").read_text())
+    verdict = gate(summary, delta_nll_max=cfg.eval.delta_nll_max).passed
+    assert _gate_result(first) == verdict == summary["gate"]["passed"]
+    expected = set(ASSET_GRAPH) - {"nightly_regression_report"} - (set() if verdict else {"champion"})
+    assert _materialized(first) == expected
+    report = first.asset_materializations_for_node("validation_report")[0].metadata
+    assert report["nll_mc"].value == summary["all"]["nll_mc"]["value"]
+    assert "data:image/png;base64," in report["lod_map"].value and "| check |" in report["report"].value
+    assert verdict, "the tiny cycle is expected to pass the gate (see test_cycle); its numbers changed"
+    champion_json = json.loads((Path(cfg.paths.artifact_root) / "champion/champion.json").read_text())
+    assert champion_json["cycle"] == 1
+
+
+def test_a_failing_gate_stops_promotion_and_the_second_cycle_warm_starts(two_cycles) -> None:
+    cfg, _, second = two_cycles
+    root = Path(cfg.paths.artifact_root)
+    summary = json.loads((root / "cycles/cycle-0002/evaluation/summary.json").read_text())
+    assert not summary["gate"]["passed"] and _gate_result(second) is False
+    assert "champion" not in _materialized(second)  # blocked by the check
+    assert "validation_report" in _materialized(second)
+    assert json.loads((root / "champion/champion.json").read_text())["cycle"] == 1  # still cycle 1
+    meta = second.asset_materializations_for_node("gistnet")[0].metadata
+    assert meta["parent_cycle"].value == "cycle-0001"
+    warm = {i["path"] for i in json.loads((root / "cycles/cycle-0002/jt1/final/manifest.json").read_text())["inputs"]}
+    assert "../../../cycle-0001/jt1/final" in warm
+
+
+def test_a_phase_runs_as_a_torchrun_subprocess_through_dagster_pipes(tmp_path: Path) -> None:
+    overrides = [f"paths.artifact_root={tmp_path}", f"paths.corpus_dir={tmp_path / 'none'}", *TINY]
+    with DagsterInstance.ephemeral() as instance:
+        data = materialize([corpus, dataset_shards, megacontext_trees], instance=instance,
+                           resources={"mc": MegaContextConfig(profile="tiny", overrides=overrides)})
+        assert data.success
+        instance.add_dynamic_partitions("cycles", ["cycle-0001"])
+        mc = MegaContextConfig(profile="tiny", overrides=overrides, nproc=2)
+        result = materialize([gistnet], partition_key="cycle-0001", instance=instance,
+                             resources={"mc": mc, "pipes": PipesSubprocessClient()})
+        assert result.success
+        logs = [e.message for e in instance.all_logs(result.run_id)]
+    assert any("train-phase --phase jt1 exited 0 on 2 process(es)" in message for message in logs)  # rank 0, Pipes
+    manifest = json.loads((tmp_path / "cycles/cycle-0001/jt1/final/manifest.json").read_text())
+    assert manifest["kind"] == "gistnet"
+    meta = result.asset_materializations_for_node("gistnet")[0].metadata
+    assert meta["steps"].value == 4
