@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,13 +15,14 @@ from megacontext.cli import _parser
 ROOT = Path(__file__).resolve().parent.parent
 DVC = ROOT / ".venv-dvc" / "bin" / "dvc"
 STAGE_CODE = {"build-corpus": "corpus.py", "build-shards": "shards.py", "build-trees": "tree_build.py",
-              "evaluate": "evaluation.py"}
+              "evaluate": "evaluation.py", "train-cycle": "cycle.py"}
 
 
 def test_dvc_parses_the_pipeline_in_its_own_environment() -> None:
     assert DVC.is_file(), "DVC is installed by `make setup` into .venv-dvc"
     listed = subprocess.run([str(DVC), "stage", "list"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert [line.split()[0] for line in listed.splitlines() if line.strip()] == ["corpus", "shards", "trees", "evaluate"]
+    assert [line.split()[0] for line in listed.splitlines() if line.strip()] == ["corpus", "shards", "trees", "evaluate", "cycle",
+                                                                                    "validate"]
 
 
 def test_every_stage_calls_a_real_cli_subcommand_and_lists_its_code() -> None:
@@ -34,3 +37,31 @@ def test_every_stage_calls_a_real_cli_subcommand_and_lists_its_code() -> None:
         assert f"megacontext/{module.name}" in stage["deps"], f"stage {name} must depend on its code {module.name}"
         assert all((ROOT / dep).exists() or dep.startswith(("artifacts/", "data")) for dep in stage["deps"])
         assert all(str(out).startswith("artifacts/") for out in stage["outs"])
+
+
+def test_dvc_repro_runs_the_tiny_lifecycle_and_a_second_repro_does_nothing(tmp_path: Path) -> None:
+    """The real pipeline file on the tiny profile in a fresh repository: everything runs, then nothing does."""
+    for name in ("megacontext", "configs"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in (".venv", ".venv-dvc"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "data").mkdir()
+    shutil.copy(ROOT / ".dvcignore", tmp_path / ".dvcignore")
+    pipeline = (ROOT / "dvc.yaml").read_text().replace("  - profile: default", "  - profile: tiny")
+    (tmp_path / "dvc.yaml").write_text(pipeline)
+    env = {**os.environ, "WANDB_MODE": "disabled", "MEGACONTEXT_SEED": "0"}
+
+    def run(*argv: str) -> str:
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    run("git", "init", "-q")
+    run(str(DVC), "init", "-q")
+    run(str(DVC), "config", "core.analytics", "false")
+    first = run(str(DVC), "repro")
+    for stage in ("corpus", "shards", "trees", "evaluate", "cycle", "validate"):
+        assert f"Running stage '{stage}'" in first, stage
+    assert (tmp_path / "artifacts/reports/cycle-0001/summary.json").is_file() and (tmp_path / "dvc.lock").is_file()
+    second = run(str(DVC), "repro")
+    assert "Running stage" not in second and "didn't change" in second
