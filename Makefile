@@ -9,14 +9,22 @@ VENV := .venv
 DVC_VENV := .venv-dvc
 BIN := $(VENV)/bin
 PROFILE ?= default
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export WANDB_MODE ?= offline
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
 .PHONY: setup demo test bench clean
 
-setup: $(VENV)/.installed $(DVC_VENV)/.installed
+setup: $(VENV)/.installed $(DVC_VENV)/.installed $(CHROMIUM)
 	@mkdir -p data  # DVC-tracked corpus folder (git keeps no empty folders); empty = stdlib corpus
+
+# The browser the UI test drives: Debian's Chromium (never a browser downloaded by a test tool).
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "install Chromium at $(CHROMIUM) (Debian package chromium)"; exit 1; }
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed: run make PYTHON=python3.11 ...")'
@@ -34,11 +42,14 @@ $(DVC_VENV)/.installed:
 	$(DVC_VENV)/bin/pip install --quiet "dvc>=3.50,<4"
 	touch $@
 
+# One full cycle headless: data, JT1 -> JT2 -> JT3, the validation report and the gate verdict,
+# then promotion to champion when the gate passed.
 demo: setup
 	$(BIN)/megacontext prepare-data --profile $(PROFILE)
 	$(BIN)/megacontext cache-model --profile $(PROFILE)
-	$(BIN)/megacontext build-trees --profile $(PROFILE)
-	$(BIN)/megacontext evaluate --profile $(PROFILE)
+	$(BIN)/megacontext train-cycle --profile $(PROFILE) --cycle 1
+	$(BIN)/megacontext evaluate --profile $(PROFILE) --checkpoint artifacts/cycles/cycle-0001
+	@$(BIN)/megacontext promote --profile $(PROFILE) --cycle 1 || echo "cycle 1 was not promoted: the gate failed (report above)"
 
 test: setup
 	$(BIN)/python -m pytest
@@ -46,6 +57,8 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_foundation.py --profile $(PROFILE)
 	$(BIN)/python benchmarks/bench_tree.py --profile $(PROFILE)
+	$(BIN)/python benchmarks/bench_cycle.py --profile $(PROFILE)
+	$(BIN)/python benchmarks/bench_orchestration.py
 
 clean:
 	rm -rf artifacts .dagster/storage .dagster/history .pytest_cache
