@@ -82,6 +82,21 @@ def _parser() -> argparse.ArgumentParser:
     p = command("audit", cmd_audit, "walk an artifact's lineage back to the corpus and verify every hash")
     p.add_argument("path", type=Path, help="any artifact folder or file inside one (e.g. artifacts/cycles/cycle-0001)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    for name, handler, help in (
+        ("generate", cmd_generate, "stream a long prompt file through the MegaContext runtime and continue it"),
+        ("inspect", cmd_inspect, "picture which spans of a document are at which LOD over time, with LensNet scores"),
+    ):
+        p = command(name, handler, help)
+        p.add_argument("--checkpoint", type=Path, help="a cycle folder (artifacts/cycles/cycle-NNNN); default: untrained")
+        p.add_argument("--prompt-file", type=Path, required=True, help="UTF-8 text file: the document/prompt")
+        p.add_argument("--max-new-tokens", type=int, default=64 if name == "generate" else 0,
+                       help="tokens to generate after the prompt")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+        p.add_argument("--recompute", action="store_true", help="no K/V reuse: recompute the whole WC every token")
+        p.add_argument("--tree", type=Path, help="folder for the document's tree (default: artifacts/runtime/<prompt>)")
+    p.add_argument("--points", type=int, default=6, help="points in time to show")
+    p.add_argument("--out", type=Path, help="output folder (default: artifacts/inspect/<prompt>)")
     command("cache-model", cmd_cache_model, "convert the base model once to an fp32 safetensors cache; time a load")
     p = command("score", cmd_score, "base-model NLL@H on held-out documents")
     p.add_argument("--context", type=int, default=2048, help="tokens the base reads before the horizon")
@@ -278,6 +293,107 @@ def _print_summary(summary: dict, title: str) -> None:
     console.print(table)
     hist = "  ".join(f"{label}: {count}" for label, count in summary["length_histogram"].items())
     console.print(f"document lengths (tokens)  {hist}")
+
+
+def _start_runtime(cfg: Config, args: argparse.Namespace, *, keep_snapshots: bool):
+    """Read the prompt file, load the runtime (clear errors for bad input) and stream the prompt in."""
+    import hashlib
+    import shutil
+
+    from megacontext.errors import InputDataError
+    from megacontext.progress import progress_bar
+    from megacontext.runtime import load_runtime
+
+    path: Path = args.prompt_file
+    if not path.is_file():
+        raise InputDataError(f"{path}: no such file; --prompt-file takes a UTF-8 text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputDataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); convert it to UTF-8") from exc
+    if not text.strip():
+        raise InputDataError(f"{path}: the prompt is empty; give the runtime some text to read")
+    if args.max_new_tokens < 0 or args.temperature < 0:
+        raise InputDataError("--max-new-tokens and --temperature must be >= 0")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    tree = args.tree or Path(cfg.paths.artifact_root) / "runtime" / f"{path.stem}-{digest}"
+    if tree.exists():
+        shutil.rmtree(tree)  # a scratch tree for this prompt: rebuilt from the text every run
+    runtime = load_runtime(cfg, args.checkpoint, tree, recompute=args.recompute, keep_snapshots=keep_snapshots)
+    ids = runtime.base.tokenizer.encode_batch([text])[0]
+    start = time.perf_counter()
+    with progress_bar("reading the prompt", total=len(ids), unit="tokens") as advance:
+        runtime.feed(ids, on_progress=advance)
+    console.print(f"prompt: {len(ids):,} tokens read in {time.perf_counter() - start:.1f} s; working context "
+                  f"{len(runtime.wc):,}/{runtime.wc.w_max:,} entries {runtime.wc.levels_used}; tree -> {tree}",
+                  highlight=False)
+    return runtime, text
+
+
+def _generate(runtime, args: argparse.Namespace, *, echo: bool) -> list[int]:
+    tokenizer = runtime.base.tokenizer
+    out: list[int] = []
+    shown = ""
+    for token in runtime.generate(args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=runtime.cfg.seed):
+        out.append(token)
+        if echo:  # decode the whole continuation so multi-token characters come out whole
+            text = tokenizer.decode(out)
+            if not text.endswith("\ufffd"):
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+    if echo:
+        print()
+    return out
+
+
+def _print_runtime_summary(runtime) -> None:
+    summary = runtime.summary()
+    table = Table(title="runtime telemetry")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else f"{value:,}")
+    console.print(table)
+
+
+def cmd_generate(cfg: Config, args: argparse.Namespace) -> int:
+    runtime, _ = _start_runtime(cfg, args, keep_snapshots=False)
+    try:
+        console.rule("continuation")
+        _generate(runtime, args, echo=True)
+        console.rule()
+        _print_runtime_summary(runtime)
+    finally:
+        runtime.close()
+    return 0
+
+
+def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext.inspect_view import choose, plot_focus_timeline, write_html, write_snapshots_json
+
+    if args.points < 1:
+        from megacontext.errors import InputDataError
+
+        raise InputDataError("--points must be >= 1")
+    runtime, _ = _start_runtime(cfg, args, keep_snapshots=True)
+    try:
+        _generate(runtime, args, echo=False)
+        if not runtime.snapshots:
+            runtime.refocus()  # a prompt shorter than one refocus interval: show its single state
+        out = args.out or Path(cfg.paths.artifact_root) / "inspect" / args.prompt_file.stem
+        out.mkdir(parents=True, exist_ok=True)
+        picks = choose(runtime.snapshots, args.points)
+        title = f"{args.prompt_file.name}: {args.checkpoint.name if args.checkpoint else 'untrained'}, W_max {runtime.wc.w_max:,}"
+        png = plot_focus_timeline(picks, out / "focus.png", title=title, w_max=runtime.wc.w_max)
+        page = write_html(picks, runtime.tokens, runtime.base.tokenizer, out / "focus.html", title=title,
+                          picture=png.name, w_max=runtime.wc.w_max)
+        write_snapshots_json(runtime.snapshots, out / "snapshots.json")
+        _print_runtime_summary(runtime)
+        console.print(f"inspect: {len(picks)} points in time -> {png} and {page}", highlight=False)
+    finally:
+        runtime.close()
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
 from megacontext.config import AllocatorConfig
 from megacontext.nodes import BLOCK, Node
-from megacontext.working_context import WorkingContext
+from megacontext.working_context import BudgetExceeded, WorkingContext
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,9 @@ class FocusAllocator:
         age = self.refocuses - when
         return age < self.cfg.min_residency or (how != action and age < self.cfg.cooldown)
 
-    def _candidates(self, wc: WorkingContext, scores: np.ndarray):
-        cfg, entries = self.cfg, wc.entries
-        expands = [(float(scores[i]), node) for i, node in enumerate(entries)
-                   if node.level > 0 and scores[i] > cfg.expand_threshold and not self._blocked(node, "expand")]
-        collapses = []
+    def collapsible(self, wc: WorkingContext) -> list[tuple[int, Node]]:
+        """(index, parent) of every complete aligned run of 32 siblings that may legally collapse."""
+        entries, groups = wc.entries, []
         tail_start = wc.cursor - wc.protected_tail
         i = 0
         while i + BLOCK <= len(entries):
@@ -58,13 +57,21 @@ class FocusAllocator:
             parent = node.parent() if node.level < wc.levels else None
             if parent and node.start == parent.start and parent.end <= tail_start and entries[i + BLOCK - 1].end == parent.end \
                     and entries[i + BLOCK - 1].level == node.level:
-                mean = float(np.mean(scores[i : i + BLOCK]))
-                group = entries[i : i + BLOCK]
-                if mean < -cfg.collapse_threshold and not any(self._blocked(n, "collapse") for n in group):
-                    collapses.append((mean, parent))
+                groups.append((i, parent))
                 i += BLOCK
             else:
                 i += 1
+        return groups
+
+    def _candidates(self, wc: WorkingContext, scores: np.ndarray):
+        cfg, entries = self.cfg, wc.entries
+        expands = [(float(scores[i]), node) for i, node in enumerate(entries)
+                   if node.level > 0 and scores[i] > cfg.expand_threshold and not self._blocked(node, "expand")]
+        collapses = []
+        for i, parent in self.collapsible(wc):
+            mean = float(np.mean(scores[i : i + BLOCK]))
+            if mean < -cfg.collapse_threshold and not any(self._blocked(n, "collapse") for n in entries[i : i + BLOCK]):
+                collapses.append((mean, parent))
         expands.sort(key=lambda c: -c[0])
         collapses.sort(key=lambda c: c[0])
         return expands, collapses
@@ -94,6 +101,34 @@ class FocusAllocator:
         self._swap_rates.append(len(edits) / max(entries_before, 1))
         self._utilisation.append(len(wc) / wc.w_max)
         self.refocuses += 1
+        return edits
+
+    def make_room(self, wc: WorkingContext, free: int, scores: Mapping[Node, float] | None = None) -> list[Edit]:
+        """Collapse until at least `free` positions are free under W_max (the budget is a hard limit).
+
+        Streaming appends grow the WC between refocuses, so the runtime keeps a block of
+        headroom. Groups go in order: not held by hysteresis first, then the lowest mean
+        score (`scores` by node; unscored nodes count 0), then the coarser, then the oldest. Hysteresis
+        yields only when nothing else can free the room. Raises `BudgetExceeded` when no
+        legal collapse is left (the budget cannot hold this history). Without scores the
+        oldest, coarsest groups go first: the past is summarised, recent tokens stay LOD0.
+        """
+        scores = scores or {}
+        edits: list[Edit] = []
+        while wc.w_max - len(wc) < free:
+            groups = self.collapsible(wc)
+            if not groups:
+                raise BudgetExceeded(
+                    f"W_max {wc.w_max} cannot hold {wc.cursor:,} tokens with a {wc.protected_tail}-token protected tail "
+                    f"and {free} positions of headroom: nothing is left to collapse; raise wc.w_max or wc.levels")
+
+            def order(group: tuple[int, Node]) -> tuple[bool, float, int, int]:
+                members = wc.entries[group[0] : group[0] + BLOCK]
+                held = any(self._blocked(n, "collapse") for n in members)
+                return held, float(np.mean([scores.get(n, 0.0) for n in members])), -group[1].level, group[1].start
+
+            i, parent = min(groups, key=order)
+            self._collapse(wc, order((i, parent))[1], parent, edits)
         return edits
 
     def _index(self, wc: WorkingContext, node: Node) -> int | None:

@@ -76,6 +76,14 @@ class WorkingContext:
             raise ValueError(f"entries {index}..{index + BLOCK - 1} reach into the protected tail; it stays LOD0")
         self.entries[index : index + BLOCK] = [first.parent()]
 
+    def append_tokens(self, n: int) -> None:
+        """Streaming: the next `n` tokens of the history join as LOD0 entries (cost +n)."""
+        if len(self.entries) + n > self.w_max:
+            raise BudgetExceeded(f"appending {n} tokens needs {len(self.entries) + n} > W_max {self.w_max} positions; "
+                                 "collapse first")
+        self.entries.extend(Node(t, 0) for t in range(self.cursor, self.cursor + n))
+        self.cursor += n
+
     def check(self, tree_tokens: int | None = None) -> None:
         """Raise `InvariantViolation` unless coverage, alignment, budget and protected tail all hold."""
         check_invariants(self.entries, self.cursor, self.w_max, self.protected_tail, self.levels, tree_tokens)

@@ -1,0 +1,240 @@
+"""The streaming runtime, its K/V cache across edits, and `generate` / `inspect` (tiny model, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from megacontext.base_model import load_base_model
+from megacontext.cli import main
+from megacontext.errors import ArtifactError, ConfigError, InputDataError
+from megacontext.gistnet import build_gistnet, save_gistnet
+from megacontext.kv_cache import WCKVCache
+from megacontext.lensnet import build_lensnet, save_lensnet
+from megacontext.lineage import write_manifest
+from megacontext.nodes import BLOCK
+from megacontext.runtime import Runtime, load_runtime
+from megacontext.working_context import check_invariants
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    return tiny_config(tmp_path_factory.mktemp("runtime"))
+
+
+@pytest.fixture(scope="module")
+def base(cfg):
+    return load_base_model(cfg)
+
+
+def decisive_lensnet(cfg, base, seed: int = 0):
+    """An untrained LensNet's head starts at zero (no edits); give it random weights so it takes decisions."""
+    net = build_lensnet(cfg.lensnet, base.d_model, seed=seed)
+    with torch.no_grad():
+        net.head[-1].weight.copy_(torch.randn(net.head[-1].weight.shape, generator=torch.Generator().manual_seed(seed)) * 2)
+    return net
+
+
+def runtime(cfg, base, path: Path, *, lens: bool = True, **kwargs) -> Runtime:
+    gistnet = build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=cfg.seed, levels=cfg.wc.levels)
+    return Runtime(cfg, base, gistnet, decisive_lensnet(cfg, base) if lens else None, path, **kwargs)
+
+
+def text_tokens(n: int, seed: int = 0) -> np.ndarray:
+    """Real text (the stdlib's json package, bytes = the tiny model's tokens), repeated to length n."""
+    import json as json_module
+
+    raw = b"".join(p.read_bytes() for p in sorted(Path(json_module.__file__).parent.glob("*.py")))
+    data = np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
+    return np.resize(np.roll(data, seed), n)
+
+
+def recomputed(base, rt: Runtime) -> torch.Tensor:
+    return WCKVCache(base, recompute=True).next_logits(rt.wc.entries, rt.source)
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, phases=[Phase.explicit, Phase.generate],  # no slow shrinking
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(actions=st.lists(st.tuples(st.sampled_from(["expand", "collapse", "append", "refocus", "decode"]),
+                                  st.integers(0, 10**6)), min_size=1, max_size=10),
+       seed=st.integers(0, 3))
+def test_cached_logits_equal_full_recompute_after_any_edits(cfg, base, tmp_path_factory, actions, seed):
+    rt = runtime(cfg, base, tmp_path_factory.mktemp("tree") / "t")
+    rt.feed(text_tokens(2_500, seed))
+    assert torch.allclose(rt.next_logits(), recomputed(base, rt), atol=1e-4, rtol=1e-4)
+    for action, k in actions:
+        wc = rt.wc
+        if action == "expand":
+            gists = [i for i, n in enumerate(wc.entries) if n.level > 0]
+            if gists and len(wc) + BLOCK - 1 <= wc.w_max:
+                wc.expand(gists[k % len(gists)])
+        elif action == "collapse":
+            groups = rt.allocator.collapsible(wc)
+            if groups:
+                wc.collapse(groups[k % len(groups)][0])
+        elif action == "append":
+            rt.feed(text_tokens(1 + k % 70, seed + k))
+        elif action == "refocus":
+            rt.refocus()
+        else:
+            list(rt.generate(1 + k % 3))
+        wc.check(tree_tokens=None)
+        before = rt.cache.stats.computed
+        cached = rt.next_logits()
+        assert torch.allclose(cached, recomputed(base, rt), atol=1e-4, rtol=1e-4), action
+        assert rt.cache.stats.computed - before <= len(rt.wc)
+    rt.close()
+
+
+def test_an_append_runs_only_the_new_entries_and_an_edit_only_its_suffix(cfg, base, tmp_path):
+    rt = runtime(cfg, base, tmp_path / "t", lens=False)
+    rt.feed(text_tokens(3_000))
+    rt.next_logits()
+    computed = rt.cache.stats.computed
+    rt.feed(text_tokens(5, 1))  # stays inside one refocus interval: no edits
+    rt.next_logits()
+    assert rt.cache.stats.computed - computed == 5
+    rt.wc.collapse(rt.allocator.collapsible(rt.wc)[0][0])  # room for an expand
+    rt.next_logits()
+    index = next(i for i, n in enumerate(rt.wc.entries) if n.level == 1)
+    computed = rt.cache.stats.computed
+    rt.wc.expand(index)
+    rt.next_logits()
+    assert rt.cache.stats.computed - computed == len(rt.wc) - index  # the edited node and everything after it
+
+
+def test_generation_with_the_cache_equals_generation_with_full_recompute(cfg, base, tmp_path):
+    prompt = text_tokens(4_100, 2)
+    cached, full = runtime(cfg, base, tmp_path / "a"), runtime(cfg, base, tmp_path / "b", recompute=True)
+    cached.feed(prompt)
+    full.feed(prompt)
+    assert list(cached.generate(70)) == list(full.generate(70))  # crosses two refocus boundaries
+    assert cached.wc.entries == full.wc.entries
+    assert cached.cache.stats.reused > 10 * cached.cache.stats.computed  # and the cache did reuse
+    assert full.cache.stats.reused == 0
+
+
+# --- streaming ------------------------------------------------------------------------------
+
+
+def test_a_20k_prompt_streams_within_budget_and_refocus_happens(cfg, base, tmp_path):
+    rt = runtime(cfg, base, tmp_path / "t", keep_snapshots=True)
+    tokens = text_tokens(20_000)
+    rng = np.random.default_rng(0)
+    done = 0
+    while done < len(tokens):  # multi-token appends of every size
+        n = int(rng.integers(1, 700))
+        rt.feed(tokens[done : done + n])
+        done += n
+        rt.wc.check(tree_tokens=None)
+        assert len(rt.wc) <= rt.wc.w_max
+    assert rt.tree.n_tokens == 20_000 and rt.cursor == 20_000
+    assert len(rt.snapshots) == 20_000 // cfg.allocator.refocus_every
+    for snap in rt.snapshots:  # after every refocus: invariants, and a refocus interval of headroom
+        check_invariants(snap.entries, snap.cursor, cfg.wc.w_max, cfg.wc.protected_tail, cfg.wc.levels)
+        assert len(snap.entries) <= cfg.wc.w_max - cfg.allocator.refocus_every
+    assert rt.telemetry.max_entries <= cfg.wc.w_max
+    assert rt.telemetry.edits > 100  # LensNet + allocator did refocus
+    expanded_old = [n for s in rt.snapshots for n in s.entries if n.level == 0 and n.end < s.cursor - cfg.wc.w_max]
+    assert expanded_old, "only a sliding window of recent tokens was ever at LOD0"
+    out = list(rt.generate(40))
+    assert len(out) == 40 and len(rt.wc) <= rt.wc.w_max
+    assert torch.isfinite(rt.next_logits()).all()
+    rt.close()
+
+
+def test_without_lensnet_the_past_coarsens_oldest_first_and_recent_tokens_stay_lod0(cfg, base, tmp_path):
+    rt = runtime(cfg, base, tmp_path / "t", lens=False)
+    rt.feed(text_tokens(8_000))
+    levels = [n.level for n in rt.wc.entries]
+    assert levels == sorted(levels, reverse=True)  # LOD2 ... LOD1 ... LOD0 along time
+    assert rt.wc.levels_used[2] == 8_000 // 1024  # every complete old 1,024-span is one LOD2 gist
+    assert len(rt.wc) > cfg.wc.w_max - cfg.allocator.refocus_every - BLOCK  # the budget is used, not wasted
+    assert rt.telemetry.edits == 0 and rt.telemetry.forced_collapses > 0
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_a_budget_too_small_to_stream_is_refused(tmp_path, base):
+    small = tiny_config(tmp_path, "wc.w_max=128", "wc.protected_tail=64")
+    with pytest.raises(ConfigError, match="wc.w_max 128 is too small to stream"):
+        runtime(small, base, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+
+
+def test_cli_refuses_an_empty_prompt_and_a_budget_below_the_protected_tail(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    root = f"paths.artifact_root={tmp_path / 'a'}"
+    assert main(["generate", "--profile", "tiny", "--prompt-file", str(empty), root]) == 2
+    assert "the prompt is empty" in capsys.readouterr().err
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello " * 50)
+    assert main(["generate", "--profile", "tiny", "--prompt-file", str(prompt), root, "wc.w_max=64",
+                 "wc.protected_tail=128"]) == 2
+    assert "protected_tail" in capsys.readouterr().err
+    assert main(["generate", "--profile", "tiny", "--prompt-file", str(tmp_path / "missing.txt"), root]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def fake_cycle(cfg, base, folder: Path, base_model_id: str) -> Path:
+    """A cycle folder with a GistNet and a LensNet (no LoRA) and the manifest a cycle writes."""
+    save_gistnet(folder / "jt1" / "final", build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=1,
+                                                         levels=cfg.wc.levels))
+    save_lensnet(folder / "jt2" / "final", decisive_lensnet(cfg, base, seed=1))
+    write_manifest(folder, kind="cycle", format_version=1, config_hash="test", inputs=[],
+                   extra={"cycle": 1, "base_model_id": base_model_id})
+    return folder
+
+
+def test_a_checkpoint_of_another_base_model_is_refused(cfg, base, tmp_path):
+    foreign = fake_cycle(cfg, base, tmp_path / "cycle-0001", "someone/else-1B")
+    with pytest.raises(ArtifactError, match="trained for base model 'someone/else-1B'"):
+        load_runtime(cfg, foreign, tmp_path / "t", base=base)
+    (tmp_path / "trees").mkdir()
+    write_manifest(tmp_path / "trees", kind="megacontext_trees", format_version=1, config_hash="x", inputs=[])
+    with pytest.raises(ArtifactError, match="not a training cycle"):
+        load_runtime(cfg, tmp_path / "trees", tmp_path / "t", base=base)
+
+
+def test_feed_rejects_token_ids_outside_the_vocabulary(cfg, base, tmp_path):
+    rt = runtime(cfg, base, tmp_path / "t", lens=False)
+    with pytest.raises(InputDataError, match="token ids"):
+        rt.feed([1, 2, 10**6])
+
+
+# --- the commands ---------------------------------------------------------------------------
+
+
+def test_generate_and_inspect_from_a_checkpoint(cfg, base, tmp_path, capsys):
+    cycle = fake_cycle(cfg, base, tmp_path / "cycle-0001", base.model_id)
+    prompt = tmp_path / "doc.txt"
+    prompt.write_bytes(text_tokens(6_000).astype(np.uint8).tobytes().decode("latin-1").encode("utf-8"))
+    root = f"paths.artifact_root={tmp_path / 'a'}"
+    assert main(["generate", "--profile", "tiny", "--checkpoint", str(cycle), "--prompt-file", str(prompt),
+                 "--max-new-tokens", "12", root]) == 0
+    out = capsys.readouterr().out
+    assert "runtime telemetry" in out and "tokens_decoded" in out
+    assert main(["inspect", "--profile", "tiny", "--checkpoint", str(cycle), "--prompt-file", str(prompt),
+                 "--points", "4", "--out", str(tmp_path / "view"), root]) == 0
+    page = (tmp_path / "view" / "focus.html").read_text()
+    png = (tmp_path / "view" / "focus.png").read_bytes()
+    snapshots = json.loads((tmp_path / "view" / "snapshots.json").read_text())
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.count("<tr><td>") == 4  # the chosen points in time
+    last = snapshots[-1]
+    n_gists = sum(1 for level, _ in last["entries"] if level > 0)
+    assert page.count('data-level="') == n_gists  # every gist of the last WC is drawn, with its span
+    assert "LensNet" in page and len(last["scores"]) == len(last["scored"]) > 0
