@@ -59,6 +59,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_tree.py --profile $(PROFILE)
 	$(BIN)/python benchmarks/bench_cycle.py --profile $(PROFILE)
 	$(BIN)/python benchmarks/bench_orchestration.py
+	$(BIN)/python benchmarks/bench_runtime.py --profile $(PROFILE)
 
 clean:
 	rm -rf artifacts .dagster/storage .dagster/history .pytest_cache

@@ -238,3 +238,23 @@ def test_generate_and_inspect_from_a_checkpoint(cfg, base, tmp_path, capsys):
     n_gists = sum(1 for level, _ in last["entries"] if level > 0)
     assert page.count('data-level="') == n_gists  # every gist of the last WC is drawn, with its span
     assert "LensNet" in page and len(last["scores"]) == len(last["scored"]) > 0
+
+
+@pytest.mark.slow
+def test_real_smollm2_streams_a_long_document_and_the_cache_matches_recompute(tmp_path):
+    from megacontext.base_model import load_tokenizer
+    from megacontext.config import load_config
+    from megacontext.corpus import stdlib_root
+
+    cfg = load_config("default", [f"paths.artifact_root={tmp_path}", "wc.w_max=512", "wc.protected_tail=128"], env={})
+    real = load_base_model(cfg)
+    tokens = load_tokenizer(cfg).encode_batch([(stdlib_root() / "argparse.py").read_text()])[0][:6_000]
+    cached, full = runtime(cfg, real, tmp_path / "a"), runtime(cfg, real, tmp_path / "b", recompute=True)
+    cached.feed(tokens)
+    full.feed(tokens)
+    every = cfg.allocator.refocus_every
+    assert cached.telemetry.edits > 0 and len(cached.wc) <= cfg.wc.w_max - every + len(tokens) % every
+    assert torch.allclose(cached.next_logits(), full.next_logits(), atol=1e-3, rtol=1e-4)
+    assert list(cached.generate(6)) == list(full.generate(6))
+    assert torch.allclose(cached.next_logits(), full.next_logits(), atol=1e-3, rtol=1e-4)
+    assert cached.cache.stats.reused > 0 and full.cache.stats.reused == 0
