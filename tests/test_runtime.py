@@ -187,6 +187,10 @@ def test_cli_refuses_an_empty_prompt_and_a_budget_below_the_protected_tail(tmp_p
     assert "protected_tail" in capsys.readouterr().err
     assert main(["generate", "--profile", "tiny", "--prompt-file", str(tmp_path / "missing.txt"), root]) == 2
     assert "no such file" in capsys.readouterr().err
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 20)
+    assert main(["generate", "--profile", "tiny", "--prompt-file", str(latin), root]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
 
 
 def fake_cycle(cfg, base, folder: Path, base_model_id: str) -> Path:
