@@ -1,0 +1,140 @@
+"""MegaPrediction (DESIGN §2.9): the frozen base also predicts the gists of what comes next.
+
+On the MegaAttention layout `[leaves | wLOD1 | wLOD2]` of a working context
+followed by its teacher-forced horizon, the shared (tied) LM head reads out:
+- at leaves: next-token logits (L_tok, the horizon NLL);
+- at the latest wLOD1 node before each aligned 32-leaf run of the horizon: a
+  predicted gist of that run, ĝ = softmax(lm_head(h)) @ E (L_lod1);
+- at the latest wLOD2 node before the horizon: a predicted gist of the next
+  1,024 tokens (L_lod2, when those tokens are given).
+Targets are GistNet's gists of the true tokens (two-stage for LOD2), under
+no_grad unless `unfreeze_targets`. Gist losses are cosine distances; the
+weights follow linear schedules α1 0.02→0.05, α2 0.01→0.03 (α1 > α2).
+LOD agreement = mean cos(ĝ, g) per level. Readout nodes are strictly causal:
+a summary attends like its last child, which precedes the run it predicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megacontext.base_model import BaseLM
+from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
+from megacontext.mega_attention import TOP, MegaLayout, layout
+from megacontext.mega_model import mega_context, summaries
+from megacontext.nodes import BLOCK
+from megacontext.working_context import WCInputs
+
+
+@dataclass(frozen=True)
+class Alphas:
+    """Linear schedules of the gist-loss weights over training progress in [0, 1]."""
+
+    lod1: tuple[float, float] = (0.02, 0.05)
+    lod2: tuple[float, float] = (0.01, 0.03)
+
+    def __post_init__(self) -> None:
+        if not all(a1 > a2 >= 0 for a1, a2 in zip(self.lod1, self.lod2)):
+            raise ValueError(f"MegaPrediction needs α1 > α2 ≥ 0 at both ends, got {self.lod1} and {self.lod2}")
+
+    def at(self, progress: float) -> tuple[float, float]:
+        t = min(max(progress, 0.0), 1.0)
+        return tuple(a + t * (b - a) for a, b in (self.lod1, self.lod2))  # type: ignore[return-value]
+
+
+def predicted_gist(hidden: torch.Tensor, lm_head: nn.Module, embedding_weight: torch.Tensor) -> torch.Tensor:
+    """ĝ = softmax(lm_head(h)) @ E: the head's distribution projected back into embedding space. [..., d]."""
+    return torch.softmax(lm_head(hidden).float(), dim=-1) @ embedding_weight.float()
+
+
+def lod1_readouts(lay: MegaLayout, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each aligned 32-leaf run wholly in the horizon [first, n): (its run index, the sequence index of
+    the wLOD1 summary of the run just before it — the latest wLOD1 node before the run)."""
+    runs = torch.arange((first + BLOCK - 1) // BLOCK, lay.n // BLOCK)
+    runs = runs[runs >= 1]
+    return runs, lay.n + runs - 1
+
+
+def lod2_readout(lay: MegaLayout, first: int) -> int | None:
+    """Sequence index of the latest wLOD2 node wholly before `first`, if any."""
+    r = first // TOP - 1
+    return lay.n + lay.n1 + r if r >= 0 else None
+
+
+@dataclass
+class PredictionOutput:
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]  # tok, lod1, lod2 (each a scalar tensor in the graph)
+    metrics: dict[str, float]
+    predictions: dict[str, torch.Tensor]  # lod1 [R, d], lod2 [d]: ĝ
+    targets: dict[str, torch.Tensor]  # lod1 [R, d], lod2 [d]: g
+
+
+def mega_prediction_loss(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, horizon_ids: torch.Tensor, window: int,
+                         *, alphas: Alphas = Alphas(), progress: float = 0.0, lod2_future: torch.Tensor | None = None,
+                         gist_embedding: nn.Module | None = None, unfreeze_targets: bool = False,
+                         kernel: str = "sdpa") -> PredictionOutput:
+    """L_tok + α1·L_lod1 + α2·L_lod2 on a WC whose last H leaves are the teacher-forced `horizon_ids` [H].
+
+    `inputs` come from `assemble(..., horizon=...)` (the horizon appended); `lod2_future` [1024] are the
+    true tokens after the latest wLOD2 node's run, when known. `gist_embedding`: what GistNet reads
+    (the plain base embedding when LoRA adapts the model's). `install_mega_attention(base.model)` first.
+    """
+    install_gaussian_rope(base.model)
+    embedding = base.model.get_input_embeddings()
+    gist_embedding = gist_embedding or embedding
+    lm_head = base.model.get_output_embeddings()
+    weight = getattr(embedding, "base_layer", embedding).weight  # the tied matrix E
+    leaves, mu, sigma = inputs.inputs_embeds[0], inputs.mu[0], inputs.sigma[0]
+    n, h = leaves.shape[0], len(horizon_ids)
+    first = n - h
+    lay = layout(n, device=leaves.device)
+    s_vec, s_mu, s_sigma = summaries(gistnet, leaves, mu, sigma)
+    seq = torch.cat([leaves, s_vec])[None]
+    with gaussian_positions(base.model, torch.cat([mu, s_mu])[None], torch.cat([sigma, s_sigma])[None]), \
+            mega_context(base.model, lay, window, kernel):
+        hidden = base.model.get_decoder()(inputs_embeds=seq, use_cache=False).last_hidden_state[0]  # [L, d], normed
+    nll = F.cross_entropy(lm_head(hidden[first - 1 : n - 1]).float(), horizon_ids)
+    terms = {"tok": nll}
+    metrics: dict[str, float] = {"nll": nll.item()}
+    a1, a2 = alphas.at(progress)
+    loss = nll
+    runs, nodes = lod1_readouts(lay, first)
+    with torch.set_grad_enabled(unfreeze_targets and torch.is_grad_enabled()):
+        tokens = horizon_ids[(runs[:, None] * BLOCK + torch.arange(BLOCK) - first)]  # [R, 32]
+        target1 = gistnet(gist_embedding(tokens).float(), 1) if len(runs) else None
+        target2 = None
+        if lod2_future is not None and lod2_readout(lay, first) is not None:
+            if lod2_future.shape != (TOP,):
+                raise ValueError(f"lod2_future must hold the next {TOP} tokens, got shape {tuple(lod2_future.shape)}")
+            lod1 = gistnet(gist_embedding(lod2_future.reshape(BLOCK, BLOCK)).float(), 1)  # two-stage, as the tree
+            target2 = gistnet(lod1[None], 2)[0]
+    predictions, targets = {}, {}
+    if target1 is not None:
+        predictions["lod1"], targets["lod1"] = predicted_gist(hidden[nodes], lm_head, weight), target1
+        cos1 = F.cosine_similarity(predictions["lod1"], target1, dim=-1)
+        terms["lod1"] = (1 - cos1).mean()
+        loss = loss + a1 * terms["lod1"]
+        metrics.update(lod1_agreement=cos1.mean().item(), lod1_blocks=float(len(runs)))
+    if target2 is not None:
+        predictions["lod2"], targets["lod2"] = predicted_gist(hidden[lod2_readout(lay, first)], lm_head, weight), target2
+        cos2 = F.cosine_similarity(predictions["lod2"], target2, dim=0)
+        terms["lod2"] = 1 - cos2
+        loss = loss + a2 * terms["lod2"]
+        metrics["lod2_agreement"] = cos2.item()
+    metrics.update(alpha1=a1, alpha2=a2, loss=loss.item())
+    return PredictionOutput(loss, terms, metrics, predictions, targets)
+
+
+def level_grad_norms(terms: dict[str, torch.Tensor], params: list[torch.nn.Parameter]) -> dict[str, float]:
+    """‖∂term/∂params‖ per loss term (per level), for telemetry; the graph is kept for the real backward."""
+    norms = {}
+    for name, term in terms.items():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        norms[f"grad_norm_{name}"] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)
+                                                      or torch.zeros(())))
+    return norms

@@ -1,0 +1,98 @@
+"""MegaPrediction: gist readouts through the tied head, causal readout nodes, targets, loss and schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from megacontext.base_model import load_base_model
+from megacontext.gistnet import build_gistnet
+from megacontext.mega_attention import layout
+from megacontext.mega_model import install_mega_attention
+from megacontext.mega_prediction import (Alphas, level_grad_norms, lod1_readouts, lod2_readout, mega_prediction_loss,
+                                         predicted_gist)
+from megacontext.working_context import WCInputs
+
+H = 96
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("megapred"))
+    base = load_base_model(cfg)
+    install_mega_attention(base.model)
+    gistnet = build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=0, levels=2)
+    return base, gistnet
+
+
+def inputs(base, ids: torch.Tensor) -> WCInputs:
+    x = base.model.get_input_embeddings()(ids)[None].detach()
+    n = len(ids)
+    return WCInputs(x, torch.arange(n, dtype=torch.float64)[None], torch.zeros(1, n, dtype=torch.float64))
+
+
+def test_a_predicted_gist_is_the_head_distribution_through_the_embedding(setup):
+    base, _ = setup
+    head, weight = base.model.get_output_embeddings(), base.model.get_input_embeddings().weight
+    uniform = predicted_gist(torch.zeros(base.d_model), head, weight)  # no head bias: uniform over the vocabulary
+    assert torch.allclose(uniform, weight.mean(0), atol=1e-6)
+    sharp = predicted_gist(weight[7] * 1e4, head, weight)  # the head's argmax dominates
+    top = int(torch.argmax(head(weight[7] * 1e4)))
+    assert torch.allclose(sharp, weight[top], atol=1e-4)
+
+
+def test_readout_nodes_precede_the_runs_they_predict():
+    lay = layout(2_300)
+    runs, nodes = lod1_readouts(lay, first=2_300 - H)
+    assert len(runs) == (2_300 // 32) - ((2_300 - H + 31) // 32)
+    assert torch.equal(lay.anchor[nodes], runs * 32 - 1)  # the latest wLOD1 node wholly before each run
+    assert (lay.level[nodes] == 1).all()
+    node = lod2_readout(lay, first=2_300 - H)
+    assert lay.level[node] == 2 and lay.end[node] == 2_048
+
+
+def test_gist_predictions_never_see_the_run_they_predict(setup):
+    base, gistnet = setup
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (1_150 + H,))
+    with torch.no_grad():
+        before = mega_prediction_loss(base, gistnet, inputs(base, ids), ids[-H:], window=64)
+        changed = ids.clone()
+        changed[-32:] = (changed[-32:] + 1) % 256  # the last 32-leaf run of the horizon
+        after = mega_prediction_loss(base, gistnet, inputs(base, changed), changed[-H:], window=64)
+    assert torch.allclose(before.predictions["lod1"], after.predictions["lod1"], atol=1e-6)
+    assert not torch.allclose(before.targets["lod1"][-1], after.targets["lod1"][-1])
+    assert before.metrics["nll"] != after.metrics["nll"]
+
+
+def test_the_loss_is_tok_plus_weighted_gist_terms_on_schedule(setup):
+    base, gistnet = setup
+    torch.manual_seed(1)
+    ids = torch.randint(0, 256, (2_100 + H,))
+    future = torch.randint(0, 256, (1_024,))
+    out = mega_prediction_loss(base, gistnet, inputs(base, ids), ids[-H:], window=64, progress=0.5, lod2_future=future)
+    a1, a2 = Alphas().at(0.5)
+    assert (a1, a2) == pytest.approx((0.035, 0.02))
+    expected = out.terms["tok"] + a1 * out.terms["lod1"] + a2 * out.terms["lod2"]
+    assert torch.allclose(out.loss, expected)
+    assert -1 <= out.metrics["lod1_agreement"] <= 1 and -1 <= out.metrics["lod2_agreement"] <= 1
+    assert Alphas().at(0) == pytest.approx((0.02, 0.01)) and Alphas().at(2.0) == pytest.approx((0.05, 0.03))
+    with pytest.raises(ValueError, match="α1 > α2"):
+        Alphas(lod1=(0.01, 0.05), lod2=(0.02, 0.03))
+    with pytest.raises(ValueError, match="next 1024 tokens"):
+        mega_prediction_loss(base, gistnet, inputs(base, ids), ids[-H:], window=64, lod2_future=future[:10])
+
+
+def test_targets_are_frozen_by_default_and_per_level_grad_norms_are_logged(setup):
+    base, gistnet = setup
+    torch.manual_seed(2)
+    ids = torch.randint(0, 256, (1_150 + H,))
+    params = list(gistnet.parameters())
+    frozen = mega_prediction_loss(base, gistnet, inputs(base, ids), ids[-H:], window=64)
+    assert frozen.targets["lod1"].grad_fn is None
+    norms = level_grad_norms(frozen.terms, params)
+    assert set(norms) == {"grad_norm_tok", "grad_norm_lod1"} and all(v > 0 for v in norms.values())
+    unfrozen = mega_prediction_loss(base, gistnet, inputs(base, ids), ids[-H:], window=64, unfreeze_targets=True)
+    assert unfrozen.targets["lod1"].grad_fn is not None
+    assert level_grad_norms(unfrozen.terms, params)["grad_norm_lod1"] != pytest.approx(norms["grad_norm_lod1"])
