@@ -106,6 +106,9 @@ def block_mask(lay: MegaLayout, window: int, near_causal: bool = False, block_si
 def compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # every (shape, mask) pair compiles once; past dynamo's default limit of 8 it would silently fall back
+    # to eager FlexAttention, which materialises the full score matrix
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 

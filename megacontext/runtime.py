@@ -50,7 +50,7 @@ class _Source:
         self.rt = runtime
 
     def tokens(self, start: int, end: int) -> np.ndarray:
-        return self.rt.tokens[start:end]
+        return self.rt._buffer[start:end]  # past the cursor: a speculative draft's scratch space
 
     def gists(self, level: int, start_index: int, end_index: int) -> np.ndarray:
         return self.rt.tree.gists(level, start_index, end_index)
@@ -80,6 +80,8 @@ class Telemetry:
     decode_seconds: float = 0.0  # base-model forwards for decoding (through the cache)
     decode_forwards: int = 0
     budget_samples: list[float] = field(default_factory=list)
+    drafts: int = 0  # speculative drafts scored
+    accepted: int = 0  # drafts committed
 
     def summary(self, w_max: int, allocator: FocusAllocator, cache: WCKVCache) -> dict[str, float]:
         focus = allocator.telemetry()
@@ -91,7 +93,8 @@ class Telemetry:
             "max_entries": self.max_entries, "w_max": w_max,
             "focus_ms_per_refocus": 1000 * self.focus_seconds / max(self.refocuses, 1),
             "decode_ms_per_token": 1000 * self.decode_seconds / max(self.decode_forwards, 1),
-            "tree_seconds": self.tree_seconds,
+            "tree_seconds": self.tree_seconds, "speculative_drafts": self.drafts,
+            "speculative_acceptance": self.accepted / self.drafts if self.drafts else 0.0,
             **{f"cache_{k}": v for k, v in cache.stats.as_dict().items()},
         }
 
@@ -258,6 +261,48 @@ class Runtime:
             yield token
             if stop and token in stop:
                 return
+
+    # --- the speculative region (DESIGN §2.9) --------------------------------------------
+
+    @torch.no_grad()
+    def speculate(self, *, threshold: float = 0.5) -> tuple[list[int], float, bool]:
+        """Draft one block (32 tokens) beyond the cursor, score it, then commit or roll back.
+
+        Returns (draft, score, committed). The draft is decoded greedily into scratch
+        space past the cursor; the tree and the allocator are untouched (the WC only
+        makes room first if the block would not fit the budget). Its score is the LOD
+        agreement cos(ĝ, g) between the gist predicted at the cursor, ĝ = softmax(logits) @ E
+        (MegaPrediction's readout, here at the latest leaf), and GistNet's gist of the
+        drafted block. Commit feeds the draft (refocusing as usual) and appends it to the
+        tree in one atomic commit; roll back leaves the tree byte-identical.
+        """
+        n = BLOCK
+        if len(self.wc) + n > self.wc.w_max:
+            self._make_room(n)
+        entries = list(self.wc.entries)
+        logits = self.cache.next_logits(entries, self.source)
+        weight = getattr(self.embedding, "base_layer", self.embedding).weight
+        predicted = torch.softmax(logits.float(), -1) @ weight.float()  # ĝ at the cursor
+        draft: list[int] = []
+        for i in range(n):
+            token = int(torch.argmax(logits))
+            draft.append(token)
+            self._grow(self.wc.cursor + i + 1)
+            self._buffer[self.wc.cursor + i] = token  # scratch past the cursor
+            entries.append(Node(self.wc.cursor + i, 0))
+            if i + 1 < n:
+                logits = self.cache.next_logits(entries, self.source)
+        ids = torch.as_tensor(draft, dtype=torch.long)
+        gist = self.encoder.gistnet(self.gist_embedding(ids)[None].float(), 1)[0]
+        score = float(torch.nn.functional.cosine_similarity(predicted, gist, dim=0))
+        self.telemetry.drafts += 1
+        committed = score >= threshold
+        if committed:
+            self.telemetry.accepted += 1
+            self.feed(draft)
+            if self.tree.n_tokens < self.wc.cursor:  # persist now: one atomic tree commit
+                self.tree.append(self.tokens[self.tree.n_tokens :], self.encoder)
+        return draft, score, committed
 
     def summary(self) -> dict[str, float]:
         return self.telemetry.summary(self.wc.w_max, self.allocator, self.cache)

@@ -262,3 +262,55 @@ def test_real_smollm2_streams_a_long_document_and_the_cache_matches_recompute(tm
     assert list(cached.generate(6)) == list(full.generate(6))
     assert torch.allclose(cached.next_logits(), full.next_logits(), atol=1e-3, rtol=1e-4)
     assert cached.cache.stats.reused > 0 and full.cache.stats.reused == 0
+
+
+# --- the speculative region -----------------------------------------------------------------
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_rolled_back_draft_leaves_the_tree_byte_identical_and_a_commit_persists_it(cfg, base, tmp_path):
+    rt = runtime(cfg, base, tmp_path / "t")
+    rt.feed(text_tokens(1_024))
+    before, entries, logits = tree_bytes(tmp_path / "t"), list(rt.wc.entries), rt.next_logits().clone()
+    draft, score, committed = rt.speculate(threshold=2.0)  # cosine never reaches 2: roll back
+    assert not committed and len(draft) == BLOCK and -1 <= score <= 1
+    assert tree_bytes(tmp_path / "t") == before and rt.wc.entries == entries and rt.cursor == 1_024
+    assert torch.allclose(rt.next_logits(), logits, atol=1e-5)
+    draft2, score2, committed = rt.speculate(threshold=-2.0)  # always commit
+    assert committed and draft2 == draft and score2 == pytest.approx(score)
+    assert rt.cursor == rt.tree.n_tokens == 1_024 + BLOCK
+    assert rt.tree.tokens(1_024, 1_024 + BLOCK).tolist() == draft
+    assert rt.summary()["speculative_acceptance"] == 0.5 and rt.summary()["speculative_drafts"] == 2
+
+
+def test_a_committed_draft_survives_a_kill(cfg, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    from megacontext.tree import MegaContextTree
+
+    script = textwrap.dedent(f"""
+        import json, os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from conftest import tiny_config
+        from megacontext.base_model import load_base_model
+        from test_runtime import runtime, text_tokens
+        cfg = tiny_config(Path({str(tmp_path)!r}))
+        rt = runtime(cfg, load_base_model(cfg), Path({str(tmp_path / 'tree')!r}))
+        rt.feed(text_tokens(1_000))
+        draft, score, committed = rt.speculate(threshold=-2.0)
+        print(json.dumps(draft), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # no close, no flush: only what commit persisted
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    assert done.returncode == -9, done.stderr[-2000:]
+    draft = json.loads(done.stdout.strip().splitlines()[-1])
+    tree = MegaContextTree.open(tmp_path / "tree")  # verifies every CRC
+    assert tree.n_tokens == 1_000 + BLOCK
+    assert tree.tokens(1_000, 1_000 + BLOCK).tolist() == draft
