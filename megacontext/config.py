@@ -210,6 +210,27 @@ class EvalConfig(Section):
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
 
 
+class MegaConfig(Section):
+    """MegaAttention and MegaPrediction in JT3 (DESIGN §2.8-2.9); off by default."""
+
+    attention: bool = False  # JT3 reads the WC through MegaAttention instead of full attention
+    window: int = Field(256, ge=1)  # W: the leaves' causal local window
+    kernel: Literal["sdpa", "flex"] = "sdpa"  # sdpa = dense boolean mask (CPU training); flex = compiled
+    layers: list[int] | None = None  # attention modules (model.layers.<i>.self_attn) to replace; None = all
+    prediction: bool = False  # MegaPrediction gist losses (needs attention)
+    alpha1: tuple[float, float] = (0.02, 0.05)  # L_lod1 weight, start -> end of the phase
+    alpha2: tuple[float, float] = (0.01, 0.03)  # L_lod2 weight (α1 > α2)
+    unfreeze_targets: bool = False  # GistNet targets with gradients
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MegaConfig":
+        if self.prediction and not self.attention:
+            raise ValueError("prediction needs attention: MegaPrediction reads out at MegaAttention summary nodes")
+        if not all(a1 > a2 >= 0 for a1, a2 in zip(self.alpha1, self.alpha2)):
+            raise ValueError("alpha1 must exceed alpha2 (both >= 0) at both ends of the schedule")
+        return self
+
+
 class Config(Section):
     profile: str = "default"
     seed: int = Field(0, ge=0)
@@ -222,6 +243,7 @@ class Config(Section):
     allocator: AllocatorConfig = AllocatorConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    mega: MegaConfig = MegaConfig()
 
     @model_validator(mode="after")
     def _history_exceeds_budget(self) -> "Config":

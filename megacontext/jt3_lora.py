@@ -4,7 +4,9 @@ Adapters (peft) go on the input embedding and the q/k/v/o projections of the
 first and last decoder blocks, by config. Loss: NLL@H of the horizon read
 through the discrete working context, plus a weak substitutability keep-alive
 KL(P_full ‖ P_WC) against the plain base on the full window. GistNet is frozen
-and reads the plain embedding, exactly as the trees were built.
+and reads the plain embedding, exactly as the trees were built. With `mega.attention`
+the WC is read through MegaAttention, and with `mega.prediction` the MegaPrediction
+gist losses are added (LOD agreement and per-level gradient norms are logged).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.gistnet import GistNet
 from megacontext.focus_policy import Policy, cold_start_policy
 from megacontext.jt1_gistnet import horizon_logprobs
+from megacontext.mega_model import install_mega_attention
+from megacontext.mega_prediction import Alphas, level_grad_norms, mega_prediction_loss
 from megacontext.nodes import BLOCK, span
 from megacontext.shards import TokenizedDocument
 from megacontext.windows import Window, eligible, sample_window
@@ -72,20 +76,27 @@ class JT3LoRA:
         self.peft = peft_model or attach_lora(base, cfg.train.lora, seed=cfg.seed)
         self.plain_embedding = self.peft.get_input_embeddings()
         self.plain_embedding = getattr(self.plain_embedding, "base_layer", self.plain_embedding)
+        self.mega = cfg.mega
+        self.alphas = Alphas(cfg.mega.alpha1, cfg.mega.alpha2)
+        self._progress = 0.0
+        if self.mega.attention:  # the marked attention modules read the WC through MegaAttention
+            install_mega_attention(base.model, cfg.mega.layers)
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self.peft.named_parameters() if "lora_" in name}
 
     def make_batch(self, step: int, items: list[int]) -> list[Window]:
         t = self.cfg.train
+        self._progress = step / max(t.jt3.steps - 1, 1)  # for the MegaPrediction α schedules
         return [sample_window(self.docs, history=t.history, horizon=t.horizon, align=span(self.cfg.wc.levels),
                               seed=self.cfg.seed + 3, step=step, item=item) for item in items]
 
     def loss(self, batch: list[Window], global_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
         total = torch.zeros(())
         nll_sum = kl_sum = delta_sum = tokens = 0.0
+        mega: dict[str, float] = {}
         weight = self.cfg.train.lora.keepalive_weight
-        for window in batch:
+        for i, window in enumerate(batch):
             ids = torch.as_tensor(window.tokens.astype(np.int64))
             h = len(window.horizon)
             targets = ids[None, window.history :]
@@ -95,17 +106,31 @@ class JT3LoRA:
             # tokens read the adapted embedding; gists come from the frozen GistNet over the plain one
             inputs = assemble_live(wc.entries, ids, self.peft.get_input_embeddings(), self.gistnet, horizon=h,
                                    gist_embedding=self.plain_embedding)
-            with gaussian_positions(self.base.model, inputs.mu, inputs.sigma):
-                student = horizon_logprobs(self.base, h, inputs_embeds=inputs.inputs_embeds)
+            gist_terms = torch.zeros(())
+            if self.mega.attention:
+                out = mega_prediction_loss(self.base, self.gistnet, inputs, targets[0], self.mega.window,
+                                           alphas=self.alphas, progress=self._progress, kernel=self.mega.kernel,
+                                           gist_embedding=self.plain_embedding, predict=self.mega.prediction,
+                                           unfreeze_targets=self.mega.unfreeze_targets)
+                student, gist_terms = out.logprobs[None], out.loss - out.terms["tok"]
+                for key in ("lod1_agreement", "lod2_agreement", "alpha1", "alpha2"):
+                    if key in out.metrics:
+                        mega[key] = mega.get(key, 0.0) + out.metrics[key]
+                if self.mega.prediction and i == 0:  # per-level gradient norms on one window per step
+                    norms = level_grad_norms(out.terms, list(self.trainable().values()))
+                    mega.update({k: v * len(batch) for k, v in norms.items()})  # logged as means per window
+            else:
+                with gaussian_positions(self.base.model, inputs.mu, inputs.sigma):
+                    student = horizon_logprobs(self.base, h, inputs_embeds=inputs.inputs_embeds)
             nll = -student.gather(-1, targets[..., None]).mean()
             kl = F.kl_div(student, full, log_target=True, reduction="none").sum(-1).mean()
-            total = total + (nll + weight * kl) / global_batch
+            total = total + (nll + weight * kl + gist_terms) / global_batch
             nll_sum += nll.item()
             kl_sum += kl.item()
             delta_sum += nll.item() + full.gather(-1, targets[..., None]).mean().item()
             tokens += len(ids) + len(wc) + h
         metrics = {"nll": nll_sum, "kl": kl_sum, "delta_nll": delta_sum, "windows": float(len(batch)),
-                   "tokens": tokens, "blocks": sum(len(w.tokens) for w in batch) / BLOCK}
+                   "tokens": tokens, "blocks": sum(len(w.tokens) for w in batch) / BLOCK, **mega}
         return total, metrics | self.policy.drain(len(batch))
 
     def export(self, folder: Path) -> None:

@@ -3,15 +3,15 @@
 On the MegaAttention layout `[leaves | wLOD1 | wLOD2]` of a working context
 followed by its teacher-forced horizon, the shared (tied) LM head reads out:
 - at leaves: next-token logits (L_tok, the horizon NLL);
-- at the latest wLOD1 node before each aligned 32-leaf run of the horizon: a
-  predicted gist of that run, ĝ = softmax(lm_head(h)) @ E (L_lod1);
+- at the latest wLOD1 node before each 32-token block of the horizon: a
+  predicted gist of that block, ĝ = softmax(lm_head(h)) @ E (L_lod1);
 - at the latest wLOD2 node before the horizon: a predicted gist of the next
   1,024 tokens (L_lod2, when those tokens are given).
 Targets are GistNet's gists of the true tokens (two-stage for LOD2), under
 no_grad unless `unfreeze_targets`. Gist losses are cosine distances; the
 weights follow linear schedules α1 0.02→0.05, α2 0.01→0.03 (α1 > α2).
 LOD agreement = mean cos(ĝ, g) per level. Readout nodes are strictly causal:
-a summary attends like its last child, which precedes the run it predicts.
+a summary attends like its last child, which precedes the block it predicts.
 """
 
 from __future__ import annotations
@@ -51,12 +51,14 @@ def predicted_gist(hidden: torch.Tensor, lm_head: nn.Module, embedding_weight: t
     return torch.softmax(lm_head(hidden).float(), dim=-1) @ embedding_weight.float()
 
 
-def lod1_readouts(lay: MegaLayout, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each aligned 32-leaf run wholly in the horizon [first, n): (its run index, the sequence index of
-    the wLOD1 summary of the run just before it — the latest wLOD1 node before the run)."""
-    runs = torch.arange((first + BLOCK - 1) // BLOCK, lay.n // BLOCK)
-    runs = runs[runs >= 1]
-    return runs, lay.n + runs - 1
+def lod1_readouts(lay: MegaLayout, first: int, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each whole 32-token block of the horizon [first, first + horizon): (its first leaf index, the
+    sequence index of the latest wLOD1 node wholly before it — the summary of the last complete aligned
+    32-leaf run ending at or before the block's start)."""
+    starts = first + BLOCK * torch.arange(horizon // BLOCK)
+    runs = starts // BLOCK - 1
+    keep = runs >= 0
+    return starts[keep], lay.n + runs[keep]
 
 
 def lod2_readout(lay: MegaLayout, first: int) -> int | None:
@@ -72,17 +74,19 @@ class PredictionOutput:
     metrics: dict[str, float]
     predictions: dict[str, torch.Tensor]  # lod1 [R, d], lod2 [d]: ĝ
     targets: dict[str, torch.Tensor]  # lod1 [R, d], lod2 [d]: g
+    logprobs: torch.Tensor  # [H, V] log P of the horizon tokens' positions (for KL terms)
 
 
 def mega_prediction_loss(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, horizon_ids: torch.Tensor, window: int,
                          *, alphas: Alphas = Alphas(), progress: float = 0.0, lod2_future: torch.Tensor | None = None,
                          gist_embedding: nn.Module | None = None, unfreeze_targets: bool = False,
-                         kernel: str = "sdpa") -> PredictionOutput:
+                         kernel: str = "sdpa", predict: bool = True) -> PredictionOutput:
     """L_tok + α1·L_lod1 + α2·L_lod2 on a WC whose last H leaves are the teacher-forced `horizon_ids` [H].
 
     `inputs` come from `assemble(..., horizon=...)` (the horizon appended); `lod2_future` [1024] are the
     true tokens after the latest wLOD2 node's run, when known. `gist_embedding`: what GistNet reads
     (the plain base embedding when LoRA adapts the model's). `install_mega_attention(base.model)` first.
+    `predict=False`: MegaAttention only (L_tok, no gist readouts).
     """
     install_gaussian_rope(base.model)
     embedding = base.model.get_input_embeddings()
@@ -98,15 +102,18 @@ def mega_prediction_loss(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, hor
     with gaussian_positions(base.model, torch.cat([mu, s_mu])[None], torch.cat([sigma, s_sigma])[None]), \
             mega_context(base.model, lay, window, kernel):
         hidden = base.model.get_decoder()(inputs_embeds=seq, use_cache=False).last_hidden_state[0]  # [L, d], normed
-    nll = F.cross_entropy(lm_head(hidden[first - 1 : n - 1]).float(), horizon_ids)
+    logprobs = F.log_softmax(lm_head(hidden[first - 1 : n - 1]).float(), dim=-1)  # [H, V]
+    nll = F.nll_loss(logprobs, horizon_ids)
     terms = {"tok": nll}
     metrics: dict[str, float] = {"nll": nll.item()}
     a1, a2 = alphas.at(progress)
     loss = nll
-    runs, nodes = lod1_readouts(lay, first)
+    starts, nodes = lod1_readouts(lay, first, h)
+    if not predict:
+        starts, nodes, lod2_future = starts[:0], nodes[:0], None
     with torch.set_grad_enabled(unfreeze_targets and torch.is_grad_enabled()):
-        tokens = horizon_ids[(runs[:, None] * BLOCK + torch.arange(BLOCK) - first)]  # [R, 32]
-        target1 = gistnet(gist_embedding(tokens).float(), 1) if len(runs) else None
+        tokens = horizon_ids[(starts[:, None] - first + torch.arange(BLOCK))]  # [R, 32] each block's true tokens
+        target1 = gistnet(gist_embedding(tokens).float(), 1) if len(starts) else None
         target2 = None
         if lod2_future is not None and lod2_readout(lay, first) is not None:
             if lod2_future.shape != (TOP,):
@@ -119,7 +126,7 @@ def mega_prediction_loss(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, hor
         cos1 = F.cosine_similarity(predictions["lod1"], target1, dim=-1)
         terms["lod1"] = (1 - cos1).mean()
         loss = loss + a1 * terms["lod1"]
-        metrics.update(lod1_agreement=cos1.mean().item(), lod1_blocks=float(len(runs)))
+        metrics.update(lod1_agreement=cos1.mean().item(), lod1_blocks=float(len(starts)))
     if target2 is not None:
         predictions["lod2"], targets["lod2"] = predicted_gist(hidden[lod2_readout(lay, first)], lm_head, weight), target2
         cos2 = F.cosine_similarity(predictions["lod2"], target2, dim=0)
@@ -127,7 +134,7 @@ def mega_prediction_loss(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, hor
         loss = loss + a2 * terms["lod2"]
         metrics["lod2_agreement"] = cos2.item()
     metrics.update(alpha1=a1, alpha2=a2, loss=loss.item())
-    return PredictionOutput(loss, terms, metrics, predictions, targets)
+    return PredictionOutput(loss, terms, metrics, predictions, targets, logprobs)
 
 
 def level_grad_norms(terms: dict[str, torch.Tensor], params: list[torch.nn.Parameter]) -> dict[str, float]:

@@ -44,9 +44,9 @@ def test_a_predicted_gist_is_the_head_distribution_through_the_embedding(setup):
 
 def test_readout_nodes_precede_the_runs_they_predict():
     lay = layout(2_300)
-    runs, nodes = lod1_readouts(lay, first=2_300 - H)
-    assert len(runs) == (2_300 // 32) - ((2_300 - H + 31) // 32)
-    assert torch.equal(lay.anchor[nodes], runs * 32 - 1)  # the latest wLOD1 node wholly before each run
+    starts, nodes = lod1_readouts(lay, first=2_300 - H, horizon=H)
+    assert starts.tolist() == [2_204, 2_236, 2_268]  # the horizon's whole 32-token blocks
+    assert torch.equal(lay.anchor[nodes], starts // 32 * 32 - 1)  # the latest wLOD1 node wholly before each
     assert (lay.level[nodes] == 1).all()
     node = lod2_readout(lay, first=2_300 - H)
     assert lay.level[node] == 2 and lay.end[node] == 2_048
@@ -96,3 +96,26 @@ def test_targets_are_frozen_by_default_and_per_level_grad_norms_are_logged(setup
     unfrozen = mega_prediction_loss(base, gistnet, inputs(base, ids), ids[-H:], window=64, unfreeze_targets=True)
     assert unfrozen.targets["lod1"].grad_fn is not None
     assert level_grad_norms(unfrozen.terms, params)["grad_norm_lod1"] != pytest.approx(norms["grad_norm_lod1"])
+
+
+def test_jt3_with_megaprediction_trains_only_lora_and_logs_lod_agreement(tmp_path):
+    from megacontext.config import PhaseConfig
+    from megacontext.corpus import build_corpus
+    from megacontext.jt3_lora import JT3LoRA
+    from megacontext.shards import build_shards, read_split, shards_dir
+    from megacontext.train_loop import fit
+
+    cfg = tiny_config(tmp_path, "data.max_documents=4", "data.val_fraction=0", "data.test_fraction=0",
+                      "mega.attention=true", "mega.prediction=true", "mega.window=64", "train.jt3.steps=3")
+    build_corpus(cfg)
+    build_shards(cfg)
+    base = load_base_model(cfg)
+    gistnet = build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=0)
+    phase = JT3LoRA(cfg, base, gistnet, read_split(shards_dir(cfg), "train"))
+    requires_grad = {n for n, p in phase.peft.named_parameters() if p.requires_grad}
+    assert requires_grad == set(phase.trainable()) and all("lora_" in n for n in requires_grad)
+    result = fit(phase, PhaseConfig(steps=3, batch=2, lr=1e-2), tmp_path / "jt3", checkpoint_every=3)
+    rows = result.telemetry
+    assert all(-1 <= r["lod1_agreement"] <= 1 and r["grad_norm_lod1"] > 0 and r["grad_norm_tok"] > 0 for r in rows)
+    assert [round(r["alpha1"], 4) for r in rows] == [0.02, 0.035, 0.05]  # the schedule over the phase
+    assert not any(p.requires_grad for p in gistnet.parameters())
