@@ -60,6 +60,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_cycle.py --profile $(PROFILE)
 	$(BIN)/python benchmarks/bench_orchestration.py
 	$(BIN)/python benchmarks/bench_runtime.py --profile $(PROFILE)
+	$(BIN)/python benchmarks/bench_mega_attention.py
 
 clean:
 	rm -rf artifacts .dagster/storage .dagster/history .pytest_cache
