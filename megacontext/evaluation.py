@@ -22,15 +22,18 @@ from typing import Callable, ContextManager
 import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from megacontext.base_model import BaseLM, horizon_token_nll, load_base_model
-from megacontext.config import Config, config_hash
+from megacontext.config import Config, MegaConfig, config_hash
 from megacontext.errors import ConfigError, InputDataError
 from megacontext.eval_report import write_report
 from megacontext.focus_policy import Policy, cold_start_policy, lens_policy
 from megacontext.gistnet import gistnet_identity
 from megacontext.jt3_lora import load_lora
 from megacontext.lensnet import load_lensnet
+from megacontext.mega_model import install_mega_attention, mega_forward
 from megacontext.gate import check_gate_setting, gate, summarize
 from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.lineage import staged_artifact, write_manifest
@@ -67,17 +70,27 @@ def sample_cursors(docs: list[TokenizedDocument], *, history: int, horizon: int,
     return samples
 
 
-def wc_token_nll(base: BaseLM, wc: WorkingContext, tree: MegaContextTree, sample: Sample, horizon: np.ndarray) -> np.ndarray:
-    """Per-token NLL of the horizon read after the working context (Gaussian RoPE positions)."""
+def wc_token_nll(base: BaseLM, wc: WorkingContext, tree: MegaContextTree, sample: Sample, horizon: np.ndarray,
+                 mega: tuple[nn.Module, MegaConfig] | None = None) -> np.ndarray:
+    """Per-token NLL of the horizon read after the working context (Gaussian RoPE positions).
+
+    `mega` = (GistNet, settings): read the WC + horizon through MegaAttention (`install_mega_attention` first).
+    """
     inputs = assemble(wc.entries, tree, base.model.get_input_embeddings(), offset=sample.window_start, horizon=horizon)
     targets = torch.as_tensor(horizon.astype(np.int64))[None]
+    if mega is not None:
+        gistnet, settings = mega
+        with torch.no_grad():
+            logits = mega_forward(base, gistnet, inputs, settings.window, kernel=settings.kernel)[0]
+        return F.cross_entropy(logits[-len(horizon) - 1 : -1].float(), targets[0], reduction="none").numpy()
     with gaussian_positions(base.model, inputs.mu, inputs.sigma):
         return horizon_token_nll(base.model, len(horizon), inputs_embeds=inputs.inputs_embeds, targets=targets)[0].numpy()
 
 
 def score_sample(base: BaseLM, tree: MegaContextTree, sample: Sample, cfg: Config, *,
                  policy: Policy, plain: Callable[[], ContextManager],
-                 timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+                 timings: dict[str, float] | None = None,
+                 mega: tuple[nn.Module, MegaConfig] | None = None) -> dict[str, np.ndarray]:
     """Per-token NLLs of one sample; `plain()` switches adapters off for the full/recency baselines.
 
     `timings` accumulates the MegaContext path's wall seconds (focus + WC forward) under "mc_seconds".
@@ -95,7 +108,7 @@ def score_sample(base: BaseLM, tree: MegaContextTree, sample: Sample, cfg: Confi
         }
     window = Window(sample.doc.doc_id, sample.window_start, sample.doc.tokens[sample.window_start : c + h], ev.history)
     tick = time.perf_counter()
-    columns["nll_mc"] = wc_token_nll(base, policy(window), tree, sample, horizon)
+    columns["nll_mc"] = wc_token_nll(base, policy(window), tree, sample, horizon, mega)
     if timings is not None:
         timings["mc_seconds"] = timings.get("mc_seconds", 0.0) + time.perf_counter() - tick
     for level in (1, 2):  # per-level ΔNLL; null where that level alone cannot fit the budget
@@ -154,6 +167,10 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
     trees = checkpoint / "trees" if checkpoint and "gistnet" not in without else trees_dir(cfg)
     gistnet = load_tree_gistnet(trees, base.model_id)
     identity = gistnet_identity(gistnet)
+    mega = None
+    if cfg.mega.attention:  # NLL_mc through MegaAttention (per-level and baselines stay full attention)
+        install_mega_attention(base.model, cfg.mega.layers)
+        mega = (gistnet, cfg.mega)
     policy, plain, focus = cold_start_policy(cfg, budget=cfg.wc.w_max), nullcontext, "cold start (no LensNet)"
     if checkpoint:
         parts = []
@@ -181,7 +198,7 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
     with progress_bar("evaluating", total=len(samples), unit="samples") as advance:
         for sample in samples:
             tree = open_tree(trees, ev.split, sample.doc.doc_id, base_model_id=base.model_id, encoder_identity=identity)
-            columns = score_sample(base, tree, sample, cfg, policy=policy, plain=plain, timings=timings)
+            columns = score_sample(base, tree, sample, cfg, policy=policy, plain=plain, timings=timings, mega=mega)
             frames.append(pl.DataFrame({
                 "doc_id": [sample.doc.doc_id] * ev.horizon,
                 "cursor": pl.Series([sample.cursor] * ev.horizon, dtype=pl.Int64),
@@ -197,6 +214,7 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
     context = {"profile": cfg.profile, "base model": base.model_id, "GistNet": identity, "W_max": cfg.wc.w_max,
                "L (history)": ev.history, "H (horizon)": ev.horizon, "split": ev.split,
                "working context": focus, "seconds": round(time.perf_counter() - start, 1),
+               "attention": f"MegaAttention W={cfg.mega.window} ({cfg.mega.kernel})" if mega else "full",
                **focus_telemetry(policy.drain(), timings["mc_seconds"], blocks=len(samples) * (ev.history + ev.horizon) / BLOCK)}
     suffix = "-without-" + "-".join(sorted(without)) if without else ""
     out = out or (checkpoint / f"evaluation{suffix}" if checkpoint else Path(cfg.paths.artifact_root) / "evaluation")
@@ -208,6 +226,6 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
         plot_lod_map(wc.entries, wc.cursor, staging / "lod_map.png", w_max=wc.w_max,
                      title=f"{first.doc.doc_id} @ {first.cursor:,}")
         write_manifest(staging, kind=KIND, format_version=FORMAT_VERSION,
-                       config_hash=config_hash(cfg, sections=["eval", "wc", "gistnet"]),
+                       config_hash=config_hash(cfg, sections=["eval", "wc", "gistnet", "mega"]),
                        inputs=[shards_dir(cfg), checkpoint or trees], extra={"gate_passed": verdict.passed, "context": context})
     return out

@@ -15,7 +15,7 @@ from megacontext.errors import ArtifactError
 from megacontext.evaluation import evaluate, sample_cursors, wc_token_nll, Sample
 from megacontext.gate import gate
 from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
-from megacontext.gistnet import TreeGistEncoder, build_gistnet
+from megacontext.gistnet import TreeGistEncoder, build_gistnet, gistnet_identity
 from megacontext.shards import build_shards, read_split, shards_dir
 from megacontext.tree import MegaContextTree
 from megacontext.tree_build import build_trees, load_tree_gistnet
@@ -124,3 +124,30 @@ def test_gate_refuses_a_history_longer_than_the_base_context(built, capsys) -> N
     assert main(["evaluate", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "1024 positions" in err and "\n" not in err.strip()
+
+
+def test_megaattention_in_the_evaluation_equals_full_attention_when_its_window_covers_everything(built, tmp_path):
+    from megacontext.config import MegaConfig
+    from megacontext.mega_model import install_mega_attention
+    from megacontext.tree_build import open_tree, trees_dir
+
+    cfg = built
+    base = load_base_model(cfg)
+    install_gaussian_rope(base.model)
+    gistnet = load_tree_gistnet(trees_dir(cfg), base.model_id)
+    doc = read_split(shards_dir(cfg), "val")[0]
+    sample = Sample(doc, cfg.eval.history, 0)
+    horizon = doc.tokens[sample.cursor : sample.cursor + cfg.eval.horizon]
+    tree = open_tree(trees_dir(cfg), "val", doc.doc_id, base_model_id=base.model_id,
+                     encoder_identity=gistnet_identity(gistnet))
+    wc = cold_start(cfg.eval.history, cfg.wc.w_max, cfg.wc.protected_tail)
+    plain = wc_token_nll(base, wc, tree, sample, horizon)
+    install_mega_attention(base.model)
+    wide = wc_token_nll(base, wc, tree, sample, horizon, mega=(gistnet, MegaConfig(attention=True, window=100_000)))
+    local = wc_token_nll(base, wc, tree, sample, horizon, mega=(gistnet, MegaConfig(attention=True, window=64)))
+    assert np.allclose(wide, plain, atol=1e-4)
+    assert not np.allclose(local, plain, atol=1e-3) and np.isfinite(local).all()
+    mega_cfg = tiny_config(Path(cfg.paths.artifact_root).parent, *EVAL_ARGS, "mega.attention=true", "mega.window=64")
+    report = evaluate(mega_cfg, out=tmp_path / "mega-eval")
+    context = json.loads((report / "manifest.json").read_text())["context"]
+    assert context["attention"] == "MegaAttention W=64 (sdpa)"
