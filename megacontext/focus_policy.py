@@ -11,7 +11,7 @@ spent focusing) that phases and the evaluation drain into their own telemetry.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from megacontext.config import Config
 from megacontext.focus_allocator import FocusAllocator
 from megacontext.lensnet import LensInputs, LensNet, lens_inputs, tail_nodes
+from megacontext.nodes import Node
 from megacontext.windows import Window
 from megacontext.working_context import WorkingContext, assemble_live, cold_start
 
@@ -55,13 +56,19 @@ class Policy:
 
 
 @torch.no_grad()
+def wc_lens_inputs(wc: WorkingContext, tail_lod1: int, read: Callable[[Sequence[Node]], torch.Tensor]) -> LensInputs:
+    """LensNet's inputs for `wc`; `read(nodes)` gives the nodes' vectors [n, d] (live GistNet or a tree)."""
+    vectors = read(wc.entries)  # [N, d]
+    tail = [n for n in tail_nodes(wc.cursor, tail_lod1, top_level=wc.levels) if n.level <= wc.levels]
+    tail_vectors = read(tail) if tail else vectors[:0]
+    return lens_inputs(wc.entries, wc.cursor, vectors, tail, tail_vectors)
+
+
 def lens_inputs_for(wc: WorkingContext, tokens: torch.Tensor, embedding: nn.Module, gistnet: nn.Module,
                     tail_lod1: int) -> LensInputs:
-    vectors = assemble_live(wc.entries, tokens, embedding, gistnet).inputs_embeds[0]  # [N, d]
-    tail = [n for n in tail_nodes(wc.cursor, tail_lod1, top_level=wc.levels) if n.level <= wc.levels]
-    tail_vectors = assemble_live(tail, tokens, embedding, gistnet, cursor=wc.cursor).inputs_embeds[0] if tail \
-        else vectors[:0]
-    return lens_inputs(wc.entries, wc.cursor, vectors, tail, tail_vectors)
+    """LensNet's inputs with gists computed live from the window's tokens."""
+    return wc_lens_inputs(wc, tail_lod1, lambda nodes: assemble_live(nodes, tokens, embedding, gistnet,
+                                                                      cursor=wc.cursor).inputs_embeds[0])
 
 
 def cold_start_policy(cfg: Config, budget: int | None = None) -> Policy:

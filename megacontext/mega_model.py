@@ -114,15 +114,22 @@ def summaries(gistnet: nn.Module, leaves: torch.Tensor, mu: torch.Tensor, sigma:
     return torch.cat(vectors), torch.cat(mus), torch.cat(sigmas)
 
 
-def mega_forward(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, window: int, *, kernel: str = "sdpa") -> torch.Tensor:
-    """Logits [1, n, V] of the WC's leaves with MegaAttention (`install_mega_attention` first)."""
+@contextmanager
+def mega_inputs(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, window: int,
+                kernel: str = "sdpa") -> Iterator[tuple[MegaLayout, torch.Tensor]]:
+    """Inside: `(layout, seq [1, L, d])` — the WC's leaves then their summaries — with the summaries'
+    Gaussian-RoPE positions and the MegaAttention mask active for a forward of `seq`."""
     install_gaussian_rope(base.model)
     leaves, mu, sigma = inputs.inputs_embeds[0], inputs.mu[0], inputs.sigma[0]
-    n = leaves.shape[0]
     s_vec, s_mu, s_sigma = summaries(gistnet, leaves, mu, sigma)
-    lay = layout(n, device=leaves.device)
-    seq = torch.cat([leaves, s_vec])[None]
+    lay = layout(leaves.shape[0], device=leaves.device)
     positions = torch.cat([mu, s_mu])[None], torch.cat([sigma, s_sigma])[None]
     with gaussian_positions(base.model, *positions), mega_context(base.model, lay, window, kernel):
+        yield lay, torch.cat([leaves, s_vec])[None]
+
+
+def mega_forward(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, window: int, *, kernel: str = "sdpa") -> torch.Tensor:
+    """Logits [1, n, V] of the WC's leaves with MegaAttention (`install_mega_attention` first)."""
+    with mega_inputs(base, gistnet, inputs, window, kernel) as (lay, seq):
         logits = base.model(inputs_embeds=seq, use_cache=False).logits
-    return logits[:, :n]
+    return logits[:, : lay.n]

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megacontext.base_model import BaseLM
-from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
-from megacontext.mega_attention import TOP, MegaLayout, layout
-from megacontext.mega_model import mega_context, summaries
+from megacontext.mega_attention import TOP, MegaLayout
+from megacontext.mega_model import mega_inputs
 from megacontext.nodes import BLOCK
 from megacontext.working_context import WCInputs
 
@@ -88,20 +87,14 @@ def mega_prediction_loss(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, hor
     (the plain base embedding when LoRA adapts the model's). `install_mega_attention(base.model)` first.
     `predict=False`: MegaAttention only (L_tok, no gist readouts).
     """
-    install_gaussian_rope(base.model)
     embedding = base.model.get_input_embeddings()
     gist_embedding = gist_embedding or embedding
     lm_head = base.model.get_output_embeddings()
     weight = getattr(embedding, "base_layer", embedding).weight  # the tied matrix E
-    leaves, mu, sigma = inputs.inputs_embeds[0], inputs.mu[0], inputs.sigma[0]
-    n, h = leaves.shape[0], len(horizon_ids)
-    first = n - h
-    lay = layout(n, device=leaves.device)
-    s_vec, s_mu, s_sigma = summaries(gistnet, leaves, mu, sigma)
-    seq = torch.cat([leaves, s_vec])[None]
-    with gaussian_positions(base.model, torch.cat([mu, s_mu])[None], torch.cat([sigma, s_sigma])[None]), \
-            mega_context(base.model, lay, window, kernel):
+    with mega_inputs(base, gistnet, inputs, window, kernel) as (lay, seq):
         hidden = base.model.get_decoder()(inputs_embeds=seq, use_cache=False).last_hidden_state[0]  # [L, d], normed
+    n, h = lay.n, len(horizon_ids)
+    first = n - h
     logprobs = F.log_softmax(lm_head(hidden[first - 1 : n - 1]).float(), dim=-1)  # [H, V]
     nll = F.nll_loss(logprobs, horizon_ids)
     terms = {"tok": nll}

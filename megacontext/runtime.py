@@ -29,11 +29,12 @@ from megacontext.base_model import BaseLM, load_base_model
 from megacontext.config import Config
 from megacontext.errors import ArtifactError, ConfigError, InputDataError
 from megacontext.focus_allocator import Edit, FocusAllocator
+from megacontext.focus_policy import wc_lens_inputs
 from megacontext.gaussian_rope import install_gaussian_rope
 from megacontext.gistnet import GistNet, TreeGistEncoder, build_gistnet, load_gistnet
 from megacontext.jt3_lora import load_lora
 from megacontext.kv_cache import WCKVCache
-from megacontext.lensnet import LensNet, lens_inputs, load_lensnet, tail_nodes
+from megacontext.lensnet import LensNet, load_lensnet
 from megacontext.lineage import read_manifest
 from megacontext.nodes import BLOCK, Node
 from megacontext.tree import MegaContextTree
@@ -227,11 +228,10 @@ class Runtime:
     @torch.no_grad()
     def score(self) -> np.ndarray:
         """LensNet's scores [N] for the current WC, read from the tree (gists) and the plain embedding."""
-        wc = self.wc
-        vectors = assemble(wc.entries, self.source, self.gist_embedding).inputs_embeds[0]
-        tail = [n for n in tail_nodes(wc.cursor, self.cfg.lensnet.tail_lod1, top_level=wc.levels) if n.level <= wc.levels]
-        tail_vectors = assemble(tail, self.source, self.gist_embedding).inputs_embeds[0] if tail else vectors[:0]
-        return self.lensnet(lens_inputs(wc.entries, wc.cursor, vectors, tail, tail_vectors))[0].numpy()
+        def read(nodes: Sequence[Node]) -> torch.Tensor:
+            return assemble(nodes, self.source, self.gist_embedding).inputs_embeds[0]
+
+        return self.lensnet(wc_lens_inputs(self.wc, self.cfg.lensnet.tail_lod1, read))[0].numpy()
 
     # --- decode ------------------------------------------------------------------------
 
