@@ -82,6 +82,7 @@ def noop_dvc_repro(work: Path, repeats: int) -> dict[str, float]:
     (repo / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text().replace("  - profile: default", "  - profile: tiny"))
     _run(["git", "init", "-q"], cwd=repo)
     _run([str(DVC), "init", "-q"], cwd=repo)
+    _run([str(DVC), "config", "core.analytics", "false"], cwd=repo)  # as tests/test_dvc.py: no network attempts
     first = _run([str(DVC), "repro"], cwd=repo)
     noop = [_run([str(DVC), "repro"], cwd=repo) for _ in range(repeats)]
     return {"dvc_repro_full_tiny_seconds": first, "dvc_repro_noop_seconds_median": statistics.median(noop),
