@@ -6,11 +6,14 @@ through the discrete working context, plus a weak substitutability keep-alive
 KL(P_full ‖ P_WC) against the plain base on the full window. GistNet is frozen
 and reads the plain embedding, exactly as the trees were built. With `mega.attention`
 the WC is read through MegaAttention, and with `mega.prediction` the MegaPrediction
-gist losses are added (LOD agreement and per-level gradient norms are logged).
+gist losses are added (LOD agreement and per-level gradient norms are logged);
+windows then carry the next 1,024 tokens for the LOD2 target, which trains when
+the WC holds a wLOD2 node (train.budget ≥ 1,024).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.gistnet import GistNet
 from megacontext.focus_policy import Policy, cold_start_policy
 from megacontext.jt1_gistnet import horizon_logprobs
+from megacontext.mega_attention import TOP
 from megacontext.mega_model import install_mega_attention
 from megacontext.mega_prediction import Alphas, level_grad_norms, mega_prediction_loss
 from megacontext.nodes import BLOCK, span
@@ -68,7 +72,12 @@ class JT3LoRA:
     def __init__(self, cfg: Config, base: BaseLM, gistnet: GistNet, docs: list[TokenizedDocument],
                  policy: Policy | None = None, peft_model: PeftModel | None = None):
         self.cfg, self.base, self.gistnet = cfg, base, gistnet
-        self.docs = eligible(docs, cfg.train.history, cfg.train.horizon)
+        # MegaPrediction's LOD2 target is the gist of the next 1,024 tokens from the horizon start
+        self.lookahead = TOP if cfg.mega.prediction else 0
+        if cfg.mega.prediction and cfg.train.budget < TOP:
+            warnings.warn(f"train.budget {cfg.train.budget} < {TOP}: the WC has no wLOD2 node, so MegaPrediction "
+                          f"trains L_tok + α1·L_lod1 only (raise train.budget to {TOP + BLOCK}+ for L_lod2)")
+        self.docs = eligible(docs, cfg.train.history, cfg.train.horizon, self.lookahead)
         self.policy = policy or cold_start_policy(cfg)
         install_gaussian_rope(base.model)
         base.model.requires_grad_(False)
@@ -89,7 +98,8 @@ class JT3LoRA:
         t = self.cfg.train
         self._progress = step / max(t.jt3.steps - 1, 1)  # for the MegaPrediction α schedules
         return [sample_window(self.docs, history=t.history, horizon=t.horizon, align=span(self.cfg.wc.levels),
-                              seed=self.cfg.seed + 3, step=step, item=item) for item in items]
+                              seed=self.cfg.seed + 3, step=step, item=item, lookahead=self.lookahead)
+                for item in items]
 
     def loss(self, batch: list[Window], global_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
         total = torch.zeros(())
@@ -110,6 +120,8 @@ class JT3LoRA:
             if self.mega.attention:
                 out = mega_prediction_loss(self.base, self.gistnet, inputs, targets[0], self.mega.window,
                                            alphas=self.alphas, progress=self._progress, kernel=self.mega.kernel,
+                                           lod2_future=None if window.future is None else
+                                           torch.as_tensor(window.future.astype(np.int64)),
                                            gist_embedding=self.plain_embedding, predict=self.mega.prediction,
                                            unfreeze_targets=self.mega.unfreeze_targets)
                 student, gist_terms = out.logprobs[None], out.loss - out.terms["tok"]

@@ -6,7 +6,8 @@ followed by its teacher-forced horizon, the shared (tied) LM head reads out:
 - at the latest wLOD1 node before each 32-token block of the horizon: a
   predicted gist of that block, ĝ = softmax(lm_head(h)) @ E (L_lod1);
 - at the latest wLOD2 node before the horizon: a predicted gist of the next
-  1,024 tokens (L_lod2, when those tokens are given).
+  1,024 tokens from the horizon start (L_lod2, when those tokens are given:
+  the horizon is their first H).
 Targets are GistNet's gists of the true tokens (two-stage for LOD2), under
 no_grad unless `unfreeze_targets`. Gist losses are cosine distances; the
 weights follow linear schedules α1 0.02→0.05, α2 0.01→0.03 (α1 > α2).
@@ -83,7 +84,8 @@ def mega_prediction_loss(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, hor
     """L_tok + α1·L_lod1 + α2·L_lod2 on a WC whose last H leaves are the teacher-forced `horizon_ids` [H].
 
     `inputs` come from `assemble(..., horizon=...)` (the horizon appended); `lod2_future` [1024] are the
-    true tokens after the latest wLOD2 node's run, when known. `gist_embedding`: what GistNet reads
+    true next 1,024 tokens from the horizon start (so they begin with `horizon_ids`), when known; L_lod2
+    needs them and a wLOD2 node wholly before the horizon (≥ 1,024 leaves before it). `gist_embedding`: what GistNet reads
     (the plain base embedding when LoRA adapts the model's). `install_mega_attention(base.model)` first.
     `predict=False`: MegaAttention only (L_tok, no gist readouts).
     """
@@ -111,6 +113,9 @@ def mega_prediction_loss(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, hor
         if lod2_future is not None and lod2_readout(lay, first) is not None:
             if lod2_future.shape != (TOP,):
                 raise ValueError(f"lod2_future must hold the next {TOP} tokens, got shape {tuple(lod2_future.shape)}")
+            k = min(h, TOP)
+            if not torch.equal(lod2_future[:k], horizon_ids[:k]):
+                raise ValueError("lod2_future must start at the horizon: its first tokens differ from horizon_ids")
             lod1 = gistnet(gist_embedding(lod2_future.reshape(BLOCK, BLOCK)).float(), 1)  # two-stage, as the tree
             target2 = gistnet(lod1[None], 2)[0]
     predictions, targets = {}, {}

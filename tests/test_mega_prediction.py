@@ -70,7 +70,7 @@ def test_the_loss_is_tok_plus_weighted_gist_terms_on_schedule(setup):
     base, gistnet = setup
     torch.manual_seed(1)
     ids = torch.randint(0, 256, (2_100 + H,))
-    future = torch.randint(0, 256, (1_024,))
+    future = torch.cat([ids[-H:], torch.randint(0, 256, (1_024 - H,))])  # the next 1,024 tokens from the horizon
     out = mega_prediction_loss(base, gistnet, inputs(base, ids), ids[-H:], window=64, progress=0.5, lod2_future=future)
     a1, a2 = Alphas().at(0.5)
     assert (a1, a2) == pytest.approx((0.035, 0.02))
@@ -82,6 +82,25 @@ def test_the_loss_is_tok_plus_weighted_gist_terms_on_schedule(setup):
         Alphas(lod1=(0.01, 0.05), lod2=(0.02, 0.03))
     with pytest.raises(ValueError, match="next 1024 tokens"):
         mega_prediction_loss(base, gistnet, inputs(base, ids), ids[-H:], window=64, lod2_future=future[:10])
+    with pytest.raises(ValueError, match="must start at the horizon"):
+        mega_prediction_loss(base, gistnet, inputs(base, ids), ids[-H:], window=64, lod2_future=future.roll(1))
+
+
+def test_the_lod2_prediction_never_sees_the_tokens_it_predicts(setup):
+    base, gistnet = setup
+    torch.manual_seed(3)
+    ids = torch.randint(0, 256, (1_100 + H,))  # 1,100 leaves before the horizon: one wLOD2 node wholly before it
+    future = torch.cat([ids[-H:], torch.randint(0, 256, (1_024 - H,))])
+    with torch.no_grad():
+        before = mega_prediction_loss(base, gistnet, inputs(base, ids), ids[-H:], window=64, lod2_future=future)
+        changed, changed_future = ids.clone(), future.clone()
+        changed[-H:] = (changed[-H:] + 1) % 256  # the whole horizon: leaves of the input and the target's first tokens
+        changed_future[:H] = changed[-H:]
+        after = mega_prediction_loss(base, gistnet, inputs(base, changed), changed[-H:], window=64,
+                                     lod2_future=changed_future)
+    assert torch.allclose(before.predictions["lod2"], after.predictions["lod2"], atol=1e-6)
+    assert not torch.allclose(before.targets["lod2"], after.targets["lod2"])
+    assert not torch.allclose(before.predictions["lod1"], after.predictions["lod1"])  # later horizon blocks' readouts see it
 
 
 def test_targets_are_frozen_by_default_and_per_level_grad_norms_are_logged(setup):
@@ -98,7 +117,7 @@ def test_targets_are_frozen_by_default_and_per_level_grad_norms_are_logged(setup
     assert level_grad_norms(unfrozen.terms, params)["grad_norm_lod1"] != pytest.approx(norms["grad_norm_lod1"])
 
 
-def test_jt3_with_megaprediction_trains_only_lora_and_logs_lod_agreement(tmp_path):
+def test_jt3_with_megaprediction_trains_only_lora_and_logs_lod_agreement_per_level(tmp_path):
     from megacontext.config import PhaseConfig
     from megacontext.corpus import build_corpus
     from megacontext.jt3_lora import JT3LoRA
@@ -106,7 +125,8 @@ def test_jt3_with_megaprediction_trains_only_lora_and_logs_lod_agreement(tmp_pat
     from megacontext.train_loop import fit
 
     cfg = tiny_config(tmp_path, "data.max_documents=4", "data.val_fraction=0", "data.test_fraction=0",
-                      "mega.attention=true", "mega.prediction=true", "mega.window=64", "train.jt3.steps=3")
+                      "mega.attention=true", "mega.prediction=true", "mega.window=64", "train.jt3.steps=3",
+                      "train.history=2048", "train.budget=1088")  # a WC of > 1,024 entries: one wLOD2 node
     build_corpus(cfg)
     build_shards(cfg)
     base = load_base_model(cfg)
@@ -114,8 +134,12 @@ def test_jt3_with_megaprediction_trains_only_lora_and_logs_lod_agreement(tmp_pat
     phase = JT3LoRA(cfg, base, gistnet, read_split(shards_dir(cfg), "train"))
     requires_grad = {n for n, p in phase.peft.named_parameters() if p.requires_grad}
     assert requires_grad == set(phase.trainable()) and all("lora_" in n for n in requires_grad)
+    window = phase.make_batch(0, [0])[0]  # each window carries the next 1,024 tokens from its horizon start
+    doc = next(d for d in phase.docs if d.doc_id == window.doc_id)
+    assert window.future.tolist() == doc.tokens[window.start + 2_048 : window.start + 3_072].tolist()
     result = fit(phase, PhaseConfig(steps=3, batch=2, lr=1e-2), tmp_path / "jt3", checkpoint_every=3)
     rows = result.telemetry
     assert all(-1 <= r["lod1_agreement"] <= 1 and r["grad_norm_lod1"] > 0 and r["grad_norm_tok"] > 0 for r in rows)
+    assert all(-1 <= r["lod2_agreement"] <= 1 and r["grad_norm_lod2"] > 0 for r in rows)
     assert [round(r["alpha1"], 4) for r in rows] == [0.02, 0.035, 0.05]  # the schedule over the phase
     assert not any(p.requires_grad for p in gistnet.parameters())
