@@ -5,10 +5,13 @@ summaries for MegaAttention, N for the others); the same FlexAttention kernel
 (compiled) runs the MegaAttention, full causal, sliding-window (causal, W) and
 BigBird-style (causal window W + 64 global tokens + ~3 pseudo-random 128-blocks per
 query block) masks; SDPA's fused causal kernel is timed too up to 16k (beyond, its
-CPU path materialises the N x N scores: 68 GB at 64k). Times are medians after a
-warm-up (compile) call. At the smallest N the MegaAttention result is checked
-against the dense-mask SDPA reference. Reported: ms per forward, the speed-up of
-MegaAttention over full causal, and the growth factor per doubling of N.
+CPU path materialises the N x N scores: 68 GB at 64k). MegaAttention's packed
+kernel (SDPA per 32-leaf slice on its gathered keys) is timed forward and
+forward+backward, against forward+backward of SDPA's fused causal kernel (the
+CPU has no FlexAttention backward). Times are medians after a warm-up (compile)
+call. At the smallest N both MegaAttention kernels are checked against the
+dense-mask SDPA reference. Reported: ms per call, speed-ups over full causal,
+and the growth factor per doubling of N.
 
     .venv/bin/python benchmarks/bench_mega_attention.py [--sizes 4096 16384 65536]
 """
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
-from megacontext.mega_attention import block_mask, compiled_flex, layout, mega_attention
+from megacontext.mega_attention import block_mask, compiled_flex, layout, mega_attention, packed_attention, packed_plan
 
 BLOCK_SIZE = 128
 
@@ -39,6 +42,11 @@ def timed(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - tick)
     return 1000 * statistics.median(times)
+
+
+def fwd_bwd(attention, q, k, v) -> None:
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    attention(q, k, v).sum().backward()
 
 
 def causal(n: int):
@@ -83,15 +91,25 @@ def main() -> int:
         row["mega_density"] = float(mega_mask.sparsity()) if hasattr(mega_mask, "sparsity") else None
         q, k, v = (torch.randn(1, args.heads, lay.length, args.dim) for _ in range(3))
         row["mega_ms"] = timed(lambda: flex(q, k, v, block_mask=mega_mask), args.repeats)
+        plan = packed_plan(lay, args.window)
+        row["packed_ms"] = timed(lambda: packed_attention(q, k, v, plan), args.repeats)
+        row["packed_fwd_bwd_ms"] = timed(lambda: fwd_bwd(lambda a, b, c: packed_attention(a, b, c, plan), q, k, v),
+                                         args.repeats)
         if n == min(args.sizes):
             ref = mega_attention(q, k, v, lay, args.window, kernel="sdpa")
             row["max_abs_diff_vs_dense_sdpa"] = float((flex(q, k, v, block_mask=mega_mask) - ref).abs().max())
+            row["packed_max_abs_diff_vs_dense_sdpa"] = float((packed_attention(q, k, v, plan) - ref).abs().max())
+        del plan
         q, k, v = (x[:, :, :n].contiguous() for x in (q, k, v))
         causal_mask = causal(n)
         row["full_causal_ms"] = timed(lambda: flex(q, k, v, block_mask=causal_mask), 1 if n >= 65_536 else args.repeats)
         if n <= 16_384:  # SDPA's fused causal kernel; beyond this the CPU path materialises N x N scores
             row["full_causal_sdpa_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
                                                args.repeats)
+            row["full_causal_sdpa_fwd_bwd_ms"] = timed(
+                lambda: fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), q, k, v),
+                args.repeats)
+            row["packed_fwd_bwd_speedup_vs_full"] = row["full_causal_sdpa_fwd_bwd_ms"] / row["packed_fwd_bwd_ms"]
         window_mask = sliding(n, args.window)
         row["sliding_ms"] = timed(lambda: flex(q, k, v, block_mask=window_mask), args.repeats)
         bb_mask = bigbird(n, args.window)
@@ -103,7 +121,7 @@ def main() -> int:
               f"sliding {row['sliding_ms']:.1f} ms, bigbird {row['bigbird_ms']:.1f} ms", flush=True)
     for prev, row in zip(rows, rows[1:]):
         doublings = math.log2(row["n"] / prev["n"])
-        for key in ("mega_ms", "full_causal_ms", "sliding_ms", "bigbird_ms"):
+        for key in ("mega_ms", "packed_ms", "packed_fwd_bwd_ms", "full_causal_ms", "sliding_ms", "bigbird_ms"):
             row[key.replace("_ms", "_growth_per_doubling")] = (row[key] / prev[key]) ** (1 / doublings)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,8 +136,17 @@ def main() -> int:
         sdpa = f"{row['full_causal_sdpa_ms']:.1f} ms" if "full_causal_sdpa_ms" in row else "— (N×N scores)"
         print(f"| {row['n']:,} | {row['mega_ms']:.1f} ms | {row['full_causal_ms']:.1f} ms | {sdpa} | {row['sliding_ms']:.1f} ms | "
               f"{row['bigbird_ms']:.1f} ms | {row['speedup_vs_full']:.1f}x | {growth} |")
+    print("\nforward+backward (CPU: no FlexAttention backward)\n| N | MegaAttention packed fwd | packed fwd+bwd | "
+          "full causal SDPA fwd+bwd | packed speed-up (fwd+bwd) | growth/doubling (packed fwd+bwd) |\n"
+          "|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        full = f"{row['full_causal_sdpa_fwd_bwd_ms']:.1f} ms" if "full_causal_sdpa_fwd_bwd_ms" in row else "— (N×N scores)"
+        speedup = f"{row['packed_fwd_bwd_speedup_vs_full']:.1f}x" if "packed_fwd_bwd_speedup_vs_full" in row else "—"
+        growth = f"{row['packed_fwd_bwd_growth_per_doubling']:.2f}x" if "packed_fwd_bwd_growth_per_doubling" in row else "—"
+        print(f"| {row['n']:,} | {row['packed_ms']:.1f} ms | {row['packed_fwd_bwd_ms']:.1f} ms | {full} | {speedup} | {growth} |")
     if "max_abs_diff_vs_dense_sdpa" in rows[0]:
-        print(f"\nMegaAttention (flex) vs dense-mask SDPA at N={rows[0]['n']:,}: max |diff| {rows[0]['max_abs_diff_vs_dense_sdpa']:.2e}")
+        print(f"\nMegaAttention vs dense-mask SDPA at N={rows[0]['n']:,}: max |diff| flex "
+              f"{rows[0]['max_abs_diff_vs_dense_sdpa']:.2e}, packed {rows[0]['packed_max_abs_diff_vs_dense_sdpa']:.2e}")
     print(f"written: {out}")
     return 0
 

@@ -215,7 +215,10 @@ class MegaConfig(Section):
 
     attention: bool = False  # JT3 reads the WC through MegaAttention instead of full attention
     window: int = Field(256, ge=1)  # W: the leaves' causal local window
-    kernel: Literal["sdpa", "flex"] = "sdpa"  # sdpa = dense boolean mask (CPU training); flex = compiled
+    # sdpa = dense boolean mask (the reference; CPU training of short WCs); flex = compiled FlexAttention
+    # (forward on CPU, forward+backward on GPU); packed = SDPA per 32-leaf slice on its gathered keys
+    # (O(N·(W + 64 + N/1,024)) memory, forward+backward anywhere)
+    kernel: Literal["sdpa", "flex", "packed"] = "sdpa"
     layers: list[int] | None = None  # attention modules (model.layers.<i>.self_attn) to replace; None = all
     prediction: bool = False  # MegaPrediction gist losses (needs attention)
     alpha1: tuple[float, float] = (0.02, 0.05)  # L_lod1 weight, start -> end of the phase

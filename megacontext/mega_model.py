@@ -27,7 +27,7 @@ from transformers.masking_utils import sdpa_mask
 
 from megacontext.base_model import BaseLM
 from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
-from megacontext.mega_attention import MegaLayout, block_mask, dense_mask, layout, mega_attention
+from megacontext.mega_attention import MegaLayout, build_mask, layout, mega_attention
 from megacontext.nodes import BLOCK
 from megacontext.working_context import WCInputs
 
@@ -45,8 +45,8 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if scaling is not None and abs(scaling - query.shape[-1] ** -0.5) > 1e-12:
-        query = query * (scaling * query.shape[-1] ** 0.5)  # both kernels scale by 1/sqrt(d)
-    out = mega_attention(query, key, value, lay, window, kernel=kernel, mask=mask)
+        query = query * (scaling * query.shape[-1] ** 0.5)  # every kernel scales by 1/sqrt(d)
+    out = mega_attention(query, key, value, lay, window, kernel=kernel, mask=mask)  # the mask holds near_causal
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -78,11 +78,14 @@ def install_mega_attention(model: nn.Module, layers: Sequence[int] | None = None
 
 
 @contextmanager
-def mega_context(model: nn.Module, lay: MegaLayout, window: int, kernel: str = "sdpa") -> Iterator[None]:
-    """Inside: the marked attention modules run MegaAttention over `lay` (one mask built for all layers)."""
+def mega_context(model: nn.Module, lay: MegaLayout, window: int, kernel: str = "sdpa", *,
+                 near_causal: bool = False) -> Iterator[None]:
+    """Inside: the marked attention modules run MegaAttention over `lay` (one mask built for all layers).
+    `near_causal` lets leaves see their own run's summary (≤ 31 later leaves): never for NLL or training
+    on next tokens, which it would leak."""
     if model.config._attn_implementation != IMPLEMENTATION:
         raise RuntimeError("MegaAttention is not installed on this model; call install_mega_attention(model) first")
-    mask = dense_mask(lay, window) if kernel == "sdpa" else block_mask(lay, window)
+    mask = build_mask(lay, window, kernel, near_causal)
     marked = [m for m in attention_modules(model).values() if getattr(m, "_mega_selected", False)]
     for module in marked:
         module._mega_state = (lay, window, kernel, mask)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacontext.mega_attention import dense_mask, layout, mega_attention
+from megacontext.mega_attention import GROUP, dense_mask, layout, mega_attention, packed_plan
 
 
 def coverage(n: int, window: int, near_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +84,37 @@ def test_flex_attention_equals_the_sdpa_reference(window):
     assert torch.allclose(flex, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("n, window, near_causal", [(100, 64, False), (1_100, 96, False), (2_112, 256, False),
+                                                     (3_000, 100, True), (2_080, 4_096, False)])
+def test_packed_attention_equals_the_sdpa_reference_forward_and_backward(n, window, near_causal):
+    torch.manual_seed(3)
+    lay = layout(n)
+    q, k, v = (torch.randn(1, 2, lay.length, 16, requires_grad=True) for _ in range(3))
+    packed = mega_attention(q, k, v, lay, window, kernel="packed", near_causal=near_causal)
+    ref = mega_attention(q, k, v, lay, window, kernel="sdpa", near_causal=near_causal)
+    assert torch.allclose(packed, ref, atol=1e-5)
+    for g, r in zip(torch.autograd.grad(packed.square().sum(), (q, k, v)), torch.autograd.grad(ref.square().sum(), (q, k, v))):
+        assert torch.allclose(g, r, atol=1e-4)
+    if window >= n:  # the leaves get exactly full causal attention
+        causal = F.scaled_dot_product_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], is_causal=True)
+        assert torch.allclose(packed[:, :, :n], causal, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, window, group", [(1_100, 96, GROUP), (5_000, 256, GROUP), (4_100, 64, 32),
+                                              (3_000, 300, 1_024)])
+def test_the_packed_slices_hold_exactly_the_visible_pairs_in_o_of_n_keys(n, window, group):
+    lay = layout(n)
+    plan = packed_plan(lay, window, group=group)
+    assert sorted(plan.q_index.flatten()[plan.inverse].tolist()) == list(range(lay.length))  # each query once
+    nq = plan.q_index.shape[1]
+    slots = plan.inverse.tolist()  # the flat (block, query) slots that hold real queries; the rest is padding
+    pairs = [(plan.q_index.flatten()[s].item(), k) for s in slots
+             for k in plan.k_index[s // nq][plan.mask[s // nq, s % nq]].tolist()]
+    rows, cols = dense_mask(lay, window).nonzero(as_tuple=True)
+    assert len(pairs) == len(set(pairs)) and set(pairs) == set(zip(rows.tolist(), cols.tolist()))
+    assert plan.k_index.shape[1] <= window + group + 2 * 32 + group // 32 + n // 1_024  # keys per slice: O(W + N/1,024)
+
+
 def test_unknown_kernel_and_shape_mismatch_are_refused():
     lay = layout(64)
     x = torch.randn(1, 1, lay.length, 8)
@@ -153,7 +184,7 @@ def test_only_the_attention_modules_chosen_by_name_run_mega_attention(tiny):
         install_mega_attention(base.model, layers=[7])
 
 
-def test_in_the_base_model_flex_equals_sdpa_and_sdpa_trains_gistnet(tiny):
+def test_in_the_base_model_flex_and_packed_equal_sdpa_and_sdpa_and_packed_train_gistnet(tiny):
     from megacontext.mega_model import install_mega_attention, mega_forward
     from megacontext.working_context import WCInputs
 
@@ -164,6 +195,12 @@ def test_in_the_base_model_flex_equals_sdpa_and_sdpa_trains_gistnet(tiny):
     sdpa = mega_forward(base, gistnet, WCInputs(x, mu, sigma), window=64)
     assert torch.allclose(flex, sdpa.detach(), atol=1e-4)
     sdpa[0, -1].logsumexp(-1).backward()  # CPU training path: gradients reach GistNet through the summaries
-    grads = [p.grad for p in gistnet.parameters() if p.grad is not None]
+    grads = [p.grad.clone() for p in gistnet.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    gistnet.zero_grad()
+    packed = mega_forward(base, gistnet, WCInputs(x, mu, sigma), window=64, kernel="packed")
+    assert torch.allclose(packed, sdpa.detach(), atol=1e-4)
+    packed[0, -1].logsumexp(-1).backward()  # the packed kernel trains GistNet with the same gradients
+    packed_grads = [p.grad for p in gistnet.parameters() if p.grad is not None]
+    assert len(packed_grads) == len(grads) and all(torch.allclose(a, b, atol=1e-4) for a, b in zip(packed_grads, grads))
     gistnet.zero_grad()
