@@ -135,6 +135,23 @@ def mega_prediction_loss(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, hor
     return PredictionOutput(loss, terms, metrics, predictions, targets, logprobs)
 
 
+@torch.no_grad()
+def next_block_prediction(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, window: int, *,
+                          kernel: str = "sdpa") -> torch.Tensor | None:
+    """ĝ [d] of the 32 tokens after a WC's last leaf, read out at its latest wLOD1 node — the readout
+    `mega_prediction_loss` trains (strictly causal, so the block itself is not needed). None without a
+    complete 32-leaf run. `install_mega_attention(base.model)` first."""
+    n = inputs.inputs_embeds.shape[1]
+    if n < BLOCK:
+        return None
+    embedding = base.model.get_input_embeddings()
+    weight = getattr(embedding, "base_layer", embedding).weight
+    with mega_inputs(base, gistnet, inputs, window, kernel) as (lay, seq):
+        hidden = base.model.get_decoder()(inputs_embeds=seq, use_cache=False).last_hidden_state[0]
+    _, nodes = lod1_readouts(lay, n, BLOCK)
+    return predicted_gist(hidden[nodes[0]], base.model.get_output_embeddings(), weight)
+
+
 def level_grad_norms(terms: dict[str, torch.Tensor], params: list[torch.nn.Parameter]) -> dict[str, float]:
     """‖∂term/∂params‖ per loss term (per level), for telemetry; the graph is kept for the real backward."""
     norms = {}

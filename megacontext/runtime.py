@@ -36,6 +36,8 @@ from megacontext.jt3_lora import load_lora
 from megacontext.kv_cache import WCKVCache
 from megacontext.lensnet import LensNet, load_lensnet
 from megacontext.lineage import read_manifest
+from megacontext.mega_model import install_mega_attention
+from megacontext.mega_prediction import next_block_prediction
 from megacontext.nodes import BLOCK, Node
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import BudgetExceeded, WorkingContext, assemble
@@ -83,6 +85,7 @@ class Telemetry:
     budget_samples: list[float] = field(default_factory=list)
     drafts: int = 0  # speculative drafts scored
     accepted: int = 0  # drafts committed
+    wlod1_readouts: int = 0  # drafts scored at MegaPrediction's wLOD1 readout (the rest at the latest leaf)
 
     def summary(self, w_max: int, allocator: FocusAllocator, cache: WCKVCache) -> dict[str, float]:
         focus = allocator.telemetry()
@@ -96,6 +99,7 @@ class Telemetry:
             "decode_ms_per_token": 1000 * self.decode_seconds / max(self.decode_forwards, 1),
             "tree_seconds": self.tree_seconds, "speculative_drafts": self.drafts,
             "speculative_acceptance": self.accepted / self.drafts if self.drafts else 0.0,
+            "speculative_wlod1_readouts": self.wlod1_readouts,
             **{f"cache_{k}": v for k, v in cache.stats.as_dict().items()},
         }
 
@@ -128,6 +132,10 @@ class Runtime:
         self.snapshots: list[Snapshot] = []
         self._warned_positions = False
         self._scores: dict[Node, float] | None = None  # the last refocus's LensNet scores by node
+        # drafts are scored at MegaPrediction's wLOD1 readout when the cycle trained it (else at the latest leaf)
+        self.mega = cfg.mega if cfg.mega.prediction else None
+        if self.mega is not None:  # outside a mega_context the attention modules run plain SDPA, unchanged
+            install_mega_attention(base.model, self.mega.layers)
 
     @property
     def cursor(self) -> int:
@@ -271,10 +279,12 @@ class Runtime:
         Returns (draft, score, committed). The draft is decoded greedily into scratch
         space past the cursor; the tree and the allocator are untouched (the WC only
         makes room first if the block would not fit the budget). Its score is the LOD
-        agreement cos(ĝ, g) between the gist predicted at the cursor, ĝ = softmax(logits) @ E
-        (MegaPrediction's readout, here at the latest leaf), and GistNet's gist of the
-        drafted block. Commit feeds the draft (refocusing as usual) and appends it to the
-        tree in one atomic commit; roll back leaves the tree byte-identical.
+        agreement cos(ĝ, g) between the gist predicted for the next block and GistNet's
+        gist of the drafted block. ĝ = softmax(lm_head(h)) @ E is read out at the WC's
+        latest wLOD1 node through MegaAttention when `mega.prediction` is on (the readout
+        JT3 trains), else at the latest leaf (the next-token distribution). Commit feeds
+        the draft (refocusing as usual) and appends it to the tree in one atomic commit;
+        roll back leaves the tree byte-identical.
         """
         n = BLOCK
         if len(self.wc) + n > self.wc.w_max:
@@ -282,7 +292,14 @@ class Runtime:
         entries = list(self.wc.entries)
         logits = self.cache.next_logits(entries, self.source)
         weight = getattr(self.embedding, "base_layer", self.embedding).weight
-        predicted = torch.softmax(logits.float(), -1) @ weight.float()  # ĝ at the cursor
+        predicted = None
+        if self.mega is not None:
+            predicted = next_block_prediction(self.base, self.encoder.gistnet,
+                                              assemble(entries, self.source, self.embedding), self.mega.window,
+                                              kernel=self.mega.kernel)
+        self.telemetry.wlod1_readouts += predicted is not None
+        if predicted is None:
+            predicted = torch.softmax(logits.float(), -1) @ weight.float()  # ĝ at the latest leaf
         draft: list[int] = []
         for i in range(n):
             token = int(torch.argmax(logits))

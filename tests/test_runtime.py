@@ -315,3 +315,26 @@ def test_a_committed_draft_survives_a_kill(cfg, tmp_path):
     tree = MegaContextTree.open(tmp_path / "tree")  # verifies every CRC
     assert tree.n_tokens == 1_000 + BLOCK
     assert tree.tokens(1_000, 1_000 + BLOCK).tolist() == draft
+
+
+def test_with_megaprediction_a_draft_is_scored_at_the_wlod1_readout_jt3_trains(tmp_path):
+    from megacontext.mega_prediction import mega_prediction_loss
+    from megacontext.working_context import assemble
+
+    cfg = tiny_config(tmp_path, "mega.attention=true", "mega.prediction=true", "mega.window=64")
+    base = load_base_model(cfg)  # its own model: MegaAttention gets installed on it
+    plain = runtime(cfg.model_copy(update={"mega": cfg.mega.model_copy(update={"attention": False, "prediction": False})}),
+                    load_base_model(cfg), tmp_path / "plain")
+    rt = runtime(cfg, base, tmp_path / "t")
+    tokens = text_tokens(1_000)
+    rt.feed(tokens)
+    plain.feed(tokens)
+    assert torch.equal(rt.next_logits(), plain.next_logits())  # decoding outside MegaAttention is unchanged
+    draft, score, committed = rt.speculate(threshold=2.0)
+    assert not committed and rt.summary()["speculative_wlod1_readouts"] == 1
+    inputs = assemble(rt.wc.entries, rt.source, base.model.get_input_embeddings(), horizon=np.array(draft))
+    out = mega_prediction_loss(base, rt.encoder.gistnet, inputs, torch.tensor(draft), 64)
+    expected = torch.nn.functional.cosine_similarity(out.predictions["lod1"][0], out.targets["lod1"][0], dim=0)
+    assert score == pytest.approx(expected.item(), abs=1e-5)
+    _, leaf_score, _ = plain.speculate(threshold=2.0)  # without MegaPrediction: the latest leaf's readout
+    assert plain.summary()["speculative_wlod1_readouts"] == 0 and leaf_score != pytest.approx(score, abs=1e-4)
