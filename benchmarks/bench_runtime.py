@@ -35,18 +35,11 @@ from megacontext.runtime import Runtime, load_runtime
 from megacontext.shards import read_split, shards_dir
 
 
-def decisive_lensnet(cfg, d_model: int):
-    net = build_lensnet(cfg.lensnet, d_model, seed=cfg.seed)
-    with torch.no_grad():
-        net.head[-1].weight.normal_(0, 2.0, generator=torch.Generator().manual_seed(cfg.seed))
-    return net
-
-
 def make_runtime(cfg, base, checkpoint: Path | None, folder: Path, recompute: bool) -> Runtime:
     if checkpoint:
         return load_runtime(cfg, checkpoint, folder, recompute=recompute, base=base)
     gistnet = build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=cfg.seed, levels=cfg.wc.levels)
-    return Runtime(cfg, base, gistnet, decisive_lensnet(cfg, base.d_model), folder, recompute=recompute)
+    return Runtime(cfg, base, gistnet, build_lensnet(cfg.lensnet, base.d_model, seed=cfg.seed, head_std=2.0), folder, recompute=recompute)
 
 
 def decode(rt: Runtime, n: int) -> dict:

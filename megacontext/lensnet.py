@@ -180,11 +180,18 @@ class LensNet(nn.Module):
         return torch.tanh(self.head(e)[..., 0]) * x.mask  # [B, N]
 
 
-def build_lensnet(cfg: LensNetConfig, d_model: int, *, seed: int) -> LensNet:
-    """A fresh LensNet; same seed -> same weights."""
+def build_lensnet(cfg: LensNetConfig, d_model: int, *, seed: int, head_std: float = 0.0) -> LensNet:
+    """A fresh LensNet; same seed -> same weights. Its scoring head starts at zero (no edits) unless
+    `head_std` > 0 draws it from N(0, head_std²): an untrained LensNet that still takes decisions, for
+    exercising the runtime's editing path (its cost does not depend on the weights)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LensNet(cfg, d_model)
+        net = LensNet(cfg, d_model)
+    if head_std > 0:
+        weight = net.head[-1].weight
+        with torch.no_grad():
+            weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) * head_std)
+    return net
 
 
 # --- JT2 loss -----------------------------------------------------------------------------

@@ -78,6 +78,8 @@ def test_same_seed_same_weights() -> None:
     assert lensnet_identity(a) == lensnet_identity(b) != lensnet_identity(c)
     _, x = _inputs()
     assert torch.equal(_net(3)(x), _net(3)(x))
+    live = [build_lensnet(TINY, D, seed=s, head_std=0.5) for s in (0, 0, 1)]  # an untrained head that decides
+    assert torch.equal(live[0](x), live[1](x)) and live[0](x).abs().min() > 0 and not torch.equal(live[0](x), live[2](x))
 
 
 def test_scores_depend_on_tail_gists_and_entry_features() -> None:

@@ -36,11 +36,8 @@ def base(cfg):
 
 
 def decisive_lensnet(cfg, base, seed: int = 0):
-    """An untrained LensNet's head starts at zero (no edits); give it random weights so it takes decisions."""
-    net = build_lensnet(cfg.lensnet, base.d_model, seed=seed)
-    with torch.no_grad():
-        net.head[-1].weight.copy_(torch.randn(net.head[-1].weight.shape, generator=torch.Generator().manual_seed(seed)) * 2)
-    return net
+    """An untrained LensNet with a random head, so that it takes decisions."""
+    return build_lensnet(cfg.lensnet, base.d_model, seed=seed, head_std=2.0)
 
 
 def runtime(cfg, base, path: Path, *, lens: bool = True, **kwargs) -> Runtime:
