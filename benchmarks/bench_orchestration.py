@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -23,9 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from megacontext.scratch_repo import DVC, scratch_dvc_repo
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"
-DVC = ROOT / ".venv-dvc" / "bin" / "dvc"
 TINY = ["data.max_documents=5", "data.val_fraction=0.45", "data.test_fraction=0"]
 
 DAGSTER_SCRIPT = """
@@ -71,18 +71,7 @@ def cycle_overhead(work: Path) -> dict[str, float]:
 
 
 def noop_dvc_repro(work: Path, repeats: int) -> dict[str, float]:
-    repo = work / "dvc"
-    repo.mkdir()
-    for name in ("megacontext", "configs"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in (".venv", ".venv-dvc"):
-        (repo / name).symlink_to(ROOT / name)
-    (repo / "data").mkdir()
-    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
-    (repo / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text().replace("  - profile: default", "  - profile: tiny"))
-    _run(["git", "init", "-q"], cwd=repo)
-    _run([str(DVC), "init", "-q"], cwd=repo)
-    _run([str(DVC), "config", "core.analytics", "false"], cwd=repo)  # as tests/test_dvc.py: no network attempts
+    repo = scratch_dvc_repo(work / "dvc", lambda argv, cwd: _run(argv, cwd=cwd), profile="tiny")
     first = _run([str(DVC), "repro"], cwd=repo)
     noop = [_run([str(DVC), "repro"], cwd=repo) for _ in range(repeats)]
     return {"dvc_repro_full_tiny_seconds": first, "dvc_repro_noop_seconds_median": statistics.median(noop),

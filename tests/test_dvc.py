@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import subprocess
 from pathlib import Path
 
 import yaml
 
 from megacontext.cli import _parser
+from megacontext.scratch_repo import DVC, scratch_dvc_repo
 
 ROOT = Path(__file__).resolve().parent.parent
-DVC = ROOT / ".venv-dvc" / "bin" / "dvc"
 STAGE_CODE = {"build-corpus": "corpus.py", "build-shards": "shards.py", "build-trees": "tree_build.py",
               "evaluate": "evaluation.py", "train-cycle": "cycle.py"}
 
@@ -41,14 +40,6 @@ def test_every_stage_calls_a_real_cli_subcommand_and_lists_its_code() -> None:
 
 def test_dvc_repro_runs_the_tiny_lifecycle_and_a_second_repro_does_nothing(tmp_path: Path) -> None:
     """The real pipeline file on the tiny profile in a fresh repository: everything runs, then nothing does."""
-    for name in ("megacontext", "configs"):
-        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in (".venv", ".venv-dvc"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    (tmp_path / "data").mkdir()
-    shutil.copy(ROOT / ".dvcignore", tmp_path / ".dvcignore")
-    pipeline = (ROOT / "dvc.yaml").read_text().replace("  - profile: default", "  - profile: tiny")
-    (tmp_path / "dvc.yaml").write_text(pipeline)
     env = {**os.environ, "WANDB_MODE": "disabled", "MEGACONTEXT_SEED": "0"}
 
     def run(*argv: str) -> str:
@@ -56,9 +47,7 @@ def test_dvc_repro_runs_the_tiny_lifecycle_and_a_second_repro_does_nothing(tmp_p
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return done.stdout
 
-    run("git", "init", "-q")
-    run(str(DVC), "init", "-q")
-    run(str(DVC), "config", "core.analytics", "false")
+    scratch_dvc_repo(tmp_path, lambda argv, cwd: run(*argv), profile="tiny")
     first = run(str(DVC), "repro")
     for stage in ("corpus", "shards", "trees", "evaluate", "cycle", "validate"):
         assert f"Running stage '{stage}'" in first, stage
