@@ -6,7 +6,7 @@ summaries for MegaAttention, N for the others); the same FlexAttention kernel
 BigBird-style (causal window W + 64 global tokens + ~3 pseudo-random 128-blocks per
 query block) masks; SDPA's fused causal kernel is timed too up to 16k (beyond, its
 CPU path materialises the N x N scores: 68 GB at 64k). MegaAttention's packed
-kernel (SDPA per 32-leaf slice on its gathered keys) is timed forward and
+kernel (SDPA per 128-leaf slice on its gathered keys) is timed forward and
 forward+backward, against forward+backward of SDPA's fused causal kernel (the
 CPU has no FlexAttention backward). Times are medians after a warm-up (compile)
 call. At the smallest N both MegaAttention kernels are checked against the

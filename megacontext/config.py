@@ -216,8 +216,8 @@ class MegaConfig(Section):
     attention: bool = False  # JT3 reads the WC through MegaAttention instead of full attention
     window: int = Field(256, ge=1)  # W: the leaves' causal local window
     # sdpa = dense boolean mask (the reference; CPU training of short WCs); flex = compiled FlexAttention
-    # (forward on CPU, forward+backward on GPU); packed = SDPA per 32-leaf slice on its gathered keys
-    # (O(N·(W + 64 + N/1,024)) memory, forward+backward anywhere)
+    # (forward on CPU, forward+backward on GPU); packed = SDPA per 128-leaf slice on its gathered keys
+    # (O(N·(W + 160 + N/1,024)) memory, forward+backward anywhere)
     kernel: Literal["sdpa", "flex", "packed"] = "sdpa"
     layers: list[int] | None = None  # attention modules (model.layers.<i>.self_attn) to replace; None = all
     prediction: bool = False  # MegaPrediction gist losses (needs attention)

@@ -8,7 +8,7 @@ and reads the plain embedding, exactly as the trees were built. With `mega.atten
 the WC is read through MegaAttention, and with `mega.prediction` the MegaPrediction
 gist losses are added (LOD agreement and per-level gradient norms are logged);
 windows then carry the next 1,024 tokens for the LOD2 target, which trains when
-the WC holds a wLOD2 node (train.budget ≥ 1,024).
+the WC holds a wLOD2 node (≥ 1,024 entries: train.budget 1,056+).
 """
 
 from __future__ import annotations

@@ -167,7 +167,6 @@ def packed_plan(lay: MegaLayout, window: int, near_causal: bool = False, group: 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PackedPlan) -> torch.Tensor:
     """q, k, v [B, H, L, d] -> [B, H, L, d]: SDPA per slice on the gathered keys (differentiable)."""
-    nb, nq = plan.q_index.shape
     qg = q[:, :, plan.q_index]  # [B, H, nb, Q, d]
     kg, vg = k[:, :, plan.k_index], v[:, :, plan.k_index]  # [B, H, nb, K, d]
     out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=plan.mask)
@@ -189,15 +188,12 @@ def mega_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: MegaL
     """Attention over the MegaAttention layout; q, k, v [B, H, L, d]. `mask`: a prebuilt mask for `kernel`."""
     if q.shape[-2] != lay.length:
         raise ValueError(f"q has {q.shape[-2]} positions, the layout {lay.length}")
+    mask = build_mask(lay, window, kernel, near_causal) if mask is None else mask
     if kernel == "sdpa":
-        mask = dense_mask(lay, window, near_causal) if mask is None else mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if kernel == "flex":
-        mask = block_mask(lay, window, near_causal) if mask is None else mask
         return compiled_flex()(q, k, v, block_mask=mask)
-    if kernel == "packed":
-        return packed_attention(q, k, v, packed_plan(lay, window, near_causal) if mask is None else mask)
-    raise ValueError(f"unknown kernel {kernel!r}: one of {', '.join(KERNELS)}")
+    return packed_attention(q, k, v, mask)  # build_mask refused any other kernel
 
 
 KERNELS = ("sdpa", "flex", "packed")

@@ -67,6 +67,19 @@ def lod2_readout(lay: MegaLayout, first: int) -> int | None:
     return lay.n + lay.n1 + r if r >= 0 else None
 
 
+def tied_weight(base: BaseLM) -> torch.Tensor:
+    """The tied embedding matrix E (under a LoRA-wrapped embedding, its base layer's)."""
+    embedding = base.model.get_input_embeddings()
+    return getattr(embedding, "base_layer", embedding).weight
+
+
+def mega_hidden(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, window: int,
+                kernel: str) -> tuple[MegaLayout, torch.Tensor]:
+    """(layout, final normed hidden states [L, d]) of the WC's MegaAttention sequence."""
+    with mega_inputs(base, gistnet, inputs, window, kernel) as (lay, seq):
+        return lay, base.model.get_decoder()(inputs_embeds=seq, use_cache=False).last_hidden_state[0]
+
+
 @dataclass
 class PredictionOutput:
     loss: torch.Tensor
@@ -85,16 +98,13 @@ def mega_prediction_loss(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, hor
 
     `inputs` come from `assemble(..., horizon=...)` (the horizon appended); `lod2_future` [1024] are the
     true next 1,024 tokens from the horizon start (so they begin with `horizon_ids`), when known; L_lod2
-    needs them and a wLOD2 node wholly before the horizon (≥ 1,024 leaves before it). `gist_embedding`: what GistNet reads
-    (the plain base embedding when LoRA adapts the model's). `install_mega_attention(base.model)` first.
+    needs them and a wLOD2 node wholly before the horizon (≥ 1,024 leaves before it). `gist_embedding`:
+    what GistNet reads (the plain base embedding when LoRA adapts the model's). `install_mega_attention(base.model)` first.
     `predict=False`: MegaAttention only (L_tok, no gist readouts).
     """
-    embedding = base.model.get_input_embeddings()
-    gist_embedding = gist_embedding or embedding
-    lm_head = base.model.get_output_embeddings()
-    weight = getattr(embedding, "base_layer", embedding).weight  # the tied matrix E
-    with mega_inputs(base, gistnet, inputs, window, kernel) as (lay, seq):
-        hidden = base.model.get_decoder()(inputs_embeds=seq, use_cache=False).last_hidden_state[0]  # [L, d], normed
+    gist_embedding = gist_embedding or base.model.get_input_embeddings()
+    lm_head, weight = base.model.get_output_embeddings(), tied_weight(base)
+    lay, hidden = mega_hidden(base, gistnet, inputs, window, kernel)
     n, h = lay.n, len(horizon_ids)
     first = n - h
     logprobs = F.log_softmax(lm_head(hidden[first - 1 : n - 1]).float(), dim=-1)  # [H, V]
@@ -144,12 +154,9 @@ def next_block_prediction(base: BaseLM, gistnet: nn.Module, inputs: WCInputs, wi
     n = inputs.inputs_embeds.shape[1]
     if n < BLOCK:
         return None
-    embedding = base.model.get_input_embeddings()
-    weight = getattr(embedding, "base_layer", embedding).weight
-    with mega_inputs(base, gistnet, inputs, window, kernel) as (lay, seq):
-        hidden = base.model.get_decoder()(inputs_embeds=seq, use_cache=False).last_hidden_state[0]
+    lay, hidden = mega_hidden(base, gistnet, inputs, window, kernel)
     _, nodes = lod1_readouts(lay, n, BLOCK)
-    return predicted_gist(hidden[nodes[0]], base.model.get_output_embeddings(), weight)
+    return predicted_gist(hidden[nodes[0]], base.model.get_output_embeddings(), tied_weight(base))
 
 
 def level_grad_norms(terms: dict[str, torch.Tensor], params: list[torch.nn.Parameter]) -> dict[str, float]:

@@ -37,7 +37,7 @@ from megacontext.kv_cache import WCKVCache
 from megacontext.lensnet import LensNet, load_lensnet
 from megacontext.lineage import read_manifest
 from megacontext.mega_model import install_mega_attention
-from megacontext.mega_prediction import next_block_prediction
+from megacontext.mega_prediction import next_block_prediction, tied_weight
 from megacontext.nodes import BLOCK, Node
 from megacontext.tree import MegaContextTree
 from megacontext.working_context import BudgetExceeded, WorkingContext, assemble
@@ -291,7 +291,6 @@ class Runtime:
             self._make_room(n)
         entries = list(self.wc.entries)
         logits = self.cache.next_logits(entries, self.source)
-        weight = getattr(self.embedding, "base_layer", self.embedding).weight
         predicted = None
         if self.mega is not None:
             predicted = next_block_prediction(self.base, self.encoder.gistnet,
@@ -299,7 +298,7 @@ class Runtime:
                                               kernel=self.mega.kernel)
         self.telemetry.wlod1_readouts += predicted is not None
         if predicted is None:
-            predicted = torch.softmax(logits.float(), -1) @ weight.float()  # ĝ at the latest leaf
+            predicted = torch.softmax(logits.float(), -1) @ tied_weight(self.base).float()  # ĝ at the latest leaf
         draft: list[int] = []
         for i in range(n):
             token = int(torch.argmax(logits))
