@@ -1,0 +1,135 @@
+"""Attention mass on the keys from chosen query rows, in one ordinary forward (no L×L matrix kept).
+
+`attention_mass` runs the frozen base once over a sequence and, for a few groups of
+query rows (e.g. the horizon of each cursor, or the last 64 history tokens before
+it), returns how much softmax attention each group puts on every key position,
+summed over layers, heads and the group's rows: mass [G, T]. Block-summed, this is
+the relevance target of DESIGN §2.5 and the ranking of the attention oracle and the
+training-free focus of the evaluation (§4). The forward itself still runs SDPA;
+only the chosen rows' scores are recomputed, per layer, in chunks, so memory is
+O(rows × T) per layer, never O(T²).
+
+Installed like MegaAttention: an attention function registered with transformers'
+`AttentionInterface` and selected for the duration of the call, so no modeling code
+is forked. Causal masks (and sliding-window masks, e.g. Gemma 3's local layers) are
+taken from the mask the model passes in; `None` means plain causal.
+
+Precedents: reader attention as retrieval labels (Izacard & Grave, "Distilling
+Knowledge from Reader to Retriever", 2020); SnapKV's observation-window voting
+(Li et al., 2024) for the training-free variant.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+IMPLEMENTATION = "megacontext_mass"
+ROW_CHUNK = 256  # query rows whose scores are materialised at once: [chunk, T] per head
+
+
+class _Capture:
+    """Query rows to watch and the mass accumulated over the layers of one forward."""
+
+    def __init__(self, groups: Sequence[torch.Tensor], length: int) -> None:
+        rows = torch.cat([torch.as_tensor(g, dtype=torch.long) for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= length):
+            raise ValueError(f"query rows must lie in [0, {length}); got {int(rows.min())}..{int(rows.max())}")
+        self.rows, inverse = torch.unique(rows, return_inverse=True)  # [R] sorted
+        self.member = torch.zeros(len(groups), len(self.rows))  # [G, R]: which rows each group sums
+        offset = 0
+        for g, group in enumerate(groups):
+            n = len(group)
+            self.member[g, inverse[offset : offset + n]] = 1.0
+            offset += n
+        self.mass = torch.zeros(len(groups), length, dtype=torch.float64)  # [G, T]
+        self.layers = 0
+
+
+_active: list[_Capture] = []
+
+
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if _active:
+        _accumulate(_active[-1], module, query, key, attention_mask, scaling)
+    return out
+
+
+def _accumulate(capture: _Capture, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                attention_mask: torch.Tensor | None, scaling: float | None) -> None:
+    # query [B, Hq, T, D], key [B, Hkv, T, D]; B must be 1 (one sequence per capture)
+    if query.shape[0] != 1 or query.shape[2] != key.shape[2] or key.shape[2] != capture.mass.shape[1]:
+        raise ValueError("attention_mass needs one full sequence per forward (batch 1, no K/V cache)")
+    keys = repeat_kv(key, getattr(module, "num_key_value_groups", 1))[0].float()  # [Hq, T, D]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    positions = torch.arange(keys.shape[1])
+    for lo in range(0, len(capture.rows), ROW_CHUNK):
+        rows = capture.rows[lo : lo + ROW_CHUNK]  # [r]
+        scores = torch.einsum("hrd,htd->hrt", query[0][:, rows].float(), keys) * scale  # [Hq, r, T]
+        if attention_mask is None:
+            allowed = positions[None, :] <= rows[:, None]  # [r, T] causal
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[0, :, rows], float("-inf"))  # [1 or Hq, r, T]
+        else:
+            scores = scores + attention_mask[0, :, rows].float()
+        probs = torch.softmax(scores, dim=-1).sum(dim=0)  # [r, T] summed over heads
+        capture.mass += (capture.member[:, lo : lo + ROW_CHUNK] @ probs).double()  # [G, T]
+    capture.layers += 1
+
+
+AttentionInterface.register(IMPLEMENTATION, _attention)
+AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+@contextmanager
+def _implementation(model: nn.Module, name: str) -> Iterator[None]:
+    previous = model.config._attn_implementation
+    if previous != name:
+        model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        if previous != name:
+            model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def attention_mass(model: nn.Module, groups: Sequence[torch.Tensor], *, logits_at: torch.Tensor | None = None,
+                   **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention mass per group of query rows on every key, and optionally some logits, from one forward.
+
+    `inputs`: `input_ids` [1, T] or `inputs_embeds` [1, T, d] (plus anything else the model takes).
+    `groups`: G tensors of query-row indices in [0, T). Returns (mass [G, T] float64: softmax weights
+    summed over layers, heads and the group's rows, so each row contributes `layers × heads` in
+    total; logits [1, len(logits_at), V] at the rows `logits_at`, or None). The model must be a
+    Hugging Face model whose attention goes through `AttentionInterface` (Llama, Gemma 3, Qwen, ...).
+    """
+    seq = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+    capture = _Capture(list(groups), seq.shape[1])
+    _active.append(capture)
+    try:
+        with _implementation(model, IMPLEMENTATION):
+            keep = logits_at if logits_at is not None else 1
+            out = model(**inputs, logits_to_keep=keep, use_cache=False)
+    finally:
+        _active.pop()
+    if capture.layers == 0:
+        raise RuntimeError(f"{type(model).__name__} ran no attention through the AttentionInterface; cannot measure mass")
+    return capture.mass, (out.logits if logits_at is not None else None)
+
+
+def block_sums(mass: torch.Tensor, start: int, end: int, block: int) -> torch.Tensor:
+    """Sum mass [..., T] over the aligned blocks of [start, end): [..., (end - start) // block]."""
+    if (end - start) % block:
+        raise ValueError(f"[{start}, {end}) is not a whole number of {block}-token blocks")
+    part = mass[..., start:end]
+    return part.reshape(*part.shape[:-1], -1, block).sum(-1)
