@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="rebuild even when an identical build exists (env MEGACONTEXT_FORCE_DATA_REBUILD=1)")
     p = command("build-trees", cmd_build_trees, "build a MegaContext tree (tokens + GistNet gists) per document")
     p.add_argument("--force", action="store_true", help="rebuild even when an identical build exists")
+    p = command("eval-references", cmd_eval_references,
+                "compute the cycle-independent references once: NLL_full, NLL_recency, attention mass, passkey")
+    p.add_argument("--force", action="store_true", help="recompute even when a current, intact cache exists")
     p = command("evaluate", cmd_evaluate, "NLL_full / NLL_recency / NLL_mc, ΔNLL, gap recovery and the gate verdict")
     p.add_argument("--checkpoint", type=Path, help="a cycle folder (artifacts/cycles/cycle-NNNN); default: untrained")
     p.add_argument("--out", type=Path, help="report folder (default: artifacts/evaluation or <checkpoint>/evaluation)")
@@ -151,6 +154,21 @@ def cmd_build_trees(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_references(cfg: Config, args: argparse.Namespace) -> int:
+    from megacontext.references import build_references, passkey_dir
+
+    start = time.perf_counter()
+    out = build_references(cfg, force=args.force)
+    manifest = json.loads((out / "manifest.json").read_text())
+    console.print(f"references: {manifest['samples']} samples in {manifest['windows']} full-context windows "
+                  f"(built in {manifest['seconds']} s) -> {out}")
+    if cfg.eval.passkey.enabled:
+        pk = json.loads((passkey_dir(cfg) / "manifest.json").read_text())
+        console.print(f"passkey references: {pk['trials']} trials (built in {pk['seconds']} s) -> {passkey_dir(cfg)}")
+    console.print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from megacontext.evaluation import evaluate
 
@@ -166,7 +184,7 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_train_cycle(cfg: Config, args: argparse.Namespace) -> int:
     from megacontext.cycle import run_cycle
 
-    from megacontext.cycle import finish_cycle, run_jt1, run_jt2, run_jt3
+    from megacontext.cycle import run_jt1, run_jt2, run_jt3
 
     with _process_group() as rank:
         if rank != 0:  # torchrun: the other ranks train, rank 0 also builds trees and the summary

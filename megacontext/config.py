@@ -195,15 +195,34 @@ class TrainConfig(Section):
         return self
 
 
+class PasskeyConfig(Section):
+    """The passkey retrieval probe (DESIGN §4): a 5-digit key hidden inside or outside the recency window."""
+
+    enabled: bool = True
+    lengths: list[int] = [4_096, 8_128]  # prompt tokens (history lengths)
+    trials: int = Field(24, ge=1)  # per (length, placement)
+
+
 class EvalConfig(Section):
     """Evaluation and the validation gate (DESIGN §4)."""
 
     history: int = Field(8_128, ge=64)  # L: tokens of history before each cursor (default 8,192 - H)
     horizon: int = Field(64, ge=1)  # H: teacher-forced scored tokens after the cursor
     split: Literal["val", "test"] = "val"
-    max_docs: int = Field(12, ge=1)
-    cursors_per_doc: int = Field(1, ge=1)
+    max_docs: int | None = Field(None, ge=1)  # None: every document of the split long enough
+    # One full-context pass per window serves several cursors: histories L, L - stride, L - 2·stride, ...
+    windows_per_doc: int = Field(2, ge=1)  # full-context passes per document, spread over it
+    cursors_per_window: int = Field(5, ge=1)
+    cursor_stride: int = Field(512, ge=1)  # tokens between a window's cursors (>= H: horizons never overlap)
     key_token_margin: float = Field(0.5, gt=0)  # key token: full context beats recency by > this (nats)
+    # LongPPL key tokens (Fang et al., ICLR 2025; defaults of its public implementation, alpha=2, beta=-2):
+    # log p_full - log p_short > gain and log p_full > floor; the short context is the recency window.
+    longppl_gain: float = Field(2.0, gt=0)
+    longppl_floor: float = Field(-2.0, le=0)
+    baselines: bool = True  # attention-oracle and training-free focus rows (one WC pass each per sample)
+    focus_tail: int | None = Field(None, ge=1)  # raw tail of the oracle / training-free focus; None = w_max // 2
+    tail_queries: int = Field(64, ge=1)  # training-free focus: attention from the last this-many history tokens
+    passkey: PasskeyConfig = PasskeyConfig()
     delta_nll_max: float = Field(0.1, gt=0)  # gate: NLL_mc - NLL_full <= this
     noise_band: float = Field(0.02, ge=0)  # nightly: worse than the champion's recorded numbers by more fails
     bootstrap_samples: int = Field(1_000, ge=100)
@@ -250,8 +269,22 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _history_exceeds_budget(self) -> "Config":
-        if self.eval.history <= self.wc.w_max:
-            raise ValueError(f"eval.history ({self.eval.history}) must exceed wc.w_max ({self.wc.w_max}): nothing to compress")
+        ev = self.eval
+        if ev.history <= self.wc.w_max:
+            raise ValueError(f"eval.history ({ev.history}) must exceed wc.w_max ({self.wc.w_max}): nothing to compress")
+        shortest = ev.history - (ev.cursors_per_window - 1) * ev.cursor_stride
+        if shortest <= self.wc.w_max:
+            raise ValueError(f"a window's shortest history, eval.history - (cursors_per_window - 1) * cursor_stride "
+                             f"= {shortest}, must exceed wc.w_max ({self.wc.w_max}); use fewer cursors or a smaller stride")
+        if ev.cursors_per_window > 1 and ev.cursor_stride < ev.horizon:
+            raise ValueError(f"eval.cursor_stride ({ev.cursor_stride}) must be >= eval.horizon ({ev.horizon}): "
+                             "horizons of one window must not overlap")
+        tail = ev.focus_tail or self.wc.w_max // 2
+        if not self.wc.protected_tail <= tail < self.wc.w_max:
+            raise ValueError(f"eval.focus_tail ({tail}) must be in [wc.protected_tail, wc.w_max)")
+        if ev.passkey.enabled and min(ev.passkey.lengths) <= self.wc.w_max:
+            raise ValueError(f"eval.passkey.lengths must all exceed wc.w_max ({self.wc.w_max}): a key outside "
+                             "the recency window needs a longer prompt")
         return self
 
     def to_dict(self) -> dict[str, Any]:

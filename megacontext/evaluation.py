@@ -17,27 +17,32 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager
+import tempfile
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megacontext.base_model import BaseLM, horizon_token_nll, load_base_model
 from megacontext.config import Config, MegaConfig, config_hash
-from megacontext.errors import ConfigError, InputDataError
+from megacontext.errors import ConfigError
 from megacontext.eval_report import write_report
 from megacontext.focus_policy import Policy, cold_start_policy, lens_policy
-from megacontext.gistnet import gistnet_identity
+from megacontext.block_selection import expanded_blocks, select_blocks
+from megacontext.gistnet import TreeGistEncoder, gistnet_identity
 from megacontext.jt3_lora import load_lora
 from megacontext.lensnet import load_lensnet
-from megacontext.mega_model import install_mega_attention, mega_forward
+from megacontext.mega_model import install_mega_attention
 from megacontext.gate import check_gate_setting, gate, summarize
-from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
+from megacontext.gaussian_rope import install_gaussian_rope
 from megacontext.lineage import staged_artifact, write_manifest
-from megacontext.nodes import BLOCK, span
+from megacontext.nodes import BLOCK, Node
+from megacontext.passkey import answer_scores
+from megacontext.references import (References, entries_logits, focus_tail, load_references, passkey_dir,
+                                    token_nll, trial_from_row)
+from megacontext.schemas import EVAL_LEVEL_COLUMNS, EVAL_NLL_COLUMNS
 from megacontext.plots import plot_lod_map
 from megacontext.tracking import current_run, start_run
 from megacontext.progress import progress_bar
@@ -45,7 +50,7 @@ from megacontext.shards import TokenizedDocument, read_split, shards_dir
 from megacontext.tree import MegaContextTree
 from megacontext.tree_build import load_tree_gistnet, open_tree, trees_dir
 from megacontext.windows import Window
-from megacontext.working_context import BudgetExceeded, WorkingContext, assemble, single_level_start
+from megacontext.working_context import BudgetExceeded, NodeSource, single_level_start
 
 KIND = "validation_report"
 FORMAT_VERSION = 1
@@ -54,72 +59,112 @@ FORMAT_VERSION = 1
 @dataclass(frozen=True)
 class Sample:
     doc: TokenizedDocument
-    cursor: int  # position in the document; history = [cursor - L, cursor), horizon = [cursor, cursor + H)
+    cursor: int  # position in the document; history = [window_start, cursor), horizon = [cursor, cursor + H)
     window_start: int
 
-
-def sample_cursors(docs: list[TokenizedDocument], *, history: int, horizon: int, per_doc: int, align: int) -> list[Sample]:
-    """Up to `per_doc` cursors per document, window starts on multiples of `align`, spread over the document."""
-    samples = []
-    for doc in docs:
-        room = (len(doc.tokens) - horizon - history) // align  # how many aligned shifts fit
-        if room < 0:
-            continue
-        shifts = sorted({round(j * room / max(per_doc - 1, 1)) for j in range(per_doc)}) if room else [0]
-        samples.extend(Sample(doc, s * align + history, s * align) for s in shifts[:per_doc])
-    return samples
+    @property
+    def history(self) -> int:
+        return self.cursor - self.window_start
 
 
-def wc_token_nll(base: BaseLM, wc: WorkingContext, tree: MegaContextTree, sample: Sample, horizon: np.ndarray,
+def wc_token_nll(base: BaseLM, entries: Sequence[Node], tree: NodeSource, window_start: int, horizon: np.ndarray,
                  mega: tuple[nn.Module, MegaConfig] | None = None) -> np.ndarray:
-    """Per-token NLL of the horizon read after the working context (Gaussian RoPE positions).
+    """Per-token NLL [H] of the horizon read after the working context's `entries` (Gaussian RoPE positions).
 
     `mega` = (GistNet, settings): read the WC + horizon through MegaAttention (`install_mega_attention` first).
     """
-    inputs = assemble(wc.entries, tree, base.model.get_input_embeddings(), offset=sample.window_start, horizon=horizon)
-    targets = torch.as_tensor(horizon.astype(np.int64))[None]
-    if mega is not None:
-        gistnet, settings = mega
-        with torch.no_grad():
-            logits = mega_forward(base, gistnet, inputs, settings.window, kernel=settings.kernel)[0]
-        return F.cross_entropy(logits[-len(horizon) - 1 : -1].float(), targets[0], reduction="none").numpy()
-    with gaussian_positions(base.model, inputs.mu, inputs.sigma):
-        return horizon_token_nll(base.model, len(horizon), inputs_embeds=inputs.inputs_embeds, targets=targets)[0].numpy()
+    return token_nll(entries_logits(base, entries, tree, offset=window_start, horizon=horizon, mega=mega), horizon)
 
 
-def score_sample(base: BaseLM, tree: MegaContextTree, sample: Sample, cfg: Config, *,
-                 policy: Policy, plain: Callable[[], ContextManager],
-                 timings: dict[str, float] | None = None,
-                 mega: tuple[nn.Module, MegaConfig] | None = None) -> dict[str, np.ndarray]:
-    """Per-token NLLs of one sample; `plain()` switches adapters off for the full/recency baselines.
+@dataclass
+class Rows:
+    """How one evaluation reads a sample: the policy, the adapters, the baselines it adds."""
 
+    cfg: Config
+    policy: Policy
+    plain: Callable[[], ContextManager]  # adapters off (the recency baseline through the base alone)
+    adapted: bool  # the cycle's LoRA is on: also score recency through it
+    mega: tuple[nn.Module, MegaConfig] | None = None
+    health: dict[str, list[float]] | None = None  # per row: expanded blocks per sample, their distances
+
+
+def score_sample(base: BaseLM, tree: NodeSource, sample: Sample, refs: References, rows: Rows,
+                 timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Per-token NLLs of every row for one sample: full/recency/oracle-raw from the cache, the rest scored now.
+
+    Working contexts that come out identical (e.g. the cold start and the LOD1-only WC) are scored once.
     `timings` accumulates the MegaContext path's wall seconds (focus + WC forward) under "mc_seconds".
     """
+    cfg = rows.cfg
     ev, wcc = cfg.eval, cfg.wc
-    tokens = sample.doc.tokens.astype(np.int64)
-    c, h, w = sample.cursor, ev.horizon, wcc.w_max
+    c, h, w, n = sample.cursor, ev.horizon, wcc.w_max, sample.history
     horizon = sample.doc.tokens[c : c + h]
-    full_ids = torch.as_tensor(tokens[sample.window_start : c + h])[None]
-    recent_ids = torch.as_tensor(tokens[c - w : c + h])[None]
-    with plain():
-        columns = {
-            "nll_full": horizon_token_nll(base.model, h, input_ids=full_ids)[0].numpy(),
-            "nll_recency": horizon_token_nll(base.model, h, input_ids=recent_ids)[0].numpy(),
-        }
-    window = Window(sample.doc.doc_id, sample.window_start, sample.doc.tokens[sample.window_start : c + h], ev.history)
+    cached = refs.tokens.filter((pl.col("doc_id") == sample.doc.doc_id) & (pl.col("cursor") == c)).sort("t")
+    columns = {name: cached[name].to_numpy() for name in ("nll_full", "nll_recency")}
+    scored: dict[tuple, np.ndarray] = {}
+
+    def score(entries: Sequence[Node]) -> np.ndarray:
+        key = tuple(entries)
+        if key not in scored:
+            scored[key] = wc_token_nll(base, entries, tree, sample.window_start, horizon)
+        return scored[key]
+
+    window = Window(sample.doc.doc_id, sample.window_start, sample.doc.tokens[sample.window_start : c + h], n)
     tick = time.perf_counter()
-    columns["nll_mc"] = wc_token_nll(base, policy(window), tree, sample, horizon, mega)
+    wc = rows.policy(window)
+    columns["nll_mc"] = (wc_token_nll(base, wc.entries, tree, sample.window_start, horizon, rows.mega)
+                         if rows.mega else score(wc.entries))
     if timings is not None:
         timings["mc_seconds"] = timings.get("mc_seconds", 0.0) + time.perf_counter() - tick
+    _health(rows, "mc", wc.entries, n)
     for level in (1, 2):  # per-level ΔNLL; null where that level alone cannot fit the budget
         columns[f"nll_mc_lod{level}"] = np.full(h, np.nan)
         if level <= wcc.levels:
             try:
-                wc = single_level_start(ev.history, w, wcc.protected_tail, level, wcc.levels)
+                single = single_level_start(n, w, wcc.protected_tail, level, wcc.levels)
             except BudgetExceeded:
                 continue
-            columns[f"nll_mc_lod{level}"] = wc_token_nll(base, wc, tree, sample, horizon)
+            columns[f"nll_mc_lod{level}"] = score(single.entries)
+    nan = np.full(h, np.nan)
+    columns["nll_recency_adapted"] = nan
+    if rows.adapted:
+        recent = torch.as_tensor(sample.doc.tokens[c - w : c + h].astype(np.int64))[None]
+        columns["nll_recency_adapted"] = horizon_token_nll(base.model, h, input_ids=recent)[0].numpy()
+    columns["nll_oracle"] = columns["nll_training_free"] = nan
+    if ev.baselines:
+        tail = focus_tail(cfg)
+        for name, mass in (("oracle", "mass_horizon"), ("training_free", "mass_tail")):
+            entries = select_blocks(n, w, tail, refs.block_scores(sample.doc.doc_id, c, mass), levels=wcc.levels)
+            columns[f"nll_{name}"] = score(entries)
+            _health(rows, name, entries, n)
+    columns["nll_oracle_raw"] = cached["nll_oracle_raw"].to_numpy()
     return columns
+
+
+def _health(rows: Rows, name: str, entries: Sequence[Node], n: int) -> None:
+    """Record how many older blocks a working context reads raw (vs the cold start) and how far back."""
+    if rows.health is None:
+        return
+    wcc = rows.cfg.wc
+    distances = expanded_blocks(list(entries), n, wcc.w_max, wcc.protected_tail, wcc.levels)
+    rows.health.setdefault(f"{name}:count", []).append(float(len(distances)))
+    rows.health.setdefault(f"{name}:distance", []).extend(float(d) for d in distances)
+
+
+def focus_health(health: dict[str, list[float]]) -> dict[str, dict[str, float | None]]:
+    """Per row: expanded blocks per sample (mean, and the share of samples with any) and their distance back."""
+    out = {}
+    for key in sorted(health):
+        name, kind = key.split(":")
+        if kind != "count":
+            continue
+        counts = np.asarray(health[key])
+        distances = np.asarray(health.get(f"{name}:distance", []))
+        out[name] = {"expanded_blocks_per_sample": round(float(counts.mean()), 2) if counts.size else 0.0,
+                     "samples_with_expansions": round(float((counts > 0).mean()), 3) if counts.size else 0.0,
+                     "median_distance_tokens": float(np.median(distances)) if distances.size else None,
+                     "max_distance_tokens": float(distances.max()) if distances.size else None}
+    return out
 
 
 def focus_telemetry(focus: dict[str, float], mc_seconds: float, *, blocks: float) -> dict[str, float]:
@@ -143,19 +188,23 @@ def evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None = 
                    directory=Path(cfg.paths.artifact_root)) as run:
         report = _evaluate(cfg, checkpoint=checkpoint, out=out, without=without)
         summary = json.loads((report / "summary.json").read_text())
-        run.summary({k: v["value"] for k, v in summary["all"].items() if isinstance(v, dict)}
+        run.summary({k: v["value"] for k, v in summary["all"].items() if isinstance(v, dict) and "value" in v}
+                    | passkey_accuracy(summary)
                     | {"gate_passed": summary["gate"]["passed"], "without": ",".join(without)})
         return report
 
 
 def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None = None,
               without: tuple[str, ...] = ()) -> Path:
-    """Score every sample, summarise, gate, and publish the report folder.
+    """Score every cached sample and passkey trial, summarise, gate, and publish the report folder.
 
     Without `checkpoint`: the untrained system (tree gists from `build-trees`, cold-start WC).
     With a cycle folder: its trees (its GistNet), LensNet + allocator focus, and LoRA adapters for NLL_mc.
     `without` ablates trained parts of the cycle: "gistnet" (baseline trees), "lensnet" (cold start),
     "lora" (no adapters); the report goes to <cycle>/evaluation-without-<parts> unless `out` is given.
+    NLL_full, NLL_recency, the oracle without gists and the passkey references come from the reference
+    cache (`references.py`; built on first use, refused when stale), so a re-evaluation only runs the
+    working-context passes.
     """
     unknown = sorted(set(without) - set(ABLATABLE))
     if unknown or (without and not checkpoint):
@@ -163,6 +212,7 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
     ev = cfg.eval
     base = load_base_model(cfg)
     check_gate_setting(history=ev.history, horizon=ev.horizon, w_max=cfg.wc.w_max, base_positions=base.max_positions)
+    refs = load_references(cfg, base)  # before any adapter or MegaAttention is installed: plain base numbers
     install_gaussian_rope(base.model)
     trees = checkpoint / "trees" if checkpoint and "gistnet" not in without else trees_dir(cfg)
     gistnet = load_tree_gistnet(trees, base.model_id)
@@ -172,60 +222,157 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
         install_mega_attention(base.model, cfg.mega.layers)
         mega = (gistnet, cfg.mega)
     policy, plain, focus = cold_start_policy(cfg, budget=cfg.wc.w_max), nullcontext, "cold start (no LensNet)"
+    learned_focus = False
     if checkpoint:
         parts = []
         if "lensnet" not in without:
             policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet,
                                  load_lensnet(checkpoint / "jt2" / "final"), budget=cfg.wc.w_max)
             parts.append("LensNet + allocator")
+            learned_focus = True
         if "lora" not in without:
             plain = load_lora(base, checkpoint / "jt3" / "final").disable_adapter
             parts.append("LoRA")
         trained = "GistNet" if "gistnet" not in without else "baseline GistNet"
         focus = f"{' + '.join(parts) or 'cold start'}, {trained} ({checkpoint.name})"
-    docs = read_split(shards_dir(cfg), ev.split, tokenizer_name=base.tokenizer.name)
-    samples = sample_cursors(docs, history=ev.history, horizon=ev.horizon, per_doc=ev.cursors_per_doc,
-                             align=span(cfg.wc.levels))
-    samples = samples[: ev.max_docs * ev.cursors_per_doc]
-    if not samples:
-        raise InputDataError(
-            f"no {ev.split} document has {ev.history + ev.horizon} tokens for an L={ev.history} history; "
-            "add longer documents or lower eval.history"
-        )
+    rows = Rows(cfg, policy, plain, adapted=plain is not nullcontext, mega=mega, health={})
+    docs = {d.doc_id: d for d in read_split(shards_dir(cfg), ev.split, tokenizer_name=base.tokenizer.name)}
+    samples = [Sample(docs[r["doc_id"]], r["cursor"], r["window_start"]) for r in refs.samples().iter_rows(named=True)]
     frames = []
     timings: dict[str, float] = {}
     start = time.perf_counter()
     with progress_bar("evaluating", total=len(samples), unit="samples") as advance:
         for sample in samples:
             tree = open_tree(trees, ev.split, sample.doc.doc_id, base_model_id=base.model_id, encoder_identity=identity)
-            columns = score_sample(base, tree, sample, cfg, policy=policy, plain=plain, timings=timings, mega=mega)
+            columns = score_sample(base, tree, sample, refs, rows, timings=timings)
             frames.append(pl.DataFrame({
                 "doc_id": [sample.doc.doc_id] * ev.horizon,
                 "cursor": pl.Series([sample.cursor] * ev.horizon, dtype=pl.Int64),
                 "t": pl.Series(range(ev.horizon), dtype=pl.Int32),
                 "token": pl.Series(sample.doc.tokens[sample.cursor : sample.cursor + ev.horizon], dtype=pl.UInt32),
-                **{k: pl.Series(v.astype(np.float64), dtype=pl.Float64) for k, v in columns.items()},
+                **{k: pl.Series(columns[k].astype(np.float64), dtype=pl.Float64)
+                   for k in (*EVAL_NLL_COLUMNS, *EVAL_LEVEL_COLUMNS)},
             }))
             advance(1)
-    table = pl.concat(frames).with_columns(pl.col("nll_mc_lod1", "nll_mc_lod2").fill_nan(None))
+    focus_stats = policy.drain()
+    table = pl.concat(frames).with_columns(pl.col(*EVAL_LEVEL_COLUMNS).fill_nan(None))
     summary = summarize(table, key_token_margin=ev.key_token_margin, bootstrap_samples=ev.bootstrap_samples,
-                        confidence=ev.confidence, seed=cfg.seed)
+                        confidence=ev.confidence, seed=cfg.seed, longppl_gain=ev.longppl_gain,
+                        longppl_floor=ev.longppl_floor)
+    passkey_table = None
+    if refs.passkey is not None:
+        passkey_table = score_passkey(base, refs.passkey, rows, gistnet)
+        summary["passkey"] = summarize_passkey(passkey_table, bootstrap_samples=ev.bootstrap_samples,
+                                               confidence=ev.confidence, seed=cfg.seed)
+    health = focus_health(rows.health or {})
+    summary["focus_health"] = {"swap_rate": round(focus_stats.get("swap_rate", 0.0), 5), "rows": health,
+                               "learned_focus": learned_focus,
+                               "never_edits": learned_focus and health.get("mc", {}).get("expanded_blocks_per_sample", 0) == 0
+                               and focus_stats.get("swap_rate", 0.0) == 0.0}
     verdict = gate(summary, delta_nll_max=ev.delta_nll_max)
+    n_sample_tokens = sum(s.history + ev.horizon for s in samples)
     context = {"profile": cfg.profile, "base model": base.model_id, "GistNet": identity, "W_max": cfg.wc.w_max,
-               "L (history)": ev.history, "H (horizon)": ev.horizon, "split": ev.split,
+               "L (history)": f"{min(s.history for s in samples)}-{max(s.history for s in samples)}",
+               "H (horizon)": ev.horizon, "split": ev.split,
                "working context": focus, "seconds": round(time.perf_counter() - start, 1),
+               "references": f"{refs.folder} (built in {refs.manifest.get('seconds', '?')} s, reused)",
+               "oracle / training-free tail": f"{focus_tail(cfg)} raw tokens; ranking by attention mass "
+                                              f"(horizon queries / last {ev.tail_queries} history tokens)",
                "attention": f"MegaAttention W={cfg.mega.window} ({cfg.mega.kernel})" if mega else "full",
-               **focus_telemetry(policy.drain(), timings["mc_seconds"], blocks=len(samples) * (ev.history + ev.horizon) / BLOCK)}
+               **focus_telemetry(focus_stats, timings["mc_seconds"], blocks=n_sample_tokens / BLOCK)}
     suffix = "-without-" + "-".join(sorted(without)) if without else ""
     out = out or (checkpoint / f"evaluation{suffix}" if checkpoint else Path(cfg.paths.artifact_root) / "evaluation")
     with staged_artifact(out) as staging:
-        write_report(staging, table, summary, verdict, title="MegaContext validation report", context=context)
+        write_report(staging, table, summary, verdict, title="MegaContext validation report", context=context,
+                     passkey=passkey_table)
         first = samples[0]  # the LOD map of one working context the policy built
         wc = policy(Window(first.doc.doc_id, first.window_start,
-                           first.doc.tokens[first.window_start : first.cursor + ev.horizon], ev.history))
+                           first.doc.tokens[first.window_start : first.cursor + ev.horizon], first.history))
         plot_lod_map(wc.entries, wc.cursor, staging / "lod_map.png", w_max=wc.w_max,
                      title=f"{first.doc.doc_id} @ {first.cursor:,}")
         write_manifest(staging, kind=KIND, format_version=FORMAT_VERSION,
                        config_hash=config_hash(cfg, sections=["eval", "wc", "gistnet", "mega"]),
-                       inputs=[shards_dir(cfg), checkpoint or trees], extra={"gate_passed": verdict.passed, "context": context})
+                       inputs=[shards_dir(cfg), checkpoint or trees, refs.folder,
+                               *([passkey_dir(cfg)] if refs.passkey is not None else [])],
+                       extra={"gate_passed": verdict.passed, "context": context})
     return out
+
+
+def passkey_accuracy(summary: dict[str, Any]) -> dict[str, float]:
+    """Flat passkey accuracies for trackers and metadata: `passkey/<length>/<placement>/<method>`."""
+    out = {}
+    for setting in summary.get("passkey", {}).get("settings", []):
+        for method, m in setting["methods"].items():
+            out[f"passkey/{setting['length']}/{setting['placement']}/{method}"] = m["accuracy"]["value"]
+    return out
+
+
+PASSKEY_METHODS = ("full", "recency", "oracle_raw", "mc", "oracle", "training_free")
+
+
+@torch.no_grad()
+def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: nn.Module) -> pl.DataFrame:
+    """Answer log-probability and greedy exact match per passkey trial for every method.
+
+    Full, recency and the oracle without gists come from the cache; the working-context rows read a
+    tree built now from the trial's prompt with this evaluation's GistNet (adapters off, as trees are).
+    """
+    cfg = rows.cfg
+    wcc, tail = cfg.wc, focus_tail(cfg)
+    embedding = base.model.get_input_embeddings()
+    out = []
+    with tempfile.TemporaryDirectory(prefix="passkey-trees-") as tmp, \
+            progress_bar("passkey", total=references.height, unit="trials") as advance:
+        for row in references.iter_rows(named=True):
+            trial = trial_from_row(row)
+            with rows.plain():
+                encoder = TreeGistEncoder(gistnet, embedding)
+                tree = MegaContextTree.create(Path(tmp) / trial.trial_id, base_model_id=base.model_id,
+                                              encoder=encoder, levels=wcc.levels, gist_dtype=cfg.gistnet.gist_dtype)
+                tree.append(trial.prompt, encoder)
+            record = {k: row[k] for k in ("trial_id", "doc_id", "length", "placement", "depth", "distance")}
+            for method in ("full", "recency", "oracle_raw"):
+                record[f"logp_{method}"], record[f"exact_{method}"] = row[f"logp_{method}"], row[f"exact_{method}"]
+            wc = rows.policy(Window(trial.doc_id, 0, trial.tokens, trial.length))
+            candidates = {"mc": (wc.entries, rows.mega)}
+            if cfg.eval.baselines:
+                for name, mass in (("oracle", "mass_horizon"), ("training_free", "mass_tail")):
+                    candidates[name] = (select_blocks(trial.length, wcc.w_max, tail, np.asarray(row[mass]),
+                                                      levels=wcc.levels), None)
+            for name in ("mc", "oracle", "training_free"):
+                record[f"logp_{name}"], record[f"exact_{name}"] = None, None
+                if name in candidates:
+                    entries, mega = candidates[name]
+                    logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega)
+                    record[f"logp_{name}"], record[f"exact_{name}"] = answer_scores(logits.numpy(), trial.answer)
+            out.append(record)
+            advance(1)
+    return pl.DataFrame(out, schema={"trial_id": pl.Utf8, "doc_id": pl.Utf8, "length": pl.Int64, "placement": pl.Utf8,
+                                     "depth": pl.Int64, "distance": pl.Int64,
+                                     **{f"{kind}_{m}": (pl.Float64 if kind == "logp" else pl.Boolean)
+                                        for m in PASSKEY_METHODS for kind in ("logp", "exact")}})
+
+
+def summarize_passkey(table: pl.DataFrame, *, bootstrap_samples: int, confidence: float, seed: int) -> dict[str, Any]:
+    """Per (length, placement, method): trials, exact-match accuracy and mean answer log-prob, bootstrap CIs
+    over trials (seeded)."""
+    rng = np.random.default_rng(seed)
+    alpha = (1.0 - confidence) / 2.0
+    settings = []
+    for (length, placement), group in sorted(table.group_by("length", "placement"), key=lambda kv: (kv[0][0], kv[0][1])):
+        entry: dict[str, Any] = {"length": int(length), "placement": placement, "trials": group.height,
+                                 "median_distance": float(group["distance"].median()), "methods": {}}
+        idx = rng.integers(0, group.height, size=(bootstrap_samples, group.height))
+        for method in PASSKEY_METHODS:
+            exact = group[f"exact_{method}"]
+            if exact.null_count() == group.height:
+                continue
+            values = {"accuracy": exact.cast(pl.Float64).to_numpy(), "logp": group[f"logp_{method}"].to_numpy()}
+            entry["methods"][method] = {}
+            for name, v in values.items():
+                draws = v[idx].mean(axis=1)
+                lo, hi = np.quantile(draws, [alpha, 1 - alpha])
+                entry["methods"][method][name] = {"value": float(v.mean()), "ci": [float(lo), float(hi)]}
+        settings.append(entry)
+    return {"settings": settings, "bootstrap": {"unit": "trial", "resamples": bootstrap_samples,
+                                                "confidence": confidence, "seed": seed}}

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from megacontext.champion import champion_dir, current_champion
 from megacontext.config import Config, config_hash
 from megacontext.errors import GateError
-from megacontext.evaluation import evaluate
+from megacontext.evaluation import evaluate, passkey_accuracy
 from megacontext.lineage import staged_artifact, write_manifest
 from megacontext.tracking import start_run
 
@@ -69,11 +69,13 @@ def _run_nightly(cfg: Config, champion: dict, day: dt.date, out: Path, band: flo
     root = out.parent
     with staged_artifact(out) as staging:
         evaluation = evaluate(cfg, checkpoint=Path(champion["cycle_path"]), out=staging / "evaluation")
-        now = json.loads((evaluation / "summary.json").read_text())["all"]
+        summary = json.loads((evaluation / "summary.json").read_text())
+        now = summary["all"]
         passed, deltas = compare(champion["recorded"], now, band)
         record = {"date": day.isoformat(), "cycle": champion["cycle"], "passed": passed, "noise_band": band,
                   "recorded": {k: champion["recorded"][k]["value"] for k in SHOWN if k in champion["recorded"]},
-                  "now": {k: now[k]["value"] for k in SHOWN}, "deltas": deltas}
+                  "now": {k: now[k]["value"] for k in SHOWN}, "deltas": deltas,
+                  "passkey": passkey_accuracy(summary)}
         (staging / "nightly.json").write_text(json.dumps(record, indent=2) + "\n")
         (staging / "report.md").write_text(_markdown(record))
         _plot_compare(record, staging / "compare.png")
@@ -97,6 +99,9 @@ def _markdown(record: dict) -> str:
     for key, delta in record["deltas"].items():
         flag = " ✗" if key in COMPARED and delta > record["noise_band"] else ""
         lines.append(f"| {key} | {record['recorded'][key]:.4f} | {record['now'][key]:.4f} | {delta:+.4f}{flag} |")
+    if record.get("passkey"):
+        lines += ["", "| passkey (length / key placement / row) | exact-digit accuracy |", "|---|---|"]
+        lines += [f"| {key.removeprefix('passkey/')} | {value:.3f} |" for key, value in sorted(record["passkey"].items())]
     return "\n".join(lines + ["", "![recorded vs now](compare.png)", ""])
 
 
@@ -124,7 +129,16 @@ def _plot_trend(rows: list[dict], path: Path) -> None:
         ax.plot([r["date"] for r in rows], [r["now"][key] for r in rows], marker="o", label=key)
     ax.set_ylabel("nats/token")
     ax.set_title("nightly regression trend")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
+    keys = sorted({k for r in rows for k in r.get("passkey", {}) if k.endswith("/outside/mc")})
+    if keys:  # passkey accuracy with the key outside the recency window, on its own axis
+        right = ax.twinx()
+        for key in keys:
+            right.plot([r["date"] for r in rows], [r.get("passkey", {}).get(key) for r in rows], marker="s",
+                       linestyle="--", label=key.removeprefix("passkey/"))
+        right.set_ylim(0, 1.05)
+        right.set_ylabel("passkey accuracy (key outside recency)")
+        right.legend(fontsize=7, loc="upper right")
     ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})

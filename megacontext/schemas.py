@@ -41,7 +41,8 @@ SHARD_SCHEMA = pa.DataFrameSchema(
 def validate(df: pl.DataFrame, schema: pa.DataFrameSchema, where: str) -> pl.DataFrame:
     """Validate `df` or raise `SchemaViolation` naming `where` and showing the bad rows."""
     try:
-        return schema.validate(df)
+        with pl.Config(tbl_cols=-1, tbl_width_chars=10_000, fmt_str_lengths=64):  # show failing rows whole
+            return schema.validate(df)
     except (pa.errors.SchemaError, pa.errors.SchemaDefinitionError) as exc:
         message = " ".join(str(exc).split())
         raise SchemaViolation(f"{where}: violates schema '{schema.name}': {message}") from None
@@ -49,7 +50,9 @@ def validate(df: pl.DataFrame, schema: pa.DataFrameSchema, where: str) -> pl.Dat
 
 # Evaluation results (DESIGN §4): one row per scored horizon token of one sample (doc_id, cursor).
 EVAL_NLL_COLUMNS = ("nll_full", "nll_recency", "nll_mc")
-EVAL_LEVEL_COLUMNS = ("nll_mc_lod1", "nll_mc_lod2")
+# Optional rows (null where a sample has no such working context): per-level WCs, the bounds and baselines.
+EVAL_LEVEL_COLUMNS = ("nll_mc_lod1", "nll_mc_lod2", "nll_recency_adapted", "nll_oracle", "nll_training_free",
+                      "nll_oracle_raw")
 _SAMPLE = ("doc_id", "cursor")
 
 
@@ -66,6 +69,17 @@ def _t_is_contiguous_from_zero(data: pa.PolarsData) -> pl.LazyFrame:
     return data.lazyframe.select(
         (t.min().over(_SAMPLE) == 0) & (t.max().over(_SAMPLE) == pl.len().over(_SAMPLE).cast(pl.Int64) - 1)
     )
+
+
+def complete_eval_table(df: pl.DataFrame) -> pl.DataFrame:
+    """Add the optional NLL columns a table lacks (as nulls), in schema order: tables from before they existed."""
+    missing = [c for c in EVAL_LEVEL_COLUMNS if c not in df.columns]
+    if not missing:
+        return df
+    df = df.with_columns(pl.lit(None, dtype=pl.Float64).alias(c) for c in missing)
+    return df.select([c for c in ("doc_id", "cursor", "t", "token", *EVAL_NLL_COLUMNS, *EVAL_LEVEL_COLUMNS)
+                      if c in df.columns] + [c for c in df.columns if c not in {"doc_id", "cursor", "t", "token",
+                                                                                    *EVAL_NLL_COLUMNS, *EVAL_LEVEL_COLUMNS}])
 
 
 EVAL_SCHEMA = pa.DataFrameSchema(
@@ -126,4 +140,78 @@ LABEL_SCHEMA = pa.DataFrameSchema(
     strict=True,
     ordered=True,
     name="jt2_labels",
+)
+
+
+# Evaluation references (DESIGN §4): what does not depend on the cycle, cached per base model and eval set.
+_DOC_ID = pa.Check.str_matches(r"^[0-9a-f]{16}$")
+
+REFERENCE_DTYPES = {"doc_id": pl.Utf8, "window_start": pl.Int64, "cursor": pl.Int64, "t": pl.Int32,
+                    "token": pl.UInt32, "nll_full": pl.Float64, "nll_recency": pl.Float64,
+                    "nll_oracle_raw": pl.Float64}
+REFERENCE_SCHEMA = pa.DataFrameSchema(
+    {
+        "doc_id": pa.Column(pl.Utf8, checks=_DOC_ID),
+        "window_start": pa.Column(pl.Int64, checks=pa.Check.ge(0)),
+        "cursor": pa.Column(pl.Int64, checks=pa.Check.ge(1)),
+        "t": pa.Column(pl.Int32, checks=pa.Check.ge(0)),
+        "token": pa.Column(pl.UInt32),
+        **{c: pa.Column(pl.Float64, checks=pa.Check.ge(0.0)) for c in ("nll_full", "nll_recency", "nll_oracle_raw")},
+    },
+    checks=[pa.Check(_finite("nll_full", "nll_recency", "nll_oracle_raw"), name="finite_nlls"),
+            pa.Check(lambda d: d.lazyframe.select(pl.col("cursor") > pl.col("window_start")), name="cursor_after_start"),
+            pa.Check(_t_is_contiguous_from_zero, name="t_contiguous_from_zero_per_sample")],
+    unique=["doc_id", "cursor", "t"],
+    strict=True,
+    ordered=True,
+    name="eval_references",
+)
+
+BLOCK_MASS_DTYPES = {"doc_id": pl.Utf8, "cursor": pl.Int64, "block": pl.Int32, "mass_horizon": pl.Float64,
+                     "mass_tail": pl.Float64}
+BLOCK_MASS_SCHEMA = pa.DataFrameSchema(
+    {
+        "doc_id": pa.Column(pl.Utf8, checks=_DOC_ID),
+        "cursor": pa.Column(pl.Int64, checks=pa.Check.ge(1)),
+        "block": pa.Column(pl.Int32, checks=pa.Check.ge(0)),
+        "mass_horizon": pa.Column(pl.Float64, checks=pa.Check.ge(0.0)),
+        "mass_tail": pa.Column(pl.Float64, checks=pa.Check.ge(0.0)),
+    },
+    checks=[pa.Check(_finite("mass_horizon", "mass_tail"), name="finite_mass")],
+    unique=["doc_id", "cursor", "block"],
+    strict=True,
+    ordered=True,
+    name="eval_block_mass",
+)
+
+PASSKEY_REFERENCE_DTYPES = {
+    "trial_id": pl.Utf8, "doc_id": pl.Utf8, "length": pl.Int64, "placement": pl.Utf8, "key": pl.Utf8,
+    "depth": pl.Int64, "distance": pl.Int64, "needle_tokens": pl.Int64, "prompt": pl.List(pl.UInt32),
+    "answer": pl.List(pl.UInt32), "logp_full": pl.Float64, "exact_full": pl.Boolean, "logp_recency": pl.Float64,
+    "exact_recency": pl.Boolean, "logp_oracle_raw": pl.Float64, "exact_oracle_raw": pl.Boolean,
+    "mass_horizon": pl.List(pl.Float64), "mass_tail": pl.List(pl.Float64),
+}
+PASSKEY_REFERENCE_SCHEMA = pa.DataFrameSchema(
+    {
+        "trial_id": pa.Column(pl.Utf8, unique=True),
+        "doc_id": pa.Column(pl.Utf8, checks=_DOC_ID),
+        "length": pa.Column(pl.Int64, checks=pa.Check.ge(1)),
+        "placement": pa.Column(pl.Utf8, checks=pa.Check.isin(["inside", "outside"])),
+        "key": pa.Column(pl.Utf8, checks=pa.Check.str_matches(r"^[0-9]{5}$")),
+        "depth": pa.Column(pl.Int64, checks=pa.Check.ge(0)),
+        "distance": pa.Column(pl.Int64, checks=pa.Check.ge(0)),
+        "needle_tokens": pa.Column(pl.Int64, checks=pa.Check.ge(1)),
+        "prompt": pa.Column(pl.List(pl.UInt32)),
+        "answer": pa.Column(pl.List(pl.UInt32)),
+        **{name: column for m in ("full", "recency", "oracle_raw")
+           for name, column in ((f"logp_{m}", pa.Column(pl.Float64, checks=pa.Check.le(0.0))),
+                                (f"exact_{m}", pa.Column(pl.Boolean)))},
+        "mass_horizon": pa.Column(pl.List(pl.Float64)),
+        "mass_tail": pa.Column(pl.List(pl.Float64)),
+    },
+    checks=[pa.Check(lambda d: d.lazyframe.select(pl.col("prompt").list.len() == pl.col("length")),
+                     name="prompt_length_matches")],
+    strict=True,
+    ordered=True,
+    name="passkey_references",
 )

@@ -24,7 +24,7 @@ from dagster import (
 from megacontext.cycle import cycle_dir
 from orchestration.assets.cycles import GROUP, champion, cycle_partitions, gistnet, lens_labels, lensnet, lora_adapter, \
     validation_report
-from orchestration.assets.data import corpus, dataset_shards, megacontext_trees
+from orchestration.assets.data import corpus, dataset_shards, eval_references, megacontext_trees
 from orchestration.assets.nightly import nightly_regression_report
 from orchestration.resources import MegaContextConfig, env_overrides
 
@@ -34,7 +34,7 @@ mc = MegaContextConfig(profile=os.environ.get("MEGACONTEXT_PROFILE", "default"),
 cycle_job = define_asset_job("cycle", selection=AssetSelection.groups(GROUP), partitions_def=cycle_partitions,
                              description="One training cycle: JT1 -> JT2 labels -> LensNet -> LoRA -> gate -> champion.")
 data_job = define_asset_job("data", selection=AssetSelection.groups("data"),
-                            description="Corpus -> shards -> baseline trees.")
+                            description="Corpus -> shards -> baseline trees and the evaluation references.")
 nightly_job = define_asset_job("nightly_regression", selection=AssetSelection.assets(nightly_regression_report),
                                description="Re-evaluate the champion and compare with its recorded numbers.")
 nightly_schedule = ScheduleDefinition(job=nightly_job, cron_schedule="0 3 * * *", execution_timezone="UTC",
@@ -62,7 +62,7 @@ def next_cycle(context: SensorEvaluationContext) -> SensorResult | SkipReason:
 
 
 defs = Definitions(
-    assets=[corpus, dataset_shards, megacontext_trees, gistnet, lens_labels, lensnet, lora_adapter, validation_report,
+    assets=[corpus, dataset_shards, megacontext_trees, eval_references, gistnet, lens_labels, lensnet, lora_adapter, validation_report,
             champion, nightly_regression_report],
     jobs=[cycle_job, data_job, nightly_job],
     schedules=[nightly_schedule],

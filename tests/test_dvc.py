@@ -14,14 +14,14 @@ from megacontext.scratch_repo import DVC, scratch_dvc_repo
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_CODE = {"build-corpus": "corpus.py", "build-shards": "shards.py", "build-trees": "tree_build.py",
-              "evaluate": "evaluation.py", "train-cycle": "cycle.py"}
+              "eval-references": "references.py", "evaluate": "evaluation.py", "train-cycle": "cycle.py"}
 
 
 def test_dvc_parses_the_pipeline_in_its_own_environment() -> None:
     assert DVC.is_file(), "DVC is installed by `make setup` into .venv-dvc"
     listed = subprocess.run([str(DVC), "stage", "list"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert [line.split()[0] for line in listed.splitlines() if line.strip()] == ["corpus", "shards", "trees", "evaluate", "cycle",
-                                                                                    "validate"]
+    assert [line.split()[0] for line in listed.splitlines() if line.strip()] == ["corpus", "shards", "trees", "references",
+                                                                                    "evaluate", "cycle", "validate"]
 
 
 def test_every_stage_calls_a_real_cli_subcommand_and_lists_its_code() -> None:
@@ -49,7 +49,7 @@ def test_dvc_repro_runs_the_tiny_lifecycle_and_a_second_repro_does_nothing(tmp_p
 
     scratch_dvc_repo(tmp_path, lambda argv, cwd: run(*argv), profile="tiny")
     first = run(str(DVC), "repro")
-    for stage in ("corpus", "shards", "trees", "evaluate", "cycle", "validate"):
+    for stage in ("corpus", "shards", "trees", "references", "evaluate", "cycle", "validate"):
         assert f"Running stage '{stage}'" in first, stage
     assert (tmp_path / "artifacts/reports/cycle-0001/summary.json").is_file() and (tmp_path / "dvc.lock").is_file()
     second = run(str(DVC), "repro")

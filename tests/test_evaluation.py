@@ -12,7 +12,7 @@ from megacontext.base_model import horizon_token_nll, load_base_model
 from megacontext.cli import main
 from megacontext.corpus import build_corpus
 from megacontext.errors import ArtifactError
-from megacontext.evaluation import evaluate, sample_cursors, wc_token_nll, Sample
+from megacontext.evaluation import evaluate, wc_token_nll, Sample
 from megacontext.gate import gate
 from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.gistnet import TreeGistEncoder, build_gistnet, gistnet_identity
@@ -54,14 +54,19 @@ def test_a_working_context_without_gists_reproduces_the_base_logits_exactly(tmp_
     assert torch.equal(through_wc, plain)
 
 
-def test_cursors_are_aligned_and_inside_the_document() -> None:
+def test_windows_are_aligned_and_their_cursors_share_one_full_pass(tmp_path: Path) -> None:
+    from megacontext.references import plan_windows
     from megacontext.shards import TokenizedDocument
 
+    cfg = tiny_config(tmp_path, "eval.windows_per_doc=3", "eval.cursors_per_window=3", "eval.cursor_stride=64")
     doc = TokenizedDocument("0" * 16, "x", "val", np.zeros(10_000, np.uint32))
-    samples = sample_cursors([doc], history=2_000, horizon=64, per_doc=3, align=1_024)
-    assert [s.window_start for s in samples] == [0, 4_096, 7_168]
-    assert all(s.cursor - s.window_start == 2_000 and s.cursor + 64 <= 10_000 for s in samples)
-    assert sample_cursors([doc], history=9_990, horizon=64, per_doc=3, align=1_024) == []
+    short = TokenizedDocument("1" * 16, "x", "val", np.zeros(2_000, np.uint32))  # < L + H: no window
+    windows = plan_windows([doc, short], cfg)
+    assert [w.start for w in windows] == [0, 4_096, 7_168]  # spread over the document, aligned to 1,024
+    L, h = cfg.eval.history, cfg.eval.horizon
+    for w in windows:
+        assert [c - w.start for c in w.cursors] == [L - 128, L - 64, L]  # histories L - j·stride
+        assert w.cursors[-1] + h <= 10_000 and w.doc is doc
 
 
 def test_evaluation_scores_every_sample_and_the_gate_follows_the_numbers(built) -> None:
@@ -77,11 +82,19 @@ def test_evaluation_scores_every_sample_and_the_gate_follows_the_numbers(built) 
     assert manifest["gate_passed"] == (all_["delta_nll"]["value"] <= 0.1 and all_["nll_mc"]["value"] < all_["nll_recency"]["value"])
     assert "Gate: **" in (out / "report.md").read_text() and (out / "report.png").stat().st_size > 1_000
     # NLL_full and NLL_recency are exactly the base model's scores on the raw windows
+    assert samples == 4 * cfg.eval.cursors_per_window and summary["n_samples"] == samples
+    for column in ("nll_oracle", "nll_training_free", "nll_oracle_raw"):  # the bounds and baselines, every sample
+        assert table[column].null_count() == 0
+    assert table["nll_recency_adapted"].null_count() == table.height  # no LoRA without a checkpoint
+    assert {"oracle", "training_free", "oracle_raw", "mc"} <= set(summary["all"]["methods"])
+    assert summary["passkey"]["settings"] and (out / "passkey.png").stat().st_size > 1_000
     base = load_base_model(cfg)
-    doc_id, cursor = table.row(0, named=True)["doc_id"], table.row(0, named=True)["cursor"]
+    # the shortest history of a window: its first cursor (L - stride)
+    first = table.sort("cursor").row(0, named=True)
+    doc_id, cursor = first["doc_id"], first["cursor"]
     doc = next(d for d in read_split(shards_dir(cfg), "val") if d.doc_id == doc_id)
     ids = torch.as_tensor(doc.tokens.astype(np.int64))
-    h, L, w = cfg.eval.horizon, cfg.eval.history, cfg.wc.w_max
+    h, L, w = cfg.eval.horizon, cfg.eval.history - cfg.eval.cursor_stride, cfg.wc.w_max
     rows = table.filter((pl.col("doc_id") == doc_id) & (pl.col("cursor") == cursor)).sort("t")
     full = horizon_token_nll(base.model, h, input_ids=ids[cursor - L : cursor + h][None])[0].numpy()
     recency = horizon_token_nll(base.model, h, input_ids=ids[cursor - w : cursor + h][None])[0].numpy()
@@ -107,7 +120,7 @@ def test_mc_nll_changes_when_the_gists_change(built, tmp_path: Path) -> None:
         tree = MegaContextTree.create(tmp_path / f"s{seed}", base_model_id=base.model_id,
                                       encoder=TreeGistEncoder(net, embedding), gist_dtype="float32")
         tree.append(doc.tokens[: sample.cursor], TreeGistEncoder(net, embedding))
-        scores.append(wc_token_nll(base, wc, tree, sample, horizon))
+        scores.append(wc_token_nll(base, wc.entries, tree, sample.window_start, horizon))
     assert not np.allclose(scores[0], scores[1])
 
 
@@ -141,10 +154,10 @@ def test_megaattention_in_the_evaluation_equals_full_attention_when_its_window_c
     tree = open_tree(trees_dir(cfg), "val", doc.doc_id, base_model_id=base.model_id,
                      encoder_identity=gistnet_identity(gistnet))
     wc = cold_start(cfg.eval.history, cfg.wc.w_max, cfg.wc.protected_tail)
-    plain = wc_token_nll(base, wc, tree, sample, horizon)
+    plain = wc_token_nll(base, wc.entries, tree, sample.window_start, horizon)
     install_mega_attention(base.model)
-    wide = wc_token_nll(base, wc, tree, sample, horizon, mega=(gistnet, MegaConfig(attention=True, window=100_000)))
-    local = wc_token_nll(base, wc, tree, sample, horizon, mega=(gistnet, MegaConfig(attention=True, window=64)))
+    wide = wc_token_nll(base, wc.entries, tree, sample.window_start, horizon, mega=(gistnet, MegaConfig(attention=True, window=100_000)))
+    local = wc_token_nll(base, wc.entries, tree, sample.window_start, horizon, mega=(gistnet, MegaConfig(attention=True, window=64)))
     assert np.allclose(wide, plain, atol=1e-4)
     assert not np.allclose(local, plain, atol=1e-3) and np.isfinite(local).all()
     mega_cfg = tiny_config(Path(cfg.paths.artifact_root).parent, *EVAL_ARGS, "mega.attention=true", "mega.window=64")

@@ -8,13 +8,15 @@ import pytest
 
 from megacontext.errors import MegaContextError
 from megacontext.gate import GateRefused, check_gate_setting, gate, summarize
-from megacontext.schemas import EVAL_SCHEMA, SchemaViolation, validate
+from megacontext.schemas import EVAL_LEVEL_COLUMNS, EVAL_SCHEMA, SchemaViolation, validate
 
 BOOT = {"key_token_margin": 0.5, "bootstrap_samples": 400, "confidence": 0.95, "seed": 0}
 
 
-def make_table(full, recency, mc, lod1=None, lod2=None, *, first_doc: int = 0) -> pl.DataFrame:
-    """An EVAL_SCHEMA table from (S, H) arrays: sample s is doc s (+first_doc) at cursor 100."""
+def make_table(full, recency, mc, lod1=None, lod2=None, *, first_doc: int = 0, **rows) -> pl.DataFrame:
+    """An EVAL_SCHEMA table from (S, H) arrays: sample s is doc s (+first_doc) at cursor 100.
+
+    `rows`: optional method columns by name without the `nll_` prefix (recency_adapted, oracle, ...)."""
     full, recency, mc = (np.asarray(a, dtype=np.float64) for a in (full, recency, mc))
     n_samples, horizon = full.shape
 
@@ -30,6 +32,7 @@ def make_table(full, recency, mc, lod1=None, lod2=None, *, first_doc: int = 0) -
         "token": pl.Series(np.arange(full.size) % 50_000, dtype=pl.UInt32),
         "nll_full": full.ravel(), "nll_recency": recency.ravel(), "nll_mc": mc.ravel(),
         "nll_mc_lod1": level(lod1), "nll_mc_lod2": level(lod2),
+        **{c: level(rows.get(c.removeprefix("nll_"))) for c in EVAL_LEVEL_COLUMNS[2:]},
     })
 
 

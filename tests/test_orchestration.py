@@ -9,7 +9,7 @@ from dagster import DagsterInstance, PipesSubprocessClient, materialize
 from megacontext.gate import gate
 from orchestration.assets.cycles import champion, cycle_number, gistnet, lens_labels, lensnet, lora_adapter, \
     validation_report
-from orchestration.assets.data import corpus, dataset_shards, megacontext_trees
+from orchestration.assets.data import corpus, dataset_shards, eval_references, megacontext_trees
 from orchestration.definitions import defs, next_cycle_key
 from orchestration.resources import MegaContextConfig
 
@@ -17,11 +17,12 @@ ASSET_GRAPH = {
     "corpus": [],
     "dataset_shards": ["corpus"],
     "megacontext_trees": ["dataset_shards"],
+    "eval_references": ["dataset_shards"],
     "gistnet": ["dataset_shards", "megacontext_trees"],
     "lens_labels": ["gistnet"],
     "lensnet": ["lens_labels"],
     "lora_adapter": ["lensnet"],
-    "validation_report": ["lora_adapter"],
+    "validation_report": ["eval_references", "lora_adapter"],
     "champion": ["validation_report"],
     "nightly_regression_report": [],
 }
@@ -49,6 +50,20 @@ def test_cycle_partition_names_and_the_next_cycle_rule() -> None:
     assert next_cycle_key([], lambda n: False) == "cycle-0001"
     assert next_cycle_key(["cycle-0001"], lambda n: False) is None  # cycle 1 not evaluated yet: wait
     assert next_cycle_key(["cycle-0001", "cycle-0002"], lambda n: n == 2) == "cycle-0003"
+
+
+def test_the_eval_references_asset_builds_the_cache_once_with_its_numbers(tmp_path: Path) -> None:
+    mc = MegaContextConfig(profile="tiny", overrides=[f"paths.artifact_root={tmp_path}",
+                                                       f"paths.corpus_dir={tmp_path / 'none'}", *TINY])
+    with DagsterInstance.ephemeral() as instance:
+        result = materialize([corpus, dataset_shards, eval_references], instance=instance, resources={"mc": mc})
+        assert result.success
+        meta = result.asset_materializations_for_node("eval_references")[0].metadata
+        assert meta["samples"].value > 0 and meta["passkey_trials"].value == 8
+        assert meta["mean_nll_recency"].value >= meta["mean_nll_full"].value - 0.5
+        again = materialize([eval_references], instance=instance, resources={"mc": mc})
+        assert again.asset_materializations_for_node("eval_references")[0].metadata["manifest_digest"].value == \
+            meta["manifest_digest"].value  # reused, not recomputed
 
 
 def _materialize(root: Path, instance: DagsterInstance, key: str, *overrides: str):

@@ -27,10 +27,10 @@ from dagster import (
 from megacontext import cycle as lifecycle
 from megacontext.champion import previous_accepted, promote
 from megacontext.config import Config
-from megacontext.evaluation import evaluate
+from megacontext.evaluation import evaluate, passkey_accuracy
 from megacontext.lineage import manifest_digest, read_manifest
 from megacontext.plots import png_markdown
-from orchestration.assets.data import dataset_shards, megacontext_trees
+from orchestration.assets.data import dataset_shards, eval_references, megacontext_trees
 from orchestration.resources import MegaContextConfig
 
 cycle_partitions = DynamicPartitionsDefinition(name="cycles")
@@ -129,7 +129,7 @@ def lora_adapter(context: AssetExecutionContext, mc: MegaContextConfig, pipes: P
 GATE_CHECK = "delta_nll_gate"
 
 
-@asset(group_name=GROUP, partitions_def=cycle_partitions, deps=[lora_adapter],
+@asset(group_name=GROUP, partitions_def=cycle_partitions, deps=[lora_adapter, eval_references],
        check_specs=[AssetCheckSpec(GATE_CHECK, asset="validation_report", blocking=True,
                                    partitions_def=cycle_partitions,
                                    description="ΔNLL ≤ eval.delta_nll_max and NLL_mc < NLL_recency (DESIGN §4); "
@@ -144,10 +144,15 @@ def validation_report(context: AssetExecutionContext, mc: MegaContextConfig) -> 
     meta.update({
         "gate_passed": summary["gate"]["passed"],
         "gate": summary["gate"]["message"],
-        **{k: summary["all"][k]["value"] for k in ("nll_full", "nll_recency", "nll_mc", "delta_nll", "gap_recovery")
+        **{k: summary["all"][k]["value"] for k in ("nll_full", "nll_recency", "nll_recency_adapted", "nll_mc",
+                                                   "delta_nll", "gap_recovery", "mc_minus_best_recency")
            if summary["all"][k]["value"] is not None},
+        **{k: v for k, v in passkey_accuracy(summary).items() if v is not None},
+        "focus_never_edits": bool(summary.get("focus_health", {}).get("never_edits", False)),
         "report": MetadataValue.md((out / "report.md").read_text()),
         "plots": MetadataValue.md(png_markdown(out / "report.png", "NLL and per-level ΔNLL")),
+        **({"passkey_plot": MetadataValue.md(png_markdown(out / "passkey.png", "passkey accuracy"))}
+           if (out / "passkey.png").is_file() else {}),
         "lod_map": MetadataValue.md(png_markdown(out / "lod_map.png", "LOD map")),
         "cycle_seconds": json.loads((folder / "cycle.json").read_text())["seconds"]["total"],
     })

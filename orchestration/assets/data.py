@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import polars as pl
 from dagster import MaterializeResult, MetadataValue, asset
 
 from megacontext.corpus import build_corpus
+from megacontext.references import build_references, passkey_dir
 from megacontext.lineage import manifest_digest, read_manifest
 from megacontext.shards import build_shards
 from megacontext.tree_build import build_trees
@@ -48,3 +50,29 @@ def megacontext_trees(mc: MegaContextConfig) -> MaterializeResult:
         "documents": MetadataValue.json(manifest["documents"]),
         "gistnet": manifest["gistnet"],
     })
+
+
+@asset(group_name="data", deps=[dataset_shards],
+       description="The evaluation's cycle-independent references, computed once: NLL_full and NLL_recency per "
+                   "sample, the attention mass per history block, the oracle without gists, the passkey trials.")
+def eval_references(mc: MegaContextConfig) -> MaterializeResult:
+    cfg = mc.resolve()
+    out = build_references(cfg)
+    manifest = read_manifest(out)
+    tokens = pl.read_parquet(out / "tokens.parquet")
+    meta = {"path": MetadataValue.path(str(out)), "manifest_digest": manifest_digest(manifest),
+            "samples": manifest["samples"], "windows": manifest["windows"], "build_seconds": manifest["seconds"],
+            **{f"mean_{c}": float(tokens[c].mean()) for c in ("nll_full", "nll_recency", "nll_oracle_raw")}}
+    if cfg.eval.passkey.enabled:
+        trials = pl.read_parquet(passkey_dir(cfg) / "passkey.parquet")
+        meta["passkey_trials"] = trials.height
+        accuracy = trials.group_by("length", "placement").agg(pl.col("exact_full").mean(), pl.col("exact_recency").mean())
+        meta["passkey"] = MetadataValue.md(_markdown_table(accuracy.sort("length", "placement")))
+    return MaterializeResult(metadata=meta)
+
+
+def _markdown_table(frame: pl.DataFrame) -> str:
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * frame.width]
+    lines += ["| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |"
+              for row in frame.iter_rows()]
+    return "\n".join(lines)

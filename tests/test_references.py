@@ -1,0 +1,284 @@
+"""The evaluation yardstick: attention mass, block selection, passkey trials, key tokens and the reference cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megacontext.attention_mass import attention_mass, block_sums
+from megacontext.base_model import load_base_model
+from megacontext.block_selection import expanded_blocks, select_blocks, tail_start
+from megacontext.corpus import build_corpus
+from megacontext.errors import ArtifactError
+from megacontext.gate import gate, key_token_masks, summarize
+from megacontext.nodes import Node
+from megacontext.passkey import PLACEMENTS, answer_scores, make_trials
+from megacontext.references import StaleReferences, build_references, load_references, passkey_dir, references_dir
+from megacontext.shards import TokenizedDocument, build_shards
+from megacontext.tokenizer import ByteTokenizer
+from megacontext.tree_build import build_trees
+from megacontext.working_context import check_invariants
+from tests.conftest import tiny_config
+from tests.test_gate import BOOT, make_table
+
+EVAL_ARGS = ("data.max_documents=5", "data.val_fraction=0.999", "data.test_fraction=0")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refs")
+    cfg = tiny_config(root, *EVAL_ARGS)
+    build_corpus(cfg)
+    build_shards(cfg)
+    build_trees(cfg)
+    build_references(cfg)
+    return root, cfg
+
+
+# --- attention mass ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # MHA and GQA (KV heads repeated)
+def test_attention_mass_equals_a_dense_softmax_reference(tmp_path: Path, kv_heads: int) -> None:
+    cfg = tiny_config(tmp_path, f"model.tiny.n_kv_heads={kv_heads}")
+    model = load_base_model(cfg).model
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(0))
+    groups = [torch.arange(250, 300), torch.arange(10, 20), torch.tensor([5, 299])]
+    mass, logits = attention_mass(model, groups, logits_at=torch.tensor([3, 100, 299]), input_ids=ids)
+    assert torch.allclose(logits[0], model(input_ids=ids).logits[0, [3, 100, 299]], atol=1e-5)
+    assert model.config._attn_implementation != "megacontext_mass"  # restored afterwards
+    model.set_attn_implementation("eager")
+    weights = torch.stack(model(input_ids=ids, output_attentions=True).attentions)[:, 0]  # [layers, heads, T, T]
+    reference = torch.stack([weights[:, :, g, :].sum(dim=(0, 1, 2)) for g in groups]).double()  # [G, T]
+    assert torch.allclose(mass, reference, atol=1e-5)
+    layers_heads = cfg.model.tiny.n_layers * cfg.model.tiny.n_heads
+    assert torch.allclose(mass.sum(1), torch.tensor([50.0, 10.0, 2.0], dtype=torch.float64) * layers_heads)
+    assert torch.equal(block_sums(mass, 0, 288, 32), mass[:, :288].reshape(3, 9, 32).sum(-1))
+
+
+# --- block selection --------------------------------------------------------------------------
+
+
+def test_block_selection_keeps_the_tail_and_the_best_blocks_known_answer() -> None:
+    # n = 4,096, W_max 1,100, tail 1,024 -> tail from 3,072; 96 older blocks = 3 LOD2 spans
+    scores = np.zeros(96)
+    scores[[5, 40, 41, 90]] = [4.0, 3.0, 2.0, 1.0]
+    entries = select_blocks(4_096, 1_100, 1_024, scores)
+    # base cost 1,024 + 3 = 1,027; block 5 opens span 0 (+62), 40 opens span 1 (+62) -> 1,151 > 1,100: stop
+    # at 5 alone: 1,089 left 11 < 31, so nothing else fits
+    raw = sorted({n.start // 32 for n in entries if n.level == 0 and n.start < 3_072})
+    assert raw == [5] and len(entries) == 1_089
+    assert [n for n in entries if n.level == 2] == [Node(1_024, 2), Node(2_048, 2)]
+    check_invariants(entries, 4_096, 1_100, 256, 2)
+    dropped = select_blocks(4_096, 1_100, 1_024, scores, gists=False)  # (1,100 − 1,024) // 32 = 2 blocks, no gists
+    assert sorted({n.start // 32 for n in dropped if n.start < 3_072}) == [5, 40] and len(dropped) == 1_088
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(600, 9_000), budget=st.integers(300, 2_500), tail_frac=st.floats(0.2, 0.6),
+       seed=st.integers(0, 1_000), gists=st.booleans())
+def test_block_selection_never_exceeds_the_budget_and_stays_a_legal_working_context(n, budget, tail_frac, seed, gists):
+    tail = max(64, int(budget * tail_frac))
+    scores = np.random.default_rng(seed).random(n // 32)
+    start = tail_start(n, tail)
+    spans = start // 1024
+    cheapest = (n - start) + (spans + start // 32 - spans * 32 if gists else 0)  # tail + coarsest gists
+    if cheapest > budget:
+        with pytest.raises(ValueError, match="W_max"):
+            select_blocks(n, budget, tail, scores, gists=gists)
+        return
+    entries = select_blocks(n, budget, tail, scores, gists=gists)
+    assert len(entries) <= budget
+    assert [n_.start for n_ in entries if n_.start >= tail_start(n, tail)] == list(range(tail_start(n, tail), n))
+    if gists:
+        check_invariants(entries, n, budget, min(64, tail), 2)
+    else:
+        assert all(e.level == 0 for e in entries) and len({e.start for e in entries}) == len(entries)
+
+
+def test_expanded_blocks_count_what_the_cold_start_gists() -> None:
+    scores = np.zeros(8_128 // 32)
+    scores[10] = 1.0
+    entries = select_blocks(8_128, 2_048, 1_024, scores)
+    distances = expanded_blocks(entries, 8_128, 2_048, 256, 2)
+    assert 8_128 - 11 * 32 in distances  # block 10 ends 11 blocks in: that far back
+    from megacontext.working_context import cold_start
+
+    assert expanded_blocks(cold_start(8_128, 2_048, 256).entries, 8_128, 2_048, 256, 2) == []
+
+
+# --- passkey ----------------------------------------------------------------------------------
+
+
+def _docs() -> list[TokenizedDocument]:
+    rng = np.random.default_rng(0)
+    return [TokenizedDocument(f"{i:016x}", "x", "val", rng.integers(32, 127, 6_000).astype(np.uint32)) for i in range(3)]
+
+
+def test_passkey_trials_are_deterministic_and_placed_as_they_say() -> None:
+    tok, docs = ByteTokenizer(), _docs()
+    kwargs = dict(lengths=[2_000, 4_000], trials=6, recency=1_024, align=32)
+    trials = make_trials(docs, tok, seed=7, **kwargs)
+    again = make_trials(docs, tok, seed=7, **kwargs)
+    other = make_trials(docs, tok, seed=8, **kwargs)
+    assert [(t.key, t.depth, t.prompt.tobytes()) for t in trials] == [(t.key, t.depth, t.prompt.tobytes()) for t in again]
+    assert [t.key for t in trials] != [t.key for t in other]
+    assert len(trials) == 2 * len(PLACEMENTS) * 6
+    for t in trials:
+        assert len(t.prompt) == t.length and t.key.isdigit() and len(t.key) == 5
+        needle = tok.decode(t.prompt[t.depth : t.depth + t.needle_tokens].tolist())
+        assert f"The pass key is {t.key}." in needle and tok.decode(t.answer.tolist()) == f" {t.key}"
+        recency_starts = t.length - 1_024
+        if t.placement == "outside":  # the whole key sentence before the recency window
+            assert t.depth + t.needle_tokens <= recency_starts
+        else:  # the whole key sentence inside it
+            assert t.depth >= recency_starts
+
+
+def test_answer_scores_are_the_teacher_forced_log_prob_and_greedy_match() -> None:
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]))
+    logp, exact = answer_scores(logits, np.array([0, 2]))
+    assert logp == pytest.approx(np.log(0.7) + np.log(0.6)) and exact
+    logp, exact = answer_scores(logits, np.array([0, 1]))
+    assert logp == pytest.approx(np.log(0.7) + np.log(0.3)) and not exact
+
+
+# --- key tokens and the gate ------------------------------------------------------------------
+
+
+def test_key_token_masks_follow_their_definitions_on_a_hand_made_table() -> None:
+    #                  t:   0     1     2     3     4
+    full = np.array([[0.1, 1.0, 2.5, 0.5, 1.9]])
+    recency = np.array([[0.3, 1.6, 5.0, 3.0, 4.0]])
+    # margin 0.5: gains 0.2, 0.6, 2.5, 2.5, 2.1 -> t 1, 2, 3, 4
+    # LongPPL: gain > 2 and log p_full > -2 (nll_full < 2) -> t 3 (gain 2.5, nll 0.5), t 4 (2.1, 1.9); not t 2 (nll 2.5)
+    table = make_table(full, recency, full)
+    masks = key_token_masks(margin=0.5, longppl_gain=2.0, longppl_floor=-2.0)
+    assert table.select(masks["key"])["nll_recency"].to_list() == [False, True, True, True, True]
+    assert table.select(masks["longppl"])["nll_recency"].to_list() == [False, False, False, True, True]
+    s = summarize(table, **BOOT)
+    assert (s["key"]["n_tokens"], s["longppl"]["n_tokens"]) == (4, 2)
+    assert s["longppl"]["nll_full"]["value"] == pytest.approx((0.5 + 1.9) / 2)
+
+
+def test_the_gate_compares_with_the_stronger_recency_baseline() -> None:
+    full = np.full((4, 8), 1.0)
+    recency, mc = full + 1.0, full + 0.05
+    weak_lora = summarize(make_table(full, recency, mc, recency_adapted=recency + 0.5), **BOOT)
+    assert weak_lora["best_recency"] == "recency" and gate(weak_lora, delta_nll_max=0.1).passed
+    strong_lora = summarize(make_table(full, recency, mc, recency_adapted=full + 0.02), **BOOT)
+    verdict = gate(strong_lora, delta_nll_max=0.1)
+    assert strong_lora["best_recency"] == "recency_adapted" and not verdict.passed
+    assert strong_lora["all"]["mc_minus_best_recency"]["value"] == pytest.approx(0.03)
+    assert "NLL_recency_adapted" in verdict.message
+
+
+# --- the reference cache ----------------------------------------------------------------------
+
+
+def _count_long_forwards(base, threshold: int) -> list[int]:
+    lengths: list[int] = []
+
+    def hook(module, args, kwargs):
+        seq = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if seq is not None and seq.shape[1] > threshold:
+            lengths.append(seq.shape[1])
+
+    base.model.register_forward_pre_hook(hook, with_kwargs=True)
+    return lengths
+
+
+def test_a_cached_reference_is_reused_with_no_full_context_forward(built, monkeypatch) -> None:
+    from megacontext import evaluation
+
+    root, cfg = built
+    seen: list[list[int]] = []
+
+    def counting_base(c):
+        base = load_base_model(c)
+        seen.append(_count_long_forwards(base, c.wc.w_max + c.eval.horizon))
+        return base
+
+    monkeypatch.setattr(evaluation, "load_base_model", counting_base)
+    before = (references_dir(cfg) / "manifest.json").read_text()
+    report = evaluation.evaluate(cfg, out=root / "eval-again")
+    assert seen[-1] == []  # no forward longer than a working context: full and recency came from the cache
+    assert (references_dir(cfg) / "manifest.json").read_text() == before
+    inputs = {Path(i["path"]).name for i in json.loads((report / "manifest.json").read_text())["inputs"]}
+    assert {references_dir(cfg).name, passkey_dir(cfg).name} <= inputs  # the report's lineage names the caches
+
+
+def test_a_fresh_build_does_run_the_full_context(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, *EVAL_ARGS, "data.max_documents=3", "eval.passkey.enabled=false")
+    build_corpus(cfg)
+    build_shards(cfg)
+    base = load_base_model(cfg)
+    long = _count_long_forwards(base, cfg.wc.w_max + cfg.eval.horizon)
+    build_references(cfg, base=base)
+    assert long and max(long) == cfg.eval.history + cfg.eval.horizon  # one pass per window serves its cursors
+    assert not passkey_dir(cfg).exists()
+
+
+@pytest.mark.parametrize("override", ["eval.history=1920", "eval.horizon=16", "wc.w_max=320", "eval.cursor_stride=64",
+                                      "eval.focus_tail=96", "seed=3", "eval.windows_per_doc=2"])
+def test_other_settings_never_read_the_cached_numbers(built, override: str) -> None:
+    root, cfg = built
+    other = tiny_config(root, *EVAL_ARGS, override)
+    assert references_dir(other) != references_dir(cfg)  # the settings name the cache
+    with pytest.raises(ArtifactError, match=r"no evaluation references; build them with "
+                                            r"`megacontext eval-references --profile tiny`"):
+        load_references(other, load_base_model(other), build_missing=False)
+
+
+def test_a_passkey_change_keeps_the_nll_cache(built) -> None:
+    root, cfg = built
+    other = tiny_config(root, *EVAL_ARGS, "eval.passkey.trials=3")
+    assert references_dir(other) == references_dir(cfg) and passkey_dir(other) != passkey_dir(cfg)
+
+
+def test_a_cache_of_another_base_model_is_refused_naming_what_changed(built) -> None:
+    root, cfg = built
+    other = tiny_config(root, *EVAL_ARGS, "model.tiny.d_model=32")
+    assert references_dir(other) == references_dir(cfg)  # same settings, other input
+    with pytest.raises(StaleReferences, match=r"stale evaluation references \(base_model 'tiny-llama-.*' -> "
+                                             r"'tiny-llama-.*'\); rebuild them with `megacontext eval-references "
+                                             r"--profile tiny`"):
+        load_references(other, load_base_model(other))
+
+
+def test_references_of_other_shards_or_a_corrupt_file_are_refused(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, *EVAL_ARGS, "data.max_documents=3", "eval.passkey.enabled=false")
+    build_corpus(cfg)
+    build_shards(cfg)
+    base = load_base_model(cfg)
+    build_references(cfg, base=base)
+    tokens = references_dir(cfg) / "tokens.parquet"
+    data = bytearray(tokens.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tokens.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"tokens.parquet: content differs.*eval-references --profile tiny --force"):
+        load_references(cfg, base)
+    build_references(cfg, base=base, force=True)
+    assert load_references(cfg, base).tokens.height > 0
+    rebuilt = tiny_config(tmp_path, *EVAL_ARGS, "data.max_documents=4", "eval.passkey.enabled=false")
+    build_corpus(rebuilt, force=True)
+    build_shards(rebuilt, force=True)
+    with pytest.raises(StaleReferences, match=r"shards '"):
+        load_references(rebuilt, base)
+
+
+def test_the_cache_holds_the_schema_checked_tables(built) -> None:
+    root, cfg = built
+    refs = load_references(cfg, load_base_model(cfg), build_missing=False)
+    samples = refs.samples()
+    assert samples.height == 4 * cfg.eval.cursors_per_window
+    assert refs.blocks.group_by("doc_id", "cursor").len()["len"].min() >= (cfg.eval.history - cfg.eval.cursor_stride) // 32
+    assert refs.passkey.height == len(cfg.eval.passkey.lengths) * 2 * cfg.eval.passkey.trials
+    assert (refs.tokens["nll_full"] >= 0).all() and pl.Series(refs.blocks["mass_horizon"]).sum() > 0
