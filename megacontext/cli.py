@@ -176,7 +176,9 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     summary = json.loads((out / "summary.json").read_text())
     console.print((out / "report.md").read_text(), markup=False, highlight=False)
     passed = json.loads((out / "manifest.json").read_text())["gate_passed"]
-    console.print(f"gate: {'PASS' if passed else 'FAIL'}   report: {out / 'report.md'}")
+    health = summary.get("focus_health", {})
+    warning = "   WARNING: the learned focus never edits (swap rate 0)" if health.get("never_edits") else ""
+    console.print(f"gate: {'PASS' if passed else 'FAIL'}   report: {out / 'report.md'}{warning}")
     print(json.dumps({"gate_passed": passed, "report": str(out / "report.md"), "summary_keys": sorted(summary)}))
     return 0
 

@@ -199,7 +199,7 @@ class PasskeyConfig(Section):
     """The passkey retrieval probe (DESIGN §4): a 5-digit key hidden inside or outside the recency window."""
 
     enabled: bool = True
-    lengths: list[int] = [4_096, 8_128]  # prompt tokens (history lengths)
+    lengths: list[int] = Field([4_096, 8_128], min_length=1)  # prompt tokens (history lengths)
     trials: int = Field(24, ge=1)  # per (length, placement)
 
 
@@ -280,8 +280,11 @@ class Config(Section):
             raise ValueError(f"eval.cursor_stride ({ev.cursor_stride}) must be >= eval.horizon ({ev.horizon}): "
                              "horizons of one window must not overlap")
         tail = ev.focus_tail or self.wc.w_max // 2
-        if not self.wc.protected_tail <= tail < self.wc.w_max:
-            raise ValueError(f"eval.focus_tail ({tail}) must be in [wc.protected_tail, wc.w_max)")
+        if not self.wc.protected_tail <= tail <= self.wc.w_max - 64:
+            raise ValueError(f"eval.focus_tail ({tail}) must be in [wc.protected_tail, wc.w_max - 64]: the oracle "
+                             "needs room for at least one block beside its tail")
+        if ev.tail_queries >= min([shortest, *(ev.passkey.lengths if ev.passkey.enabled else [])]):
+            raise ValueError(f"eval.tail_queries ({ev.tail_queries}) must be shorter than every history")
         if ev.passkey.enabled and min(ev.passkey.lengths) <= self.wc.w_max:
             raise ValueError(f"eval.passkey.lengths must all exceed wc.w_max ({self.wc.w_max}): a key outside "
                              "the recency window needs a longer prompt")

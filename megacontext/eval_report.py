@@ -218,7 +218,7 @@ def _plot_passkey(passkey: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(settings)), [f"{s['length']:,} tokens\nkey {s['placement']}" for s in settings])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("exact-digit accuracy")
-    ax.set_title("Passkey retrieval (95% bootstrap CI over trials)")
+    ax.set_title(f"Passkey retrieval ({passkey['bootstrap']['confidence']:.0%} bootstrap CI over trials)")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, format="png", metadata={"Software": None})

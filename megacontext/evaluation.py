@@ -82,7 +82,7 @@ class Rows:
 
     cfg: Config
     policy: Policy
-    plain: Callable[[], ContextManager]  # adapters off (the recency baseline through the base alone)
+    plain: Callable[[], ContextManager]  # adapters off (trees are built by the base embedding alone)
     adapted: bool  # the cycle's LoRA is on: also score recency through it
     mega: tuple[nn.Module, MegaConfig] | None = None
     health: dict[str, list[float]] | None = None  # per row: expanded blocks per sample, their distances
@@ -131,13 +131,21 @@ def score_sample(base: BaseLM, tree: NodeSource, sample: Sample, refs: Reference
         recent = torch.as_tensor(sample.doc.tokens[c - w : c + h].astype(np.int64))[None]
         columns["nll_recency_adapted"] = horizon_token_nll(base.model, h, input_ids=recent)[0].numpy()
     columns["nll_oracle"] = columns["nll_training_free"] = nan
-    if ev.baselines:
+    columns["nll_oracle_raw"] = cached["nll_oracle_raw"].to_numpy()  # the base alone reads the raw oracle
+    if ev.baselines:  # read exactly like NLL_mc (same adapters, same attention), so only the focus differs
         tail = focus_tail(cfg)
-        for name, mass in (("oracle", "mass_horizon"), ("training_free", "mass_tail")):
-            entries = select_blocks(n, w, tail, refs.block_scores(sample.doc.doc_id, c, mass), levels=wcc.levels)
-            columns[f"nll_{name}"] = score(entries)
+        by_horizon = refs.block_scores(sample.doc.doc_id, c, "mass_horizon")
+        for name, mass in (("oracle", by_horizon), ("training_free", refs.block_scores(sample.doc.doc_id, c, "mass_tail"))):
+            try:
+                entries = select_blocks(n, w, tail, mass, levels=wcc.levels)
+            except BudgetExceeded:  # the tail and the coarsest gists do not fit: recorded as null, like a level
+                continue
+            columns[f"nll_{name}"] = (wc_token_nll(base, entries, tree, sample.window_start, horizon, rows.mega)
+                                      if rows.mega else score(entries))
             _health(rows, name, entries, n)
-    columns["nll_oracle_raw"] = cached["nll_oracle_raw"].to_numpy()
+        if rows.adapted or rows.mega:  # the value of gists: the same raw oracle through this read path
+            raw = select_blocks(n, w, tail, by_horizon, levels=wcc.levels, gists=False)
+            columns["nll_oracle_raw"] = wc_token_nll(base, raw, tree, sample.window_start, horizon, rows.mega)
     return columns
 
 
@@ -275,7 +283,7 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
                "L (history)": f"{min(s.history for s in samples)}-{max(s.history for s in samples)}",
                "H (horizon)": ev.horizon, "split": ev.split,
                "working context": focus, "seconds": round(time.perf_counter() - start, 1),
-               "references": f"{refs.folder} (built in {refs.manifest.get('seconds', '?')} s, reused)",
+               "references": f"{refs.folder} (full-context passes: {refs.manifest.get('seconds', '?')} s, once)",
                "oracle / training-free tail": f"{focus_tail(cfg)} raw tokens; ranking by attention mass "
                                               f"(horizon queries / last {ev.tail_queries} history tokens)",
                "attention": f"MegaAttention W={cfg.mega.window} ({cfg.mega.kernel})" if mega else "full",
@@ -338,7 +346,14 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
             if cfg.eval.baselines:
                 for name, mass in (("oracle", "mass_horizon"), ("training_free", "mass_tail")):
                     candidates[name] = (select_blocks(trial.length, wcc.w_max, tail, np.asarray(row[mass]),
-                                                      levels=wcc.levels), None)
+                                                      levels=wcc.levels), rows.mega)
+                if rows.adapted or rows.mega:  # the raw oracle through this evaluation's read path
+                    candidates["oracle_raw"] = (select_blocks(trial.length, wcc.w_max, tail, np.asarray(row["mass_horizon"]),
+                                                              levels=wcc.levels, gists=False), rows.mega)
+            for name in ("oracle_raw",) if "oracle_raw" in candidates else ():
+                entries, mega = candidates[name]
+                logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega)
+                record[f"logp_{name}"], record[f"exact_{name}"] = answer_scores(logits.numpy(), trial.answer)
             for name in ("mc", "oracle", "training_free"):
                 record[f"logp_{name}"], record[f"exact_{name}"] = None, None
                 if name in candidates:

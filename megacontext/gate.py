@@ -1,8 +1,9 @@
 """Summary statistics and the validation gate over a per-token results table (DESIGN §4).
 
-`summarize` turns an EVAL_SCHEMA table into mean NLLs, ΔNLL, gap recovery and per-level ΔNLL,
-for all tokens and for key tokens, each with a cluster bootstrap CI (samples resampled, not
-tokens). `gate` decides on the point estimates only. Scoring the model is not done here.
+`summarize` turns an EVAL_SCHEMA table into mean NLLs, ΔNLL, gap recovery and per-level ΔNLL for
+every method row (MegaContext, recency + LoRA, the attention oracle, the training-free focus, ...),
+on all tokens, margin key tokens and LongPPL key tokens, each with a cluster bootstrap CI (samples
+resampled, not tokens). `gate` decides on the point estimates only. Scoring the model is not done here.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ A trial takes a span of a held-out document (the haystack), inserts a key senten
 chosen token position, and ends with a question whose answer is the key. It is scored by
 teacher forcing the answer: the answer tokens' log-probability, and whether greedy decoding
 would reproduce it exactly (every answer token is the argmax given the prompt and the
-previous answer tokens, which is exactly when greedy decoding emits the answer).
+previous answer tokens, which is exactly when greedy decoding emits the answer's canonical
+tokenization; the same digits split into other tokens count as a miss).
 
 Placement is relative to the recency window (the last W_max prompt tokens): `inside` puts
 the whole key sentence in it, `outside` puts it wholly before it, where truncation cannot
@@ -14,6 +15,7 @@ Mohtashami & Jaggi ("Landmark Attention", 2023) with real documents as the hayst
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +90,11 @@ def make_trials(docs: list[TokenizedDocument], tokenizer: TextTokenizer, *, leng
                 out.append(PasskeyTrial(f"{length}-{placement}-{i:03d}", doc.doc_id, length, placement, key,
                                         depth, len(needle), prompt, answer))
     return out
+
+
+def passkey_templates() -> str:
+    """A digest of the trial texts: cached passkey numbers are only valid for these exact templates."""
+    return hashlib.sha256("\0".join((NEEDLE, QUESTION, ANSWER)).encode()).hexdigest()[:16]
 
 
 def answer_scores(logits: np.ndarray, answer: np.ndarray) -> tuple[float, bool]:

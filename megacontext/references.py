@@ -43,7 +43,7 @@ from megacontext.mega_model import mega_forward
 from megacontext.lineage import (is_reusable, manifest_digest, read_manifest, sha256_json, staged_artifact,
                                  verify_files, write_manifest)
 from megacontext.nodes import BLOCK, Node, span
-from megacontext.passkey import PasskeyTrial, answer_scores, make_trials
+from megacontext.passkey import PasskeyTrial, answer_scores, make_trials, passkey_templates
 from megacontext.progress import progress_bar
 from megacontext.schemas import (BLOCK_MASS_DTYPES, BLOCK_MASS_SCHEMA, PASSKEY_REFERENCE_DTYPES,
                                  PASSKEY_REFERENCE_SCHEMA, REFERENCE_DTYPES, REFERENCE_SCHEMA, validate)
@@ -106,12 +106,12 @@ def reference_settings(cfg: Config) -> dict[str, Any]:
 def passkey_settings(cfg: Config) -> dict[str, Any]:
     """The passkey cache's settings: not the NLL sampling ones, plus the passkey probe's."""
     settings = {k: v for k, v in reference_settings(cfg).items() if k not in ("L", "H", "sampling")}
-    return {**settings, "passkey": cfg.eval.passkey.model_dump(mode="json")}
+    return {**settings, "passkey": cfg.eval.passkey.model_dump(mode="json"), "templates": passkey_templates()}
 
 
 def _inputs(cfg: Config, base_model_id: str, tokenizer_name: str) -> dict[str, Any]:
     """What the cached numbers were computed from; a change makes a cache stale."""
-    return {"base_model": base_model_id, "tokenizer": tokenizer_name,
+    return {"base_model": base_model_id, "dtype": cfg.model.dtype, "tokenizer": tokenizer_name,
             "shards": manifest_digest(read_manifest(shards_dir(cfg)))}
 
 
@@ -148,10 +148,14 @@ def plan_windows(docs: list[TokenizedDocument], cfg: Config) -> list[RefWindow]:
     for doc in usable[: ev.max_docs]:
         room = (len(doc.tokens) - ev.horizon - ev.history) // align  # aligned shifts that fit
         shifts = sorted({round(j * room / max(ev.windows_per_doc - 1, 1)) for j in range(ev.windows_per_doc)})
+        taken: set[int] = set()  # windows of a short document can overlap: each cursor is scored once
         for s in shifts if room else [0]:
             start = s * align
-            cursors = tuple(sorted(start + ev.history - j * ev.cursor_stride for j in range(ev.cursors_per_window)))
-            windows.append(RefWindow(doc, start, cursors))
+            cursors = tuple(sorted({start + ev.history - j * ev.cursor_stride for j in range(ev.cursors_per_window)}
+                                   - taken))
+            if cursors:
+                taken.update(cursors)
+                windows.append(RefWindow(doc, start, cursors))
     return windows
 
 
@@ -238,10 +242,10 @@ def _score_trial(base: BaseLM, trial: PasskeyTrial, cfg: Config) -> dict:
     ids = torch.as_tensor(tokens.astype(np.int64))[None]
     groups = [torch.arange(n - 1, n + a - 1), torch.arange(n - q, n)]
     mass, logits = attention_mass(base.model, groups, logits_at=groups[0], input_ids=ids)
-    logp_full, exact_full = answer_scores(logits[0].numpy(), trial.answer)
+    logp_full, exact_full = answer_scores(logits[0].float().numpy(), trial.answer)
     recent = torch.as_tensor(tokens[n - w :].astype(np.int64))[None]
     rec_logits = base.model(input_ids=recent, logits_to_keep=a + 1, use_cache=False).logits[0, :-1]
-    logp_recency, exact_recency = answer_scores(rec_logits.numpy(), trial.answer)
+    logp_recency, exact_recency = answer_scores(rec_logits.float().numpy(), trial.answer)
     n_blocks = n // BLOCK
     by_horizon = block_sums(mass[0], 0, n_blocks * BLOCK, BLOCK).numpy()
     by_tail = block_sums(mass[1], 0, n_blocks * BLOCK, BLOCK).numpy()
@@ -276,6 +280,8 @@ def build_references(cfg: Config, *, base: BaseLM | None = None, force: bool = F
     """Compute and publish the reference caches (NLL samples, then passkey trials); reuse intact current ones
     unless `force`. Returns the NLL cache's folder (the passkey cache is `passkey_dir(cfg)`)."""
     base = base or load_base_model(cfg)
+    if hasattr(base.model, "peft_config"):
+        raise ArtifactError("evaluation references are the base model's own numbers: build them before adapters are applied")
     _check_fits(cfg, base)
     install_gaussian_rope(base.model)
     docs = read_split(shards_dir(cfg), cfg.eval.split, tokenizer_name=base.tokenizer.name)
@@ -320,7 +326,8 @@ def _build_passkey(cfg: Config, base: BaseLM, docs: list[TokenizedDocument], out
     trials = passkey_trials(cfg, docs, base.tokenizer)
     too_long = [t.trial_id for t in trials if len(t.tokens) > base.max_positions]
     if too_long:
-        raise InputDataError(f"passkey trial {too_long[0]} needs {len(trials[0].tokens)}+ positions, more than the "
+        worst = max(trials, key=lambda t: len(t.tokens))
+        raise InputDataError(f"passkey trial {worst.trial_id} needs {len(worst.tokens)} positions, more than the "
                              f"base model's {base.max_positions}; lower eval.passkey.lengths")
     tick = time.perf_counter()
     rows = []

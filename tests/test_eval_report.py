@@ -78,3 +78,16 @@ def test_an_invalid_table_is_not_written(tmp_path: Path) -> None:
     with pytest.raises(SchemaViolation, match=r"results\.parquet: violates schema 'eval_results'"):
         write_report(tmp_path, bad, summary, None, title="t", context={})
     assert not (tmp_path / "results.parquet").exists()
+
+
+def test_a_report_whose_learned_focus_never_edits_says_so_at_the_top(tmp_path: Path) -> None:
+    table = random_table(6)
+    summary = summarize(table, **BOOT)
+    rows = {"mc": {"expanded_blocks_per_sample": 0.0, "samples_with_expansions": 0.0, "median_distance_tokens": None,
+                   "max_distance_tokens": None}}
+    for never, name in ((True, "idle"), (False, "busy")):
+        summary["focus_health"] = {"swap_rate": 0.0, "rows": rows, "learned_focus": True, "never_edits": never}
+        write_report(tmp_path / name, table, summary, gate(summary, delta_nll_max=0.1), title="t", context=CONTEXT)
+        text = (tmp_path / name / "report.md").read_text()
+        assert ("**Warning: the learned focus never edits**" in text.split("## Setting")[0]) == never
+        assert "## Focus health" in text and "| MegaContext (this evaluation's focus) | 0 | 0% | — | — |" in text

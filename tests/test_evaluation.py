@@ -100,6 +100,23 @@ def test_evaluation_scores_every_sample_and_the_gate_follows_the_numbers(built) 
     recency = horizon_token_nll(base.model, h, input_ids=ids[cursor - w : cursor + h][None])[0].numpy()
     assert np.allclose(rows["nll_full"].to_numpy(), full, atol=1e-5)
     assert np.allclose(rows["nll_recency"].to_numpy(), recency, atol=1e-5)
+    # every cursor of the shared full pass (not only the first) is its own window's score
+    from megacontext.block_selection import select_blocks
+    from megacontext.references import focus_tail, load_references, _Tokens
+    refs = load_references(cfg, base, build_missing=False)
+    for (doc_id, cursor), sample in table.group_by("doc_id", "cursor"):
+        start = refs.samples().filter((pl.col("doc_id") == doc_id) & (pl.col("cursor") == cursor))["window_start"][0]
+        doc = next(d for d in read_split(shards_dir(cfg), "val") if d.doc_id == doc_id)
+        ids = torch.as_tensor(doc.tokens.astype(np.int64))
+        want = horizon_token_nll(base.model, h, input_ids=ids[start : cursor + h][None])[0].numpy()
+        assert np.allclose(sample.sort("t")["nll_full"].to_numpy(), want, atol=1e-4)
+    # the oracle without gists is the base reading exactly the raw tail + the top-mass blocks
+    install_gaussian_rope(base.model)
+    mass = refs.block_scores(doc_id, cursor, "mass_horizon")
+    entries = select_blocks(cursor - start, w, focus_tail(cfg), mass, gists=False)
+    assert {e.start // 32 for e in entries if e.start < (cursor - start) - focus_tail(cfg)} >= {int(np.argmax(mass))}
+    raw = wc_token_nll(base, entries, _Tokens(doc.tokens), start, doc.tokens[cursor : cursor + h])
+    assert np.allclose(sample.sort("t")["nll_oracle_raw"].to_numpy(), raw, atol=1e-4)
     assert rows["nll_mc_lod2"].null_count() == h  # LOD2 alone cannot fit W_max 256 over L 1,984: recorded as null
 
 

@@ -20,8 +20,9 @@ from megacontext.errors import ArtifactError
 from megacontext.gate import gate, key_token_masks, summarize
 from megacontext.nodes import Node
 from megacontext.passkey import PLACEMENTS, answer_scores, make_trials
-from megacontext.references import StaleReferences, build_references, load_references, passkey_dir, references_dir
-from megacontext.shards import TokenizedDocument, build_shards
+from megacontext.references import (StaleReferences, build_references, load_references, passkey_dir, plan_windows,
+                                    references_dir)
+from megacontext.shards import TokenizedDocument, build_shards, read_split, shards_dir
 from megacontext.tokenizer import ByteTokenizer
 from megacontext.tree_build import build_trees
 from megacontext.working_context import check_invariants
@@ -63,6 +64,23 @@ def test_attention_mass_equals_a_dense_softmax_reference(tmp_path: Path, kv_head
     assert torch.equal(block_sums(mass, 0, 288, 32), mass[:, :288].reshape(3, 9, 32).sum(-1))
 
 
+def test_attention_mass_follows_a_sliding_window_mask(tmp_path: Path) -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=48,
+                                             max_position_embeddings=512)).eval()
+    ids = torch.randint(0, 64, (1, 200), generator=torch.Generator().manual_seed(1))
+    groups = [torch.arange(150, 200), torch.tensor([20, 199])]
+    mass, _ = attention_mass(model, groups, input_ids=ids)
+    model.set_attn_implementation("eager")
+    weights = torch.stack(model(input_ids=ids, output_attentions=True).attentions)[:, 0]
+    reference = torch.stack([weights[:, :, g, :].sum(dim=(0, 1, 2)) for g in groups]).double()
+    assert torch.allclose(mass, reference, atol=1e-5)
+    assert mass[0, :100].abs().max() < 1e-9  # rows 150.. see only the last 48 keys
+
+
 # --- block selection --------------------------------------------------------------------------
 
 
@@ -101,6 +119,16 @@ def test_block_selection_never_exceeds_the_budget_and_stays_a_legal_working_cont
         check_invariants(entries, n, budget, min(64, tail), 2)
     else:
         assert all(e.level == 0 for e in entries) and len({e.start for e in entries}) == len(entries)
+
+
+def test_windows_of_a_short_document_never_score_a_cursor_twice(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "eval.windows_per_doc=2", "eval.cursors_per_window=5", "eval.cursor_stride=256",
+                      "eval.history=1984", "wc.w_max=512", "eval.focus_tail=256")
+    doc = TokenizedDocument("0" * 16, "x", "val", np.zeros(1984 + 32 + 1024, np.uint32))  # room for one shift
+    windows = plan_windows([doc], cfg)
+    cursors = [c for w in windows for c in w.cursors]
+    assert [w.start for w in windows] == [0, 1024] and len(cursors) == len(set(cursors))
+    assert all(w.start < c and c + 32 <= len(doc.tokens) for w in windows for c in w.cursors)
 
 
 def test_expanded_blocks_count_what_the_cold_start_gists() -> None:
@@ -222,7 +250,9 @@ def test_a_fresh_build_does_run_the_full_context(tmp_path: Path) -> None:
     base = load_base_model(cfg)
     long = _count_long_forwards(base, cfg.wc.w_max + cfg.eval.horizon)
     build_references(cfg, base=base)
-    assert long and max(long) == cfg.eval.history + cfg.eval.horizon  # one pass per window serves its cursors
+    windows = plan_windows(read_split(shards_dir(cfg), "val"), cfg)
+    assert sum(len(w.cursors) for w in windows) > len(windows)  # several cursors per window ...
+    assert long == [cfg.eval.history + cfg.eval.horizon] * len(windows)  # ... and one full pass per window
     assert not passkey_dir(cfg).exists()
 
 
@@ -282,3 +312,20 @@ def test_the_cache_holds_the_schema_checked_tables(built) -> None:
     assert refs.blocks.group_by("doc_id", "cursor").len()["len"].min() >= (cfg.eval.history - cfg.eval.cursor_stride) // 32
     assert refs.passkey.height == len(cfg.eval.passkey.lengths) * 2 * cfg.eval.passkey.trials
     assert (refs.tokens["nll_full"] >= 0).all() and pl.Series(refs.blocks["mass_horizon"]).sum() > 0
+
+
+def test_passkey_references_are_the_base_models_own_answer_scores(built) -> None:
+    from megacontext.references import trial_from_row
+
+    root, cfg = built
+    base = load_base_model(cfg)
+    refs = load_references(cfg, base, build_missing=False)
+    for row in refs.passkey.head(3).iter_rows(named=True):
+        trial = trial_from_row(row)
+        n, a = trial.length, len(trial.answer)
+        logits = base.model(input_ids=torch.as_tensor(trial.tokens.astype(np.int64))[None]).logits[0, n - 1 : n + a - 1]
+        logp, exact = answer_scores(logits.detach().numpy(), trial.answer)
+        assert row["logp_full"] == pytest.approx(logp, abs=1e-3) and row["exact_full"] == exact
+        recent = torch.as_tensor(trial.tokens[n - cfg.wc.w_max :].astype(np.int64))[None]
+        logp_r, _ = answer_scores(base.model(input_ids=recent).logits[0, -a - 1 : -1].detach().numpy(), trial.answer)
+        assert row["logp_recency"] == pytest.approx(logp_r, abs=1e-3)

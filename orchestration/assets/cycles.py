@@ -132,7 +132,8 @@ GATE_CHECK = "delta_nll_gate"
 @asset(group_name=GROUP, partitions_def=cycle_partitions, deps=[lora_adapter, eval_references],
        check_specs=[AssetCheckSpec(GATE_CHECK, asset="validation_report", blocking=True,
                                    partitions_def=cycle_partitions,
-                                   description="ΔNLL ≤ eval.delta_nll_max and NLL_mc < NLL_recency (DESIGN §4); "
+                                   description="ΔNLL ≤ eval.delta_nll_max and NLL_mc below the stronger of NLL_recency and "
+                                               "NLL_recency_adapted (DESIGN §4); "
                                                "blocking: a failure stops champion promotion")],
        description="The cycle's trees, summary and lineage, then NLL_full / NLL_recency / NLL_mc and the gate.")
 def validation_report(context: AssetExecutionContext, mc: MegaContextConfig) -> MaterializeResult:
