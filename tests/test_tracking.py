@@ -6,7 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-import pytest
 
 from megacontext import tracking
 from megacontext.lineage import manifest_digest, read_manifest, write_manifest

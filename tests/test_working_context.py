@@ -10,7 +10,6 @@ from megacontext.nodes import Node
 from megacontext.working_context import (
     BudgetExceeded,
     InvariantViolation,
-    WorkingContext,
     assemble,
     check_invariants,
     cold_start,
