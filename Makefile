@@ -43,8 +43,8 @@ $(DVC_VENV)/.installed:
 	touch $@
 
 # The demo's evaluation is a quick look (one cursor per held-out document, no passkey probe) so that
-# `make demo` stays within ~45 min on 2 cores. The full yardstick (110 samples, passkey, ~1.5 h of references
-# the first time, cached after) is `make demo DEMO_EVAL=` or `megacontext evaluate --checkpoint ...`.
+# `make demo` stays within ~45 min on 2 cores. The full yardstick (110 samples + 96 passkey trials: ~1.5 h of
+# references the first time, cached after) is `make demo DEMO_EVAL=` or `megacontext evaluate --checkpoint ...`.
 DEMO_EVAL ?= eval.windows_per_doc=1 eval.cursors_per_window=1 eval.passkey.enabled=false
 
 # One full cycle headless: data, JT1 -> JT2 -> JT3, the validation report and the gate verdict,
