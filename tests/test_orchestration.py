@@ -22,7 +22,7 @@ ASSET_GRAPH = {
     "lens_labels": ["gistnet"],
     "lensnet": ["lens_labels"],
     "lora_adapter": ["lensnet"],
-    "validation_report": ["eval_references", "lora_adapter"],
+    "validation_report": ["lora_adapter"],
     "champion": ["validation_report"],
     "nightly_regression_report": [],
 }

@@ -52,7 +52,7 @@ def megacontext_trees(mc: MegaContextConfig) -> MaterializeResult:
     })
 
 
-@asset(group_name="data", deps=[dataset_shards],
+@asset(group_name="evaluation", deps=[dataset_shards],
        description="The evaluation's cycle-independent references, computed once: NLL_full and NLL_recency per "
                    "sample, the attention mass per history block, the oracle without gists, the passkey trials.")
 def eval_references(mc: MegaContextConfig) -> MaterializeResult:
