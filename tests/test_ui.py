@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -48,7 +49,10 @@ def dagster_ui(tmp_path: Path):
     log = (tmp_path / "dagster.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "dagster", "dev", "-m", "orchestration.definitions", "-h", "127.0.0.1",
                                "-p", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+                              start_new_session=True,
+                              # a clean SIGTERM for the server: an ignored disposition inherited from the test
+                              # process (some library in an earlier test sets it) would make the teardown hang
+                              preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
