@@ -65,8 +65,12 @@ def dagster_ui(tmp_path: Path):
                 time.sleep(1)
         yield url, tmp_path / "artifacts"
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=60)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # dagster dev sometimes ignores SIGTERM after a full suite: stop it anyway
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
 
 
 def _goto(page: Page, url: str) -> None:
