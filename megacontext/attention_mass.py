@@ -4,7 +4,7 @@
 query rows (e.g. the horizon of each cursor, or the last 64 history tokens before
 it), returns how much softmax attention each group puts on every key position,
 summed over layers, heads and the group's rows: mass [G, T]. Block-summed, this is
-the relevance target of DESIGN §2.5 and the ranking of the attention oracle and the
+LensNet's dense relevance target and the ranking of the attention oracle and the
 training-free focus of the evaluation (§4). The forward itself still runs SDPA;
 only the chosen rows' scores are recomputed, per layer, in chunks, so memory is
 O(rows × T) per layer, never O(T²).

@@ -7,7 +7,7 @@ of the budget best-first: the highest-scored older blocks become raw tokens, eac
 paying +31 positions, plus +31 when it is the first block opened inside an untouched
 1,024-token LOD2 gist. Every other older span stays a gist (LOD2 where a whole
 1,024-span is untouched, LOD1 otherwise), so the result is a legal working context
-(DESIGN §1). With `gists=False` the unselected spans are dropped instead (the
+(coverage, alignment, budget). With `gists=False` the unselected spans are dropped instead (the
 "oracle without gists" bound: the value of the gists themselves).
 
 `expanded_blocks` measures any working context against the cold start (how many

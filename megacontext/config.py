@@ -196,7 +196,7 @@ class TrainConfig(Section):
 
 
 class PasskeyConfig(Section):
-    """The passkey retrieval probe (DESIGN §4): a 5-digit key hidden inside or outside the recency window."""
+    """The passkey retrieval probe: a 5-digit key hidden inside or outside the recency window."""
 
     enabled: bool = True
     lengths: list[int] = Field([4_096, 8_128], min_length=1)  # prompt tokens (history lengths)

@@ -28,7 +28,7 @@ _ROWS = (  # (summary key, Markdown label)
 )
 _LEVEL_ROWS = (("delta_nll", "all levels (mc)"), ("delta_nll_lod1", "LOD1 only"), ("delta_nll_lod2", "LOD2 only"))
 _SUBSETS = (("all", "all tokens"), ("key", "key tokens"), ("longppl", "LongPPL key tokens"))
-# The bounds and baselines at the same budget (DESIGN §4), in the order the report lists them.
+# The bounds and baselines at the same budget, in the order the report lists them.
 ROW_LABELS = {
     "full": "full context (no budget)",
     "recency": "recency (last W_max tokens)",

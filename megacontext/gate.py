@@ -154,7 +154,7 @@ def _summarize_subset(sums: np.ndarray, counts: np.ndarray, confidence: float, b
 
 
 def key_token_masks(*, margin: float, longppl_gain: float, longppl_floor: float) -> dict[str, pl.Expr]:
-    """The key-token definitions (DESIGN §4) as row masks over nll_full / nll_recency (nats).
+    """The key-token definitions as row masks over nll_full / nll_recency (nats).
 
     key: the full context lowers the NLL by more than `margin` over the recency window.
     longppl (LongPPL, Fang et al., ICLR 2025): log p_full − log p_short > `longppl_gain` and

@@ -1,4 +1,4 @@
-"""Passkey retrieval probe (DESIGN §4): a random 5-digit key hidden in a real held-out document.
+"""Passkey retrieval probe: a random 5-digit key hidden in a real held-out document.
 
 A trial takes a span of a held-out document (the haystack), inserts a key sentence at a
 chosen token position, and ends with a question whose answer is the key. It is scored by

@@ -1,4 +1,4 @@
-"""The evaluation's reference cache (DESIGN §4): everything that does not depend on the cycle, computed once.
+"""The evaluation's reference cache: everything that does not depend on the cycle, computed once.
 
 For a base model, a tokenizer, an eval split and the eval settings, the cache holds:
 

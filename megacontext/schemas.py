@@ -143,7 +143,7 @@ LABEL_SCHEMA = pa.DataFrameSchema(
 )
 
 
-# Evaluation references (DESIGN §4): what does not depend on the cycle, cached per base model and eval set.
+# Evaluation references: what does not depend on the cycle, cached per base model and eval set.
 _DOC_ID = pa.Check.str_matches(r"^[0-9a-f]{16}$")
 
 REFERENCE_DTYPES = {"doc_id": pl.Utf8, "window_start": pl.Int64, "cursor": pl.Int64, "t": pl.Int32,

@@ -49,10 +49,7 @@ def dagster_ui(tmp_path: Path):
     log = (tmp_path / "dagster.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "dagster", "dev", "-m", "orchestration.definitions", "-h", "127.0.0.1",
                                "-p", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True,
-                              # a clean SIGTERM for the server: an ignored disposition inherited from the test
-                              # process (some library in an earlier test sets it) would make the teardown hang
-                              preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+                              start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180

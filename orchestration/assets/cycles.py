@@ -133,7 +133,7 @@ GATE_CHECK = "delta_nll_gate"
        check_specs=[AssetCheckSpec(GATE_CHECK, asset="validation_report", blocking=True,
                                    partitions_def=cycle_partitions,
                                    description="ΔNLL ≤ eval.delta_nll_max and NLL_mc below the stronger of NLL_recency and "
-                                               "NLL_recency_adapted (DESIGN §4); "
+                                               "NLL_recency_adapted; "
                                                "blocking: a failure stops champion promotion")],
        description="The cycle's trees, summary and lineage, then NLL_full / NLL_recency / NLL_mc and the gate.")
 def validation_report(context: AssetExecutionContext, mc: MegaContextConfig) -> MaterializeResult:
