@@ -315,7 +315,7 @@ def passkey_accuracy(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-PASSKEY_METHODS = ("full", "recency", "oracle_raw", "mc", "oracle", "training_free")
+PASSKEY_METHODS = ("full", "recency", "recency_adapted", "oracle_raw", "mc", "lod1", "oracle", "training_free")
 
 
 @torch.no_grad()
@@ -324,6 +324,9 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
 
     Full, recency and the oracle without gists come from the cache; the working-context rows read a
     tree built now from the trial's prompt with this evaluation's GistNet (adapters off, as trees are).
+    Like the NLL rows: "recency_adapted" (last W_max prompt tokens through the cycle's LoRA) only when
+    adapters are on, and "lod1" (the LOD1-only cold start, full attention) reuses the learned focus's
+    score when both build the same working context.
     """
     cfg = rows.cfg
     wcc, tail = cfg.wc, focus_tail(cfg)
@@ -341,8 +344,19 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
             record = {k: row[k] for k in ("trial_id", "doc_id", "length", "placement", "depth", "distance")}
             for method in ("full", "recency", "oracle_raw"):
                 record[f"logp_{method}"], record[f"exact_{method}"] = row[f"logp_{method}"], row[f"exact_{method}"]
+            record["logp_recency_adapted"], record["exact_recency_adapted"] = None, None
+            if rows.adapted:
+                recent = torch.as_tensor(trial.tokens[trial.length - wcc.w_max :].astype(np.int64))[None]
+                logits = base.model(input_ids=recent, logits_to_keep=len(trial.answer) + 1, use_cache=False).logits
+                record["logp_recency_adapted"], record["exact_recency_adapted"] = answer_scores(
+                    logits[0, :-1].float().numpy(), trial.answer)
             wc = rows.policy(Window(trial.doc_id, 0, trial.tokens, trial.length))
             candidates = {"mc": (wc.entries, rows.mega)}
+            try:
+                candidates["lod1"] = (single_level_start(trial.length, wcc.w_max, wcc.protected_tail, 1,
+                                                         wcc.levels).entries, None)
+            except BudgetExceeded:
+                pass
             if cfg.eval.baselines:
                 for name, mass in (("oracle", "mass_horizon"), ("training_free", "mass_tail")):
                     candidates[name] = (select_blocks(trial.length, wcc.w_max, tail, np.asarray(row[mass]),
@@ -354,12 +368,16 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
                 entries, mega = candidates[name]
                 logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega)
                 record[f"logp_{name}"], record[f"exact_{name}"] = answer_scores(logits.numpy(), trial.answer)
-            for name in ("mc", "oracle", "training_free"):
+            scored: dict[tuple, tuple[float, bool]] = {}  # identical working contexts are read once
+            for name in ("mc", "lod1", "oracle", "training_free"):
                 record[f"logp_{name}"], record[f"exact_{name}"] = None, None
                 if name in candidates:
                     entries, mega = candidates[name]
-                    logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega)
-                    record[f"logp_{name}"], record[f"exact_{name}"] = answer_scores(logits.numpy(), trial.answer)
+                    key = (tuple(entries), mega is not None)
+                    if key not in scored:
+                        logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega)
+                        scored[key] = answer_scores(logits.numpy(), trial.answer)
+                    record[f"logp_{name}"], record[f"exact_{name}"] = scored[key]
             out.append(record)
             advance(1)
     return pl.DataFrame(out, schema={"trial_id": pl.Utf8, "doc_id": pl.Utf8, "length": pl.Int64, "placement": pl.Utf8,

@@ -41,6 +41,10 @@ def test_a_tiny_cycle_runs_end_to_end_and_is_evaluated(first_cycle) -> None:
     assert 0 < manifest["context"]["budget utilisation"] <= 1 and manifest["context"]["MC latency ms / block"] > 0
     assert manifest["inputs"][1]["kind"] == "cycle"
     assert verify_files(out) == []  # the evaluation is a nested artifact of its own
+    import polars as pl
+    passkey = pl.read_parquet(report / "passkey.parquet")  # recency through the cycle's LoRA, every trial
+    assert passkey["logp_recency_adapted"].null_count() == 0
+    assert passkey["logp_recency_adapted"].to_list() != passkey["logp_recency"].to_list()
 
 
 def test_every_phase_output_has_its_own_lineage(first_cycle) -> None:

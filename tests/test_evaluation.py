@@ -88,6 +88,11 @@ def test_evaluation_scores_every_sample_and_the_gate_follows_the_numbers(built) 
     assert table["nll_recency_adapted"].null_count() == table.height  # no LoRA without a checkpoint
     assert {"oracle", "training_free", "oracle_raw", "mc"} <= set(summary["all"]["methods"])
     assert summary["passkey"]["settings"] and (out / "passkey.png").stat().st_size > 1_000
+    passkey = pl.read_parquet(out / "passkey.parquet")
+    assert passkey["exact_recency_adapted"].null_count() == passkey.height  # no LoRA: no adapted row
+    assert passkey["exact_lod1"].null_count() == 0  # the LOD1-only cold start, every trial
+    # the untrained system's focus is the cold start: same working context, so the same score
+    assert passkey["logp_lod1"].to_list() == passkey["logp_mc"].to_list()
     base = load_base_model(cfg)
     # the shortest history of a window: its first cursor (L - stride)
     first = table.sort("cursor").row(0, named=True)
