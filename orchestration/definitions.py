@@ -33,8 +33,8 @@ mc = MegaContextConfig(profile=os.environ.get("MEGACONTEXT_PROFILE", "default"),
 
 cycle_job = define_asset_job("cycle", selection=AssetSelection.groups(GROUP), partitions_def=cycle_partitions,
                              description="One training cycle: JT1 -> JT2 labels -> LensNet -> LoRA -> gate -> champion.")
-data_job = define_asset_job("data", selection=AssetSelection.groups("data"),
-                            description="Corpus -> shards -> baseline trees.")
+data_job = define_asset_job("data", selection=AssetSelection.groups("data", "evaluation"),
+                            description="Corpus -> shards -> baseline trees, and the evaluation's references.")
 nightly_job = define_asset_job("nightly_regression", selection=AssetSelection.assets(nightly_regression_report),
                                description="Re-evaluate the champion and compare with its recorded numbers.")
 nightly_schedule = ScheduleDefinition(job=nightly_job, cron_schedule="0 3 * * *", execution_timezone="UTC",

@@ -22,11 +22,11 @@ ASSET_GRAPH = {
     "lens_labels": ["gistnet"],
     "lensnet": ["lens_labels"],
     "lora_adapter": ["lensnet"],
-    "validation_report": ["lora_adapter"],
+    "validation_report": ["eval_references", "lora_adapter"],
     "champion": ["validation_report"],
     "nightly_regression_report": [],
 }
-CYCLE_ASSETS = [corpus, dataset_shards, megacontext_trees, gistnet, lens_labels, lensnet, lora_adapter,
+CYCLE_ASSETS = [corpus, dataset_shards, megacontext_trees, eval_references, gistnet, lens_labels, lensnet, lora_adapter,
                 validation_report, champion]
 TINY = ["data.max_documents=5", "data.val_fraction=0.45", "data.test_fraction=0"]
 
@@ -39,6 +39,9 @@ def test_definitions_load_and_the_asset_graph_matches_the_snapshot() -> None:
     }
     assert snapshot == ASSET_GRAPH
     assert {job.name for job in defs.resolve_all_job_defs()} >= {"cycle", "nightly_regression"}
+    data_job = defs.resolve_job_def("data")  # the references are built with the data, before any cycle reads them
+    assert {k.to_user_string() for k in data_job.asset_layer.selected_asset_keys} == {
+        "corpus", "dataset_shards", "megacontext_trees", "eval_references"}
     assert defs.resolve_schedule_def("nightly_regression_schedule").cron_schedule == "0 3 * * *"
     assert {(spec.name, spec.blocking) for spec in validation_report.check_specs} == {("delta_nll_gate", True)}
 
@@ -100,8 +103,7 @@ def test_a_tiny_cycle_materializes_every_asset_and_the_gate_follows_its_numbers(
     summary = json.loads((Path(cfg.paths.artifact_root) / "cycles/cycle-0001/evaluation/summary.json").read_text())
     verdict = gate(summary, delta_nll_max=cfg.eval.delta_nll_max).passed
     assert _gate_result(first) == verdict == summary["gate"]["passed"]
-    # eval_references is a data asset (its own test): the cycle's validation report builds the cache it reads
-    expected = set(ASSET_GRAPH) - {"nightly_regression_report", "eval_references"} - (set() if verdict else {"champion"})
+    expected = set(ASSET_GRAPH) - {"nightly_regression_report"} - (set() if verdict else {"champion"})
     assert _materialized(first) == expected
     report = first.asset_materializations_for_node("validation_report")[0].metadata
     assert report["nll_mc"].value == summary["all"]["nll_mc"]["value"]

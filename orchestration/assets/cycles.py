@@ -30,7 +30,7 @@ from megacontext.config import Config
 from megacontext.evaluation import evaluate, passkey_accuracy
 from megacontext.lineage import manifest_digest, read_manifest
 from megacontext.plots import png_markdown
-from orchestration.assets.data import dataset_shards, megacontext_trees
+from orchestration.assets.data import dataset_shards, eval_references, megacontext_trees
 from orchestration.resources import MegaContextConfig
 
 cycle_partitions = DynamicPartitionsDefinition(name="cycles")
@@ -129,7 +129,7 @@ def lora_adapter(context: AssetExecutionContext, mc: MegaContextConfig, pipes: P
 GATE_CHECK = "delta_nll_gate"
 
 
-@asset(group_name=GROUP, partitions_def=cycle_partitions, deps=[lora_adapter],
+@asset(group_name=GROUP, partitions_def=cycle_partitions, deps=[lora_adapter, eval_references],
        check_specs=[AssetCheckSpec(GATE_CHECK, asset="validation_report", blocking=True,
                                    partitions_def=cycle_partitions,
                                    description="ΔNLL ≤ eval.delta_nll_max and NLL_mc below the stronger of NLL_recency and "
