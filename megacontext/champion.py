@@ -74,6 +74,7 @@ def promote(cfg: Config, cycle_folder: Path) -> Path:
         "evaluation_digest": manifest_digest(read_manifest(report)),
         "recorded": {k: summary["all"][k] for k in RECORDED if k in summary["all"]},
         "context": summary["context"],
+        "yardstick": summary.get("yardstick"),  # the eval set the recorded numbers were measured on
         "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "previous_champion": previous["cycle"] if previous else None,
     }

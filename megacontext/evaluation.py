@@ -41,7 +41,7 @@ from megacontext.lineage import staged_artifact, write_manifest
 from megacontext.nodes import BLOCK, Node
 from megacontext.passkey import answer_scores
 from megacontext.references import (References, entries_logits, focus_tail, load_references, passkey_dir,
-                                    token_nll, trial_from_row)
+                                    token_nll, trial_from_row, yardstick)
 from megacontext.schemas import EVAL_LEVEL_COLUMNS, EVAL_NLL_COLUMNS
 from megacontext.plots import plot_lod_map
 from megacontext.tracking import current_run, start_run
@@ -277,6 +277,7 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
                                "learned_focus": learned_focus,
                                "never_edits": learned_focus and health.get("mc", {}).get("expanded_blocks_per_sample", 0) == 0
                                and focus_stats.get("swap_rate", 0.0) == 0.0}
+    summary["yardstick"] = yardstick(cfg)
     verdict = gate(summary, delta_nll_max=ev.delta_nll_max)
     n_sample_tokens = sum(s.history + ev.horizon for s in samples)
     context = {"profile": cfg.profile, "base model": base.model_id, "GistNet": identity, "W_max": cfg.wc.w_max,

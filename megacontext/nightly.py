@@ -1,7 +1,8 @@
 """Nightly regression (DESIGN §4): re-evaluate the champion on the fixed eval set, compare, write a dated report.
 
 The eval set is fixed by the config (split by document hash, cursors and seed),
-so an unchanged champion on unchanged code reproduces its recorded numbers. A
+so an unchanged champion on unchanged code reproduces its recorded numbers; a champion
+measured on another eval set (another reference-cache yardstick) is refused, not compared. A
 metric that is now worse than recorded by more than `eval.noise_band` nats is a
 regression. Each run publishes `artifacts/nightly/<YYYY-MM-DD>/` (nightly.json,
 report.md, compare.png, the evaluation, a manifest linking the champion) and
@@ -23,6 +24,7 @@ from megacontext.config import Config, config_hash
 from megacontext.errors import GateError
 from megacontext.evaluation import evaluate, passkey_accuracy
 from megacontext.lineage import staged_artifact, write_manifest
+from megacontext.references import yardstick
 from megacontext.tracking import start_run
 
 KIND = "nightly_regression"
@@ -53,6 +55,11 @@ def run_nightly(cfg: Config, *, day: dt.date | None = None) -> NightlyResult:
     if champion is None:
         raise GateError("no champion yet: run a cycle that passes the gate "
                         "(megacontext train-cycle, evaluate --checkpoint, then promote --cycle N)")
+    if champion.get("yardstick") != yardstick(cfg):
+        raise GateError(f"champion cycle {champion['cycle']} was measured on eval set {champion.get('yardstick')}, "
+                        f"this config measures {yardstick(cfg)}: numbers from two eval sets are not comparable; "
+                        f"re-evaluate it (megacontext evaluate --checkpoint {champion['cycle_path']}) and promote it "
+                        "again, or run the nightly with the champion's eval settings")
     day = day or dt.datetime.now(dt.timezone.utc).date()
     root = nightly_root(cfg)
     out = root / day.isoformat()

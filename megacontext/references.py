@@ -136,6 +136,16 @@ def passkey_dir(cfg: Config) -> Path:
     return Path(cfg.paths.artifact_root) / "eval_references" / f"{cfg.eval.split}-passkey-{digest}"
 
 
+def yardstick(cfg: Config) -> dict[str, str | None]:
+    """Which eval set a number was measured on: the reference caches' folder names (settings digests).
+
+    Two evaluations are comparable only when their yardsticks are equal; the nightly regression
+    refuses to compare a champion with numbers from another one.
+    """
+    return {"references": references_dir(cfg).name,
+            "passkey": passkey_dir(cfg).name if cfg.eval.passkey.enabled else None}
+
+
 def focus_tail(cfg: Config) -> int:
     return cfg.eval.focus_tail or cfg.wc.w_max // 2
 

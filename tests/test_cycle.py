@@ -132,6 +132,16 @@ def test_promotion_needs_a_passing_evaluation_and_nightly_reproduces_the_champio
     assert "REGRESSION" in (result.report / "report.md").read_text()
     assert (Path(cfg.paths.artifact_root) / "nightly" / "trend.png").is_file()
 
+    # numbers from another eval set (here: more cursors per window) are refused before anything runs
+    other = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"cursors_per_window": cfg.eval.cursors_per_window + 1})})
+    with pytest.raises(GateError, match="not comparable"):
+        run_nightly(other, day=dt.date(2026, 1, 4))
+    assert not (Path(cfg.paths.artifact_root) / "nightly" / "2026-01-04").exists()
+    record["yardstick"] = None  # a champion recorded before the yardstick existed: refused too
+    champion_json.write_text(json.dumps(record))
+    with pytest.raises(GateError, match="not comparable"):
+        run_nightly(cfg, day=dt.date(2026, 1, 5))
+
 
 def test_the_audit_walks_a_real_cycle_to_the_corpus_and_finds_a_modified_byte(first_cycle) -> None:
     from megacontext.audit import audit
