@@ -146,9 +146,6 @@ LABEL_SCHEMA = pa.DataFrameSchema(
 # Evaluation references: what does not depend on the cycle, cached per base model and eval set.
 _DOC_ID = pa.Check.str_matches(r"^[0-9a-f]{16}$")
 
-REFERENCE_DTYPES = {"doc_id": pl.Utf8, "window_start": pl.Int64, "cursor": pl.Int64, "t": pl.Int32,
-                    "token": pl.UInt32, "nll_full": pl.Float64, "nll_recency": pl.Float64,
-                    "nll_oracle_raw": pl.Float64}
 REFERENCE_SCHEMA = pa.DataFrameSchema(
     {
         "doc_id": pa.Column(pl.Utf8, checks=_DOC_ID),
@@ -167,8 +164,6 @@ REFERENCE_SCHEMA = pa.DataFrameSchema(
     name="eval_references",
 )
 
-BLOCK_MASS_DTYPES = {"doc_id": pl.Utf8, "cursor": pl.Int64, "block": pl.Int32, "mass_horizon": pl.Float64,
-                     "mass_tail": pl.Float64}
 BLOCK_MASS_SCHEMA = pa.DataFrameSchema(
     {
         "doc_id": pa.Column(pl.Utf8, checks=_DOC_ID),
@@ -184,13 +179,6 @@ BLOCK_MASS_SCHEMA = pa.DataFrameSchema(
     name="eval_block_mass",
 )
 
-PASSKEY_REFERENCE_DTYPES = {
-    "trial_id": pl.Utf8, "doc_id": pl.Utf8, "length": pl.Int64, "placement": pl.Utf8, "key": pl.Utf8,
-    "depth": pl.Int64, "distance": pl.Int64, "needle_tokens": pl.Int64, "prompt": pl.List(pl.UInt32),
-    "answer": pl.List(pl.UInt32), "logp_full": pl.Float64, "exact_full": pl.Boolean, "logp_recency": pl.Float64,
-    "exact_recency": pl.Boolean, "logp_oracle_raw": pl.Float64, "exact_oracle_raw": pl.Boolean,
-    "mass_horizon": pl.List(pl.Float64), "mass_tail": pl.List(pl.Float64),
-}
 PASSKEY_REFERENCE_SCHEMA = pa.DataFrameSchema(
     {
         "trial_id": pa.Column(pl.Utf8, unique=True),
@@ -215,3 +203,13 @@ PASSKEY_REFERENCE_SCHEMA = pa.DataFrameSchema(
     ordered=True,
     name="passkey_references",
 )
+
+
+def column_dtypes(schema: pa.DataFrameSchema) -> dict[str, pl.DataType]:
+    """The polars dtype of every column of `schema`, in order: what an empty or built frame is cast to."""
+    return {name: column.dtype.type for name, column in schema.columns.items()}
+
+
+REFERENCE_DTYPES = column_dtypes(REFERENCE_SCHEMA)
+BLOCK_MASS_DTYPES = column_dtypes(BLOCK_MASS_SCHEMA)
+PASSKEY_REFERENCE_DTYPES = column_dtypes(PASSKEY_REFERENCE_SCHEMA)

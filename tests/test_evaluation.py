@@ -10,29 +10,21 @@ import torch
 
 from megacontext.base_model import horizon_token_nll, load_base_model
 from megacontext.cli import main
-from megacontext.corpus import build_corpus
 from megacontext.errors import ArtifactError
 from megacontext.evaluation import evaluate, wc_token_nll, Sample
 from megacontext.gate import gate
 from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.gistnet import TreeGistEncoder, build_gistnet, gistnet_identity
-from megacontext.shards import build_shards, read_split, shards_dir
+from megacontext.shards import read_split, shards_dir
 from megacontext.tree import MegaContextTree
-from megacontext.tree_build import build_trees, load_tree_gistnet
+from megacontext.tree_build import load_tree_gistnet
 from megacontext.working_context import assemble, cold_start
-from tests.conftest import tiny_config
-
-EVAL_ARGS = ("data.max_documents=5", "data.val_fraction=0.999", "data.test_fraction=0")
+from tests.conftest import EVAL_ARGS, eval_corpus, tiny_config
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    cfg = tiny_config(root, *EVAL_ARGS)
-    build_corpus(cfg)
-    build_shards(cfg)
-    build_trees(cfg)
-    return cfg
+    return eval_corpus(tmp_path_factory.mktemp("eval"))
 
 
 def test_a_working_context_without_gists_reproduces_the_base_logits_exactly(tmp_path: Path) -> None:

@@ -24,21 +24,15 @@ from megacontext.references import (StaleReferences, build_references, load_refe
                                     references_dir)
 from megacontext.shards import TokenizedDocument, build_shards, read_split, shards_dir
 from megacontext.tokenizer import ByteTokenizer
-from megacontext.tree_build import build_trees
 from megacontext.working_context import check_invariants
-from tests.conftest import tiny_config
+from tests.conftest import EVAL_ARGS, eval_corpus, tiny_config
 from tests.test_gate import BOOT, make_table
-
-EVAL_ARGS = ("data.max_documents=5", "data.val_fraction=0.999", "data.test_fraction=0")
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("refs")
-    cfg = tiny_config(root, *EVAL_ARGS)
-    build_corpus(cfg)
-    build_shards(cfg)
-    build_trees(cfg)
+    cfg = eval_corpus(root)
     build_references(cfg)
     return root, cfg
 
