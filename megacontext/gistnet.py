@@ -12,17 +12,14 @@ Notation: N blocks, S = 32 slots, d = base width, w = internal width.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from megacontext.config import GistNetConfig
-from megacontext.errors import ArtifactError
+from megacontext.checkpoints import load_module, module_identity, save_module
 from megacontext.nodes import BLOCK
 
 
@@ -82,10 +79,7 @@ def build_gistnet(cfg: GistNetConfig, embedding: nn.Embedding, *, seed: int, lev
 
 def gistnet_identity(gistnet: GistNet) -> str:
     """Content hash of the weights and config: what trees record as their gist encoder."""
-    state = {k: v.detach().contiguous().cpu() for k, v in gistnet.state_dict().items()}
-    digest = hashlib.sha256(save(state))
-    digest.update(gistnet.cfg.model_dump_json().encode())
-    return "gistnet:" + digest.hexdigest()[:16]
+    return module_identity("gistnet", gistnet)
 
 
 class TreeGistEncoder:
@@ -114,28 +108,12 @@ class TreeGistEncoder:
 
 
 
-GISTNET_WEIGHTS = "gistnet.safetensors"
-GISTNET_CONFIG = "gistnet.json"
-
-
 def save_gistnet(folder: Path, gistnet: GistNet) -> None:
     """Weights as safetensors (never pickles) + the config needed to rebuild the module."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in gistnet.state_dict().items()}
-    save_file(state, folder / GISTNET_WEIGHTS)
-    meta = {"config": gistnet.cfg.model_dump(), "d_model": gistnet.d_model, "levels": gistnet.levels,
-            "identity": gistnet_identity(gistnet)}
-    (folder / GISTNET_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    save_module(folder, "gistnet", gistnet, {"d_model": gistnet.d_model, "levels": gistnet.levels})
 
 
 def load_gistnet(folder: Path) -> GistNet:
     """Rebuild a saved GistNet; refuses weights whose hash is not the recorded identity."""
-    meta_path = folder / GISTNET_CONFIG
-    if not meta_path.is_file():
-        raise ArtifactError(f"{folder}: no {GISTNET_CONFIG}; not a GistNet checkpoint")
-    meta = json.loads(meta_path.read_text())
-    net = GistNet(GistNetConfig(**meta["config"]), meta["d_model"], embed_rms=0.0, levels=meta["levels"])
-    net.load_state_dict(load_file(folder / GISTNET_WEIGHTS))  # includes target_norm
-    if gistnet_identity(net) != meta["identity"]:
-        raise ArtifactError(f"{folder / GISTNET_WEIGHTS}: weights do not match the recorded identity; the checkpoint is corrupt")
-    return net
+    return load_module(folder, "gistnet", lambda meta: GistNet(GistNetConfig(**meta["config"]), meta["d_model"],
+                                                               embed_rms=0.0, levels=meta["levels"]), label="GistNet")

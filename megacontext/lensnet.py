@@ -11,8 +11,6 @@ w = d_lens, F = N_FEATURES entry features.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,11 +18,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from megacontext.config import LensNetConfig
-from megacontext.errors import ArtifactError
+from megacontext.checkpoints import load_module, module_identity, save_module
 from megacontext.nodes import BLOCK, Node, span
 
 MAX_LEVEL = 4  # the highest gist level a config allows (WorkingContextConfig.levels <= 4)
@@ -241,35 +238,17 @@ def lensnet_loss(
 
 # --- checkpoints --------------------------------------------------------------------------
 
-LENSNET_WEIGHTS = "lensnet.safetensors"
-LENSNET_CONFIG = "lensnet.json"
-
-
 def lensnet_identity(net: LensNet) -> str:
     """Content hash of the weights and config."""
-    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    digest = hashlib.sha256(save(state))
-    digest.update(net.cfg.model_dump_json().encode())
-    return "lensnet:" + digest.hexdigest()[:16]
+    return module_identity("lensnet", net)
 
 
 def save_lensnet(folder: Path, net: LensNet) -> None:
     """Weights as safetensors (never pickles) + the config needed to rebuild the module."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    save_file(state, folder / LENSNET_WEIGHTS)
-    meta = {"config": net.cfg.model_dump(), "d_model": net.d_model, "identity": lensnet_identity(net)}
-    (folder / LENSNET_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    save_module(folder, "lensnet", net, {"d_model": net.d_model})
 
 
 def load_lensnet(folder: Path) -> LensNet:
     """Rebuild a saved LensNet; refuses weights whose hash is not the recorded identity."""
-    meta_path = folder / LENSNET_CONFIG
-    if not meta_path.is_file():
-        raise ArtifactError(f"{folder}: no {LENSNET_CONFIG}; not a LensNet checkpoint")
-    meta = json.loads(meta_path.read_text())
-    net = LensNet(LensNetConfig(**meta["config"]), meta["d_model"])
-    net.load_state_dict(load_file(folder / LENSNET_WEIGHTS))
-    if lensnet_identity(net) != meta["identity"]:
-        raise ArtifactError(f"{folder / LENSNET_WEIGHTS}: weights do not match the recorded identity; the checkpoint is corrupt")
-    return net
+    return load_module(folder, "lensnet", lambda meta: LensNet(LensNetConfig(**meta["config"]), meta["d_model"]),
+                       label="LensNet")
