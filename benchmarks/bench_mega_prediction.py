@@ -29,12 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megacontext.base_model import load_base_model
+from megacontext.base_model import horizon_logprobs, load_base_model
 from megacontext.config import load_config
 from megacontext.focus_policy import cold_start_policy, lens_policy
 from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.gistnet import build_gistnet, load_gistnet
-from megacontext.jt1_gistnet import horizon_logprobs
 from megacontext.jt3_lora import JT3LoRA
 from megacontext.lensnet import load_lensnet
 from megacontext.mega_attention import TOP

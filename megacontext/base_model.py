@@ -203,21 +203,54 @@ def ensure_gguf_cache(package: GGUFPackage, cache_root: Path) -> Path:
 
 
 @torch.no_grad()
+# --- horizon scoring: the one home of NLL@H and the teacher–student KL -----------------------
+
+
+def horizon_logits(model: PreTrainedModel, horizon: int, **inputs: torch.Tensor) -> torch.Tensor:
+    """Logits [B, H, V] (float32) predicting the last `horizon` positions of `input_ids` or `inputs_embeds`.
+
+    Only the scored rows are computed (`logits_to_keep`), never a vocabulary-sized row for the whole
+    context. Raises ValueError unless 0 < horizon < the input's length. Differentiable (no `no_grad`).
+    """
+    seq = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+    if not 0 < horizon < seq.shape[1]:
+        raise ValueError(f"horizon {horizon} must be in [1, {seq.shape[1] - 1}] for a {seq.shape[1]}-token input")
+    return model(**inputs, logits_to_keep=horizon + 1, use_cache=False).logits[:, :-1].float()
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL (nats) [..., H] of `targets` [..., H] (int64) under `logits` [..., H, V]."""
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
+                                             reduction="none").view(targets.shape)
+
+
+def target_nll(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean NLL (nats/token, a scalar) of `targets` [..., H] under log-probabilities [..., H, V]."""
+    return -logprobs.gather(-1, targets[..., None]).mean()
+
+
+def teacher_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(P_teacher ‖ P_student) per token, averaged (a scalar): both are log-probabilities [..., H, V].
+
+    The distillation loss of JT1 and JT3: the teacher is the base model reading the full context.
+    """
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean()
+
+
+def horizon_logprobs(base: BaseLM, horizon: int, **inputs: torch.Tensor) -> torch.Tensor:
+    """log P over the vocabulary for the last `horizon` positions' next tokens -> [B, H, V]."""
+    return torch.nn.functional.log_softmax(horizon_logits(base.model, horizon, **inputs), dim=-1)
+
+
 def horizon_token_nll(model: PreTrainedModel, horizon: int, **inputs: torch.Tensor) -> torch.Tensor:
     """Per-token NLL (nats) [B, H] of the last `horizon` positions of `input_ids` or `inputs_embeds`.
 
     With `inputs_embeds`, pass the horizon's true token ids as `targets` [B, H].
-    Only the logits that are scored are computed (`logits_to_keep`), never a
-    vocabulary-sized row for the whole context.
     """
     targets = inputs.pop("targets", None)
-    seq = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
-    if not 0 < horizon < seq.shape[1]:
-        raise ValueError(f"horizon {horizon} must be in [1, {seq.shape[1] - 1}] for a {seq.shape[1]}-token input")
     if targets is None:
         targets = inputs["input_ids"][:, -horizon:]  # [B, H]
-    logits = model(**inputs, logits_to_keep=horizon + 1, use_cache=False).logits[:, :-1]  # [B, H, V]
-    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [B, H]
+    return token_nll(horizon_logits(model, horizon, **inputs), targets)
 
 
 def horizon_nll(model: PreTrainedModel, input_ids: torch.Tensor, horizon: int) -> torch.Tensor:

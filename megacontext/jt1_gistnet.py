@@ -13,23 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from megacontext.base_model import BaseLM
+from megacontext.base_model import BaseLM, horizon_logprobs, target_nll, teacher_kl
 from megacontext.config import Config
 from megacontext.focus_policy import Policy, cold_start_policy
 from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.gistnet import GistNet, save_gistnet
 from megacontext.nodes import BLOCK, span
 from megacontext.shards import TokenizedDocument
-from megacontext.windows import Window, eligible, sample_window
+from megacontext.windows import SeedOffset, Window, eligible, sample_window
 from megacontext.working_context import WorkingContext, assemble_live
-
-
-def horizon_logprobs(base: BaseLM, horizon: int, **inputs: torch.Tensor) -> torch.Tensor:
-    """log P over the vocabulary for the last `horizon` positions' next tokens -> [B, H, V]."""
-    logits = base.model(**inputs, logits_to_keep=horizon + 1, use_cache=False).logits[:, :-1]
-    return F.log_softmax(logits.float(), dim=-1)
 
 
 def wc_logprobs(base: BaseLM, gistnet: GistNet, wc: WorkingContext, window: Window) -> torch.Tensor:
@@ -59,7 +52,7 @@ class JT1GistNet:
     def make_batch(self, step: int, items: list[int]) -> list[Window]:
         t = self.cfg.train
         return [sample_window(self.docs, history=t.history, horizon=t.horizon, align=span(self.cfg.wc.levels),
-                              seed=self.cfg.seed, step=step, item=item) for item in items]
+                              seed=self.cfg.seed + SeedOffset.JT1_WINDOWS, step=step, item=item) for item in items]
 
     def loss(self, batch: list[Window], global_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
         total = torch.zeros(())
@@ -71,11 +64,10 @@ class JT1GistNet:
                 full = horizon_logprobs(self.base, len(window.horizon), input_ids=ids)  # [1, H, V]
             wc = self.policy(window)
             student = wc_logprobs(self.base, self.gistnet, wc, window)
-            kl = F.kl_div(student, full, log_target=True, reduction="none").sum(-1).mean()  # KL(P_full ‖ P_WC)
+            kl = teacher_kl(student, full)  # KL(P_full ‖ P_WC)
             total = total + kl / global_batch
-            nll = lambda lp: -lp.gather(-1, targets[..., None]).mean().item()  # noqa: E731
             kl_sum += kl.item()
-            delta_sum += nll(student.detach()) - nll(full)
+            delta_sum += target_nll(student.detach(), targets).item() - target_nll(full, targets).item()
             tokens += ids.shape[1] + len(wc) + len(window.horizon)
         metrics = {"kl": kl_sum, "delta_nll": delta_sum, "windows": float(len(batch)), "tokens": tokens,
                    "blocks": sum(len(w.tokens) for w in batch) / BLOCK}

@@ -25,7 +25,7 @@ import polars as pl
 import torch
 from transformers import DynamicCache
 
-from megacontext.base_model import BaseLM
+from megacontext.base_model import BaseLM, token_nll
 from megacontext.gaussian_rope import gaussian_positions
 from megacontext.gistnet import GistNet
 from megacontext.nodes import BLOCK, Node
@@ -68,7 +68,7 @@ def _forward(base: BaseLM, inputs: WCInputs, cache: DynamicCache | None = None, 
 
 def _horizon_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Mean NLL of `targets` [H] from the logits of the positions just before them [1, H, V]."""
-    return torch.nn.functional.cross_entropy(logits[0].float(), targets).item()
+    return token_nll(logits[0], targets).mean().item()
 
 
 @torch.no_grad()

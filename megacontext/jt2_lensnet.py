@@ -28,16 +28,15 @@ from megacontext.nodes import BLOCK, span
 from megacontext.progress import progress_bar
 from megacontext.schemas import LABEL_SCHEMA, validate
 from megacontext.shards import TokenizedDocument
-from megacontext.windows import Window, eligible, sample_window
+from megacontext.windows import SeedOffset, Window, eligible, sample_window
 
 LABELS_FILE = "labels.parquet"
-SNAPSHOT_SEED_OFFSET = 2  # JT2 snapshots are drawn from other windows than JT1's
 
 
 def snapshot_window(cfg: Config, docs: list[TokenizedDocument], index: int) -> Window:
     t = cfg.train
     return sample_window(docs, history=t.history, horizon=t.horizon, align=span(cfg.wc.levels),
-                         seed=cfg.seed + SNAPSHOT_SEED_OFFSET, step=index, item=0)
+                         seed=cfg.seed + SeedOffset.JT2_SNAPSHOTS, step=index, item=0)
 
 
 def generate_labels(cfg: Config, base: BaseLM, gistnet: GistNet, docs: list[TokenizedDocument], policy: Policy,

@@ -18,22 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from megacontext.base_model import BaseLM
+from megacontext.base_model import BaseLM, horizon_logprobs, target_nll, teacher_kl
 from megacontext.config import Config, LoraSettings
 from megacontext.errors import ConfigError
 from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.gistnet import GistNet
 from megacontext.focus_policy import Policy, cold_start_policy
-from megacontext.jt1_gistnet import horizon_logprobs
 from megacontext.mega_attention import TOP
 from megacontext.mega_model import install_mega_attention
 from megacontext.mega_prediction import Alphas, level_grad_norms, mega_prediction_loss
 from megacontext.nodes import BLOCK, span
 from megacontext.shards import TokenizedDocument
-from megacontext.windows import Window, eligible, sample_window
+from megacontext.windows import SeedOffset, Window, eligible, sample_window
 from megacontext.working_context import assemble_live
 
 
@@ -98,7 +96,7 @@ class JT3LoRA:
         t = self.cfg.train
         self._progress = step / max(t.jt3.steps - 1, 1)  # for the MegaPrediction α schedules
         return [sample_window(self.docs, history=t.history, horizon=t.horizon, align=span(self.cfg.wc.levels),
-                              seed=self.cfg.seed + 3, step=step, item=item, lookahead=self.lookahead)
+                              seed=self.cfg.seed + SeedOffset.JT3_WINDOWS, step=step, item=item, lookahead=self.lookahead)
                 for item in items]
 
     def loss(self, batch: list[Window], global_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -134,12 +132,12 @@ class JT3LoRA:
             else:
                 with gaussian_positions(self.base.model, inputs.mu, inputs.sigma):
                     student = horizon_logprobs(self.base, h, inputs_embeds=inputs.inputs_embeds)
-            nll = -student.gather(-1, targets[..., None]).mean()
-            kl = F.kl_div(student, full, log_target=True, reduction="none").sum(-1).mean()
+            nll = target_nll(student, targets)
+            kl = teacher_kl(student, full)
             total = total + (nll + weight * kl + gist_terms) / global_batch
             nll_sum += nll.item()
             kl_sum += kl.item()
-            delta_sum += nll.item() + full.gather(-1, targets[..., None]).mean().item()
+            delta_sum += nll.item() - target_nll(full, targets).item()
             tokens += len(ids) + len(wc) + h
         metrics = {"nll": nll_sum, "kl": kl_sum, "delta_nll": delta_sum, "windows": float(len(batch)),
                    "tokens": tokens, "blocks": sum(len(w.tokens) for w in batch) / BLOCK, **mega}

@@ -30,11 +30,11 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megacontext.attention_mass import attention_mass, block_sums
 from megacontext.base_model import BaseLM, load_base_model
+from megacontext.base_model import token_nll as base_token_nll
 from megacontext.block_selection import select_blocks
 from megacontext.config import Config, MegaConfig
 from megacontext.errors import ArtifactError, InputDataError
@@ -202,8 +202,8 @@ def entries_logits(base: BaseLM, entries: Sequence[Node], source: Any, *, offset
 
 
 def token_nll(logits: torch.Tensor, targets: np.ndarray) -> np.ndarray:
-    """Per-token NLL (nats) [H] of `targets` under logits [H, V]."""
-    return F.cross_entropy(logits.float(), torch.as_tensor(targets.astype(np.int64)), reduction="none").numpy()
+    """Per-token NLL (nats) [H] of token ids `targets` under logits [H, V]: `base_model.token_nll` for numpy."""
+    return base_token_nll(logits, torch.as_tensor(targets.astype(np.int64))).numpy()
 
 
 def _score_window(base: BaseLM, window: RefWindow, cfg: Config) -> tuple[list[dict], list[dict]]:

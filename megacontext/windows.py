@@ -11,11 +11,20 @@ the horizon start (MegaPrediction's LOD2 target: the next 1,024 tokens).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 
 from megacontext.errors import InputDataError
 from megacontext.shards import TokenizedDocument
+
+
+class SeedOffset(IntEnum):
+    """Added to `cfg.seed` so that each phase draws its windows from a stream of its own (named, never reused)."""
+
+    JT1_WINDOWS = 0
+    JT2_SNAPSHOTS = 2  # JT2's labelled snapshots come from other windows than JT1's
+    JT3_WINDOWS = 3
 
 
 @dataclass(frozen=True)
