@@ -5,7 +5,7 @@ query rows (e.g. the horizon of each cursor, or the last 64 history tokens befor
 it), returns how much softmax attention each group puts on every key position,
 summed over layers, heads and the group's rows: mass [G, T]. Block-summed, this is
 LensNet's dense relevance target and the ranking of the attention oracle and the
-training-free focus of the evaluation (§4). The forward itself still runs SDPA;
+training-free focus of the evaluation (docs/lifecycle.md §4). The forward itself still runs SDPA;
 only the chosen rows' scores are recomputed, per layer, in chunks, so memory is
 O(rows × T) per layer, never O(T²).
 
@@ -16,7 +16,7 @@ taken from the mask the model passes in; `None` means plain causal.
 
 Precedents: reader attention as retrieval labels (Izacard & Grave, "Distilling
 Knowledge from Reader to Retriever", 2020); SnapKV's observation-window voting
-(Li et al., 2024) for the training-free variant.
+(Li et al., 2024) and H2O's accumulated attention (Zhang et al., 2023) for the training-free variant.
 """
 
 from __future__ import annotations

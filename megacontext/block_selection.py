@@ -12,7 +12,7 @@ paying +31 positions, plus +31 when it is the first block opened inside an untou
 
 `expanded_blocks` measures any working context against the cold start (how many
 older blocks it reads raw, and how far back they are): the report's focus health.
-Related: SnapKV (Li et al., 2024) and NSA (Yuan et al., 2025) select blocks by
+Related: H2O (Zhang et al., 2023), SnapKV (Li et al., 2024) and NSA (Yuan et al., 2025) select tokens or blocks by
 attention scores in the same spirit.
 """
 

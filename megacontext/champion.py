@@ -1,4 +1,4 @@
-"""The champion: the latest accepted cycle (DESIGN §3–4). Promotion only after the gate passed.
+"""The champion: the latest accepted cycle (docs/lifecycle.md §3–4). Promotion only after the gate passed.
 
 A cycle is *accepted* when its validation report (`<cycle>/evaluation`) passed
 the gate. `previous_accepted` finds the warm start for cycle n in code (the

@@ -23,7 +23,7 @@ from megacontext.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# Environment variables honoured everywhere (seed 004), mapped to config keys.
+# Environment variables honoured everywhere (docs/lifecycle.md §6), mapped to config keys.
 ENV_OVERRIDES = {
     "MEGACONTEXT_ARTIFACT_ROOT": "paths.artifact_root",
     "MEGACONTEXT_DATA_ROOT": "paths.data_root",
@@ -94,7 +94,7 @@ class DataConfig(Section):
 
 
 class GistNetConfig(Section):
-    """GistNet (DESIGN §2.3): a small non-causal transformer, 32 vectors -> 1 gist."""
+    """GistNet (docs/architecture.md §2.3): a small non-causal transformer, 32 vectors -> 1 gist."""
 
     width: int = Field(256, ge=16)  # internal width (< d); in/out projections
     layers: int = Field(2, ge=1)
@@ -110,7 +110,7 @@ class GistNetConfig(Section):
 
 
 class WorkingContextConfig(Section):
-    """The budgeted working context (DESIGN §1, §2.4)."""
+    """The budgeted working context (docs/architecture.md §1, §2.4)."""
 
     w_max: int = Field(2_048, ge=64)  # budget in positions; every entry costs 1
     protected_tail: int = Field(256, ge=0)  # R: the last R tokens are always LOD0
@@ -124,7 +124,7 @@ class WorkingContextConfig(Section):
 
 
 class LensNetConfig(Section):
-    """LensNet (DESIGN §2.5): a small non-causal scorer over the working context."""
+    """LensNet (docs/architecture.md §2.5): a small non-causal scorer over the working context."""
 
     width: int = Field(256, ge=16)  # d_lens
     heads: int = Field(4, ge=1)
@@ -142,7 +142,7 @@ class LensNetConfig(Section):
 
 
 class AllocatorConfig(Section):
-    """The greedy Focus Allocator (DESIGN §2.6)."""
+    """The greedy Focus Allocator (docs/architecture.md §2.6)."""
 
     expand_threshold: float = Field(0.2, ge=0, le=1)  # τ_e
     collapse_threshold: float = Field(0.2, ge=0, le=1)  # τ_c
@@ -163,7 +163,7 @@ class PhaseConfig(Section):
 
 
 class LoraSettings(Section):
-    """LoRA adapters on the frozen base for JT3 (DESIGN §3): targets by config."""
+    """LoRA adapters on the frozen base for JT3 (docs/lifecycle.md §3): targets by config."""
 
     rank: int = Field(8, ge=1, le=64)
     alpha: float = Field(16.0, gt=0)
@@ -175,7 +175,7 @@ class LoraSettings(Section):
 
 
 class TrainConfig(Section):
-    """The alternating JT1 -> JT2 -> JT3 cycle (DESIGN §3)."""
+    """The alternating JT1 -> JT2 -> JT3 cycle (docs/lifecycle.md §3)."""
 
     history: int = Field(2_048, ge=64)  # L_train: tokens of history per training window
     budget: int = Field(512, ge=64)  # B_train: working-context budget while training
@@ -204,7 +204,7 @@ class PasskeyConfig(Section):
 
 
 class EvalConfig(Section):
-    """Evaluation and the validation gate (DESIGN §4)."""
+    """Evaluation and the validation gate (docs/lifecycle.md §4)."""
 
     history: int = Field(8_128, ge=64)  # L: tokens of history before each cursor (default 8,192 - H)
     horizon: int = Field(64, ge=1)  # H: teacher-forced scored tokens after the cursor
@@ -230,7 +230,7 @@ class EvalConfig(Section):
 
 
 class MegaConfig(Section):
-    """MegaAttention and MegaPrediction in JT3 (DESIGN §2.8-2.9); off by default."""
+    """MegaAttention and MegaPrediction in JT3 (docs/architecture.md §2.8-2.9); off by default."""
 
     attention: bool = False  # JT3 reads the WC through MegaAttention instead of full attention
     window: int = Field(256, ge=1)  # W: the leaves' causal local window

@@ -1,4 +1,4 @@
-"""One training cycle: JT1 (GistNet) -> JT2 (labels, LensNet) -> JT3 (LoRA), warm-started (DESIGN §3).
+"""One training cycle: JT1 (GistNet) -> JT2 (labels, LensNet) -> JT3 (LoRA), warm-started (docs/lifecycle.md §3).
 
 Each phase is its own function that reads what it needs from disk (the cycle
 folder and the previous accepted cycle), so the CLI runs them in a row and

@@ -1,4 +1,4 @@
-"""Write an evaluation's artifacts: results table, summary JSON, Markdown report and plot (DESIGN §4).
+"""Write an evaluation's artifacts: results table, summary JSON, Markdown report and plot (docs/lifecycle.md §4).
 
 Input is what `gate.summarize` and `gate.gate` return; nothing is recomputed here except layout.
 The plot uses the Agg backend on a private Figure and drops the Software tag, so it is byte-stable.

@@ -1,4 +1,4 @@
-"""ΔNLL evaluation (DESIGN §4): full context vs recency window vs MegaContext working context.
+"""ΔNLL evaluation (docs/lifecycle.md §4): full context vs recency window vs MegaContext working context.
 
 For held-out documents, at cursor c with an L-token history window [c − L, c)
 (window starts aligned to the top gist span, so whole-document trees serve

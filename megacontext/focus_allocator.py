@@ -1,4 +1,4 @@
-"""The greedy, discrete Focus Allocator (DESIGN §2.6): LensNet scores -> expand/collapse edits within W_max.
+"""The greedy, discrete Focus Allocator (docs/architecture.md §2.6): LensNet scores -> expand/collapse edits within W_max.
 
 Expands (score > τ_e) by score descending and collapses (mean score of a
 complete aligned sibling group < −τ_c) by score ascending, alternating, at

@@ -1,4 +1,4 @@
-"""The focusing policy: cold start, then LensNet scores -> Focus Allocator edits (DESIGN §2.5-2.6).
+"""The focusing policy: cold start, then LensNet scores -> Focus Allocator edits (docs/architecture.md §2.5-2.6).
 
 `lens_inputs_for` turns a working context into LensNet's inputs (entry vectors
 exactly as the base reads them, tail gists, features); `lens_policy` refocuses a

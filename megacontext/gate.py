@@ -1,9 +1,11 @@
-"""Summary statistics and the validation gate over a per-token results table (DESIGN §4).
+"""Summary statistics and the validation gate over a per-token results table (docs/lifecycle.md §4).
 
 `summarize` turns an EVAL_SCHEMA table into mean NLLs, ΔNLL, gap recovery and per-level ΔNLL for
 every method row (MegaContext, recency + LoRA, the attention oracle, the training-free focus, ...),
 on all tokens, margin key tokens and LongPPL key tokens, each with a cluster bootstrap CI (samples
 resampled, not tokens). `gate` decides on the point estimates only. Scoring the model is not done here.
+Key tokens follow LongPPL (Fang et al. 2024, "What is Wrong with Perplexity for Long-context Language
+Modeling?"); resampling whole samples rather than tokens is the cluster bootstrap (Field & Welsh 2007).
 """
 
 from __future__ import annotations

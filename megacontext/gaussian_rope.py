@@ -1,4 +1,5 @@
-"""Gaussian RoPE (DESIGN §2.7): rotary tables for entries at float centres μ with scales σ.
+"""Gaussian RoPE (docs/architecture.md §2.7): rotary tables for entries at float centres μ with scales σ.
+The rotation is RoFormer's RoPE (Su et al. 2021); the damping is its mean over a Gaussian spread of positions.
 
 The base's rotary module (`<decoder>.rotary_emb`) is replaced by name with a wrapper; no modeling
 code is forked. μ/σ reach it ONLY through `gaussian_positions(...)`: never pass gist centres as

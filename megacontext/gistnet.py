@@ -1,4 +1,4 @@
-"""GistNet (DESIGN §2.3): 32 vectors -> 1 gist in the base model's input-embedding space.
+"""GistNet (docs/architecture.md §2.3): 32 vectors -> 1 gist in the base model's input-embedding space.
 
 A small non-causal transformer at an internal width below d, with slot and level
 embeddings and attention pooling by a learned query. The output is a residual on
@@ -6,6 +6,7 @@ the mean of the inputs (the residual projection starts at zero, so an untrained
 GistNet returns exactly the mean's direction) rescaled to the RMS norm of the
 base model's token embeddings, so gists sit at the scale the base expects.
 LOD2 is two-stage: GistNet over 32 LOD1 gists. Training lives in the JT1 phase.
+Precedents: gist tokens (Mu et al. 2023); pooling by a learned query as in Set Transformer (Lee et al. 2019).
 
 Notation: N blocks, S = 32 slots, d = base width, w = internal width.
 """

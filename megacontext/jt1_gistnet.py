@@ -1,4 +1,4 @@
-"""JT1 — train GistNet for substitutability (DESIGN §2.3, §3).
+"""JT1 — train GistNet for substitutability (docs/architecture.md §2.3, docs/lifecycle.md §3).
 
 For each training window the current policy builds the working context
 (budget B_train); the frozen base reads it with gists computed live by GistNet
@@ -6,6 +6,7 @@ and is pulled towards its own predictions from the full window:
 loss = KL(P_full ‖ P_WC) over the H horizon tokens. Gradients flow through
 the frozen base into GistNet only; ΔNLL@H is logged. Cycle 1's policy is the
 cold start; later cycles pass LensNet + allocator in as `policy`.
+The objective is context distillation (Snell et al. 2022) with the full window as the teacher.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""JT2 labels — counterfactual ΔNLL@H of expand/collapse actions on on-policy snapshots (DESIGN §3).
+"""JT2 labels — counterfactual ΔNLL@H of expand/collapse actions on on-policy snapshots (docs/lifecycle.md §3).
 
 A snapshot is the policy's working context for a training window. Each
 candidate action (expand one gist; collapse one complete aligned group of 32

@@ -1,4 +1,4 @@
-"""JT2 — generate counterfactual labels on on-policy snapshots, then train LensNet on them (DESIGN §3).
+"""JT2 — generate counterfactual labels on on-policy snapshots, then train LensNet on them (docs/lifecycle.md §3).
 
 Labels are regenerated every cycle, after JT1 (the gists changed). Snapshot
 windows are a pure function of (seed, snapshot index), so a resumed run and

@@ -1,4 +1,4 @@
-"""JT3 — LoRA adapters on the frozen base so it reads gists well (DESIGN §3).
+"""JT3 — LoRA adapters (Hu et al. 2021) on the frozen base so it reads gists well (docs/lifecycle.md §3).
 
 Adapters (peft) go on the input embedding and the q/k/v/o projections of the
 first and last decoder blocks, by config. Loss: NLL@H of the horizon read

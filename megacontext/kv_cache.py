@@ -1,4 +1,4 @@
-"""The working context's K/V cache across edits (DESIGN §2.10).
+"""The working context's K/V cache across edits (docs/architecture.md §2.10).
 
 The base model reads the WC's entries in order (tokens and gists of every
 level, each with its Gaussian-RoPE position). An entry's K/V in every layer

@@ -1,9 +1,10 @@
-"""LensNet (DESIGN §2.5): a small non-causal scorer of working-context entries, one score in [-1, 1] each.
+"""LensNet (docs/architecture.md §2.5): a small non-causal scorer of working-context entries, one score in [-1, 1] each.
 
 Positive = expand (show more detail), negative = collapse. Entries are the base model's
 `inputs_embeds` plus node features; "tail gists" (the latest LOD2 gist and the latest LOD1
 gists) first read the whole WC, then every entry reads the enriched tail. Also: legality
 masks, the JT2 loss and checkpoints. Choosing edits is the allocator's job, not this module's.
+The loss's ranking term is RankNet's pairwise logistic loss (Burges et al. 2005).
 
 Notation: B working contexts, N entries, T tail gists (+1 learned default), d base width,
 w = d_lens, F = N_FEATURES entry features.
@@ -204,7 +205,7 @@ def lensnet_loss(
     *,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """JT2 loss over [B, N] scores (DESIGN §2.5): regression + ranking + budget + legality.
+    """JT2 loss over [B, N] scores (docs/architecture.md §2.5): regression + ranking + budget + legality.
 
     `target_mask` marks labelled entries (targets in [-1, 1]); `mask` marks real entries (None:
     all). Ranking: softplus(-(s_i - s_j)) over labelled pairs of one WC with t_i > t_j. Budget:

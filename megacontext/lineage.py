@@ -1,4 +1,4 @@
-"""Lineage manifests and crash-safe publication of artifact folders (DESIGN §5).
+"""Lineage manifests and crash-safe publication of artifact folders (docs/lifecycle.md §5).
 
 Every artifact folder holds `manifest.json`: sha256 of each file, the resolved
 config hash, the code version, the digests of its input artifacts' manifests

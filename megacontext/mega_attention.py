@@ -1,4 +1,4 @@
-"""MegaAttention masks and kernels (DESIGN §2.8): leaves attend locally, summaries stand in for the past.
+"""MegaAttention masks and kernels (docs/architecture.md §2.8): leaves attend locally, summaries stand in for the past.
 
 Sequence layout (contiguous segments, so that block sparsity survives):
 `[n leaves | n//32 wLOD1 summaries | n//1024 wLOD2 summaries]`. A leaf is a WC
@@ -18,7 +18,7 @@ and the leaves see exactly full causal attention. `near_causal=True` also lets
 a leaf see the wLOD1 summary of its own run (up to 31 leaves of the future).
 
 One mask predicate (`visible`) serves every kernel: dense boolean masks for
-SDPA (the reference, and CPU training of short WCs); FlexAttention block masks
+SDPA (the reference, and CPU training of short WCs); FlexAttention (PyTorch; Dong et al. 2024) block masks
 (`torch.compile`d; forward on CPU, forward+backward on GPU); and the packed
 kernel, which attends per slice: each group of 128 leaves (with the summaries
 anchored in it) gathers only the keys it can see — its window's leaves, the

@@ -1,4 +1,4 @@
-"""MegaAttention inside the frozen base model (DESIGN §2.8), without forking its modeling code.
+"""MegaAttention inside the frozen base model (docs/architecture.md §2.8), without forking its modeling code.
 
 `install_mega_attention` registers one attention function with transformers'
 `AttentionInterface` and marks the attention modules chosen by name

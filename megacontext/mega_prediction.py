@@ -1,4 +1,4 @@
-"""MegaPrediction (DESIGN §2.9): the frozen base also predicts the gists of what comes next.
+"""MegaPrediction (docs/architecture.md §2.9): the frozen base also predicts the gists of what comes next.
 
 On the MegaAttention layout `[leaves | wLOD1 | wLOD2]` of a working context
 followed by its teacher-forced horizon, the shared (tied) LM head reads out:

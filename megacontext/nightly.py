@@ -1,4 +1,4 @@
-"""Nightly regression (DESIGN §4): re-evaluate the champion on the fixed eval set, compare, write a dated report.
+"""Nightly regression (docs/lifecycle.md §4): re-evaluate the champion on the fixed eval set, compare, write a dated report.
 
 The eval set is fixed by the config (split by document hash, cursors and seed),
 so an unchanged champion on unchanged code reproduces its recorded numbers; a champion

@@ -1,4 +1,4 @@
-"""Tree node arithmetic (DESIGN §1): levels, aligned spans, parents, children, positions.
+"""Tree node arithmetic (docs/architecture.md §1): levels, aligned spans, parents, children, positions.
 
 A level-k node covers `K**k` tokens (K = 32) and starts at a multiple of that
 span; its parent, children and Gaussian position (μ, σ) follow by arithmetic.

@@ -1,4 +1,4 @@
-"""The streaming runtime (DESIGN §2.10-2.11): ingest -> tree -> LensNet every 32 tokens -> allocator -> decode.
+"""The streaming runtime (docs/architecture.md §2.10-2.11): ingest -> tree -> LensNet every 32 tokens -> allocator -> decode.
 
 A `Runtime` owns one document: its MegaContext tree (on disk, crash-safe), the
 working context over it, the Focus Allocator's hysteresis state and the K/V
@@ -270,7 +270,7 @@ class Runtime:
             if stop and token in stop:
                 return
 
-    # --- the speculative region (DESIGN §2.9) --------------------------------------------
+    # --- the speculative region (docs/architecture.md §2.9) --------------------------------------------
 
     @torch.no_grad()
     def speculate(self, *, threshold: float = 0.5) -> tuple[list[int], float, bool]:

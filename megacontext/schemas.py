@@ -1,4 +1,4 @@
-"""Pandera (polars) schemas for the tables the lifecycle writes (DESIGN §5).
+"""Pandera (polars) schemas for the tables the lifecycle writes (docs/lifecycle.md §5).
 
 A table is validated before it is written and when it is read back; a bad row
 raises `SchemaViolation` with the offending row shown. Label, evaluation and
@@ -48,7 +48,7 @@ def validate(df: pl.DataFrame, schema: pa.DataFrameSchema, where: str) -> pl.Dat
         raise SchemaViolation(f"{where}: violates schema '{schema.name}': {message}") from None
 
 
-# Evaluation results (DESIGN §4): one row per scored horizon token of one sample (doc_id, cursor).
+# Evaluation results (docs/lifecycle.md §4): one row per scored horizon token of one sample (doc_id, cursor).
 EVAL_NLL_COLUMNS = ("nll_full", "nll_recency", "nll_mc")
 # Optional rows (null where a sample has no such working context): per-level WCs, the bounds and baselines.
 EVAL_LEVEL_COLUMNS = ("nll_mc_lod1", "nll_mc_lod2", "nll_recency_adapted", "nll_oracle", "nll_training_free",

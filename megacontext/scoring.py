@@ -2,7 +2,7 @@
 
 For each held-out document long enough, the base reads `context` tokens and is
 scored on the next `horizon` true tokens (teacher forced). This is the
-`NLL_recency`/`NLL_full` building block of DESIGN §4; the MegaContext working
+`NLL_recency`/`NLL_full` building block of docs/lifecycle.md §4; the MegaContext working
 context and the gate live in the evaluation module, not here.
 """
 

@@ -1,4 +1,4 @@
-"""W&B tracking (DESIGN §5): one run per lifecycle step, grouped by cycle, job type = phase.
+"""W&B tracking (docs/lifecycle.md §5): one run per lifecycle step, grouped by cycle, job type = phase.
 
 A thin wrapper around `wandb.init` (dagster-wandb is broken with current wandb
 and offline mode). The mode comes from WANDB_MODE and defaults to `offline`, so

@@ -1,4 +1,4 @@
-"""The one training loop every phase plugs into (STYLE 7): resumable, data-parallel, logged.
+"""The one training loop every phase plugs into (docs/style.md §7): resumable, data-parallel, logged.
 
 A phase says what trains (`trainable`), how the batch of a step is built
 (`make_batch`, a pure function of the step and item indices, so a resumed or

@@ -1,4 +1,4 @@
-"""MegaContext Tree (DESIGN §2.2): one document's append-only, memory-mapped store of
+"""MegaContext Tree (docs/architecture.md §2.2): one document's append-only, memory-mapped store of
 LOD0 token ids and LOD1..LODk gists, with crash-safe incremental ingest and refresh.
 
 `meta.json` is the commit point: level files only grow past their committed end, then

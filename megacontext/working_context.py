@@ -1,4 +1,4 @@
-"""The Working Context (DESIGN §1, §2.4): the budgeted list of tokens and gists the base model sees.
+"""The Working Context (docs/architecture.md §1, §2.4): the budgeted list of tokens and gists the base model sees.
 
 Entries are tree nodes in time order tiling [0, cursor). The cold start keeps
 as many recent tokens at LOD0 as fit while every older aligned span is covered
@@ -26,7 +26,7 @@ class BudgetExceeded(ValueError):
 
 
 class InvariantViolation(AssertionError):
-    """A working context broke one of the invariants of DESIGN §1."""
+    """A working context broke one of the invariants of docs/architecture.md §1."""
 
 
 class NodeSource(Protocol):

@@ -1,4 +1,4 @@
-"""Dagster code location for the MegaContext lifecycle (DESIGN §5).
+"""Dagster code location for the MegaContext lifecycle (docs/lifecycle.md §5).
 
 Imports go one way: orchestration -> megacontext, never back.
 """

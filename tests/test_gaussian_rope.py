@@ -1,4 +1,4 @@
-"""Gaussian RoPE (DESIGN §2.7): exact RoPE at σ = 0, the damping formula, a causal mask across μ jumps."""
+"""Gaussian RoPE (docs/architecture.md §2.7): exact RoPE at σ = 0, the damping formula, a causal mask across μ jumps."""
 
 from __future__ import annotations
 

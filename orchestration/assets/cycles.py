@@ -1,6 +1,6 @@
 """Per-cycle assets (dynamic partitions `cycle-0001`, …): JT1 → JT2 labels → LensNet → LoRA → validation report.
 
-Thin (STYLE 1–2): resolve the config, call the same library function as the
+Thin (docs/style.md §1–2): resolve the config, call the same library function as the
 CLI (`megacontext train-phase` / `evaluate` / `promote`), return metadata. The
 previous accepted cycle (warm start) is found in code (`previous_accepted`)
 and recorded on every asset. The ΔNLL gate is a blocking asset check on the

@@ -1,0 +1,74 @@
+"""Pinned numbers: each learned module and loss, on the tiny profile with fixed seeds, gives the numbers it
+gave when they were recorded. A silent numeric change (a refactor that reorders a reduction, a changed
+initialisation, another seed stream) fails here; an intended one updates the pin in the same commit.
+
+The pins were recorded on CPU, float32, torch 2.13; tolerances are relative 1e-5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megacontext.base_model import horizon_nll, load_base_model
+from megacontext.config import Config
+from megacontext.focus_policy import lens_inputs_for
+from megacontext.gistnet import build_gistnet
+from megacontext.lensnet import build_lensnet
+from megacontext.shards import read_split, shards_dir
+from megacontext.working_context import cold_start
+from tests.conftest import eval_corpus
+
+PINS = {
+    "base_horizon_nll": 11.174969673156738,
+    "gistnet_lod1_sum": 0.15907391905784607,
+    "gistnet_lod1_abs_sum": 4.131091594696045,
+    "gistnet_lod2_abs_sum": 1.019788146018982,
+    "lensnet_scores_sum": -45.984622955322266,
+    "lensnet_scores_abs_sum": 111.47698211669922,
+    "jt1_loss": 0.0005516099045053124,
+    "jt3_loss": 5.374936103820801,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Config:
+    return eval_corpus(tmp_path_factory.mktemp("pinned"))
+
+
+def measure(cfg: Config) -> dict[str, float]:
+    torch.manual_seed(0)
+    base = load_base_model(cfg)
+    embedding = base.model.get_input_embeddings()
+    ids = torch.as_tensor(np.random.default_rng(0).integers(0, 256, (2, 96)).astype(np.int64))
+    out = {"base_horizon_nll": horizon_nll(base.model, ids, 32).sum().item()}
+    gistnet = build_gistnet(cfg.gistnet, embedding, seed=0)
+    with torch.no_grad():
+        lod1 = gistnet(embedding(ids[:, :64].reshape(4, 32)), 1)  # [4, d]
+        lod2 = gistnet(lod1[None].expand(8, 4, -1).reshape(1, 32, -1), 2)
+    out |= {"gistnet_lod1_sum": lod1.sum().item(), "gistnet_lod1_abs_sum": lod1.abs().sum().item(),
+            "gistnet_lod2_abs_sum": lod2.abs().sum().item()}
+    doc = read_split(shards_dir(cfg), "val")[0]
+    tokens = torch.as_tensor(doc.tokens[:1024].astype(np.int64))
+    wc = cold_start(1024, cfg.wc.w_max, cfg.wc.protected_tail, cfg.wc.levels)
+    lensnet = build_lensnet(cfg.lensnet, base.d_model, seed=0, head_std=0.5)
+    with torch.no_grad():
+        scores = lensnet(lens_inputs_for(wc, tokens, embedding, gistnet, cfg.lensnet.tail_lod1))
+    out |= {"lensnet_scores_sum": scores.sum().item(), "lensnet_scores_abs_sum": scores.abs().sum().item()}
+    from megacontext.jt1_gistnet import JT1GistNet
+    from megacontext.jt3_lora import JT3LoRA
+
+    docs = read_split(shards_dir(cfg), "val")
+    jt1 = JT1GistNet(cfg, base, build_gistnet(cfg.gistnet, embedding, seed=0), docs)
+    out["jt1_loss"] = jt1.loss(jt1.make_batch(0, [0, 1]), 2)[0].item()
+    jt3 = JT3LoRA(cfg, base, build_gistnet(cfg.gistnet, embedding, seed=0), docs)
+    out["jt3_loss"] = jt3.loss(jt3.make_batch(0, [0, 1]), 2)[0].item()
+    return out
+
+
+def test_every_learned_module_and_loss_gives_its_pinned_numbers(tiny: Config) -> None:
+    got = measure(tiny)
+    assert set(got) == set(PINS)
+    for name, want in PINS.items():
+        assert got[name] == pytest.approx(want, rel=1e-5), f"{name}: {got[name]!r} != pinned {want!r}"
