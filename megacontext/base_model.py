@@ -203,7 +203,6 @@ def ensure_gguf_cache(package: GGUFPackage, cache_root: Path) -> Path:
 
 
 
-@torch.no_grad()
 # --- horizon scoring: the one home of NLL@H and the teacher–student KL -----------------------
 
 
@@ -243,6 +242,7 @@ def horizon_logprobs(base: BaseLM, horizon: int, **inputs: torch.Tensor) -> torc
     return torch.nn.functional.log_softmax(horizon_logits(base.model, horizon, **inputs), dim=-1)
 
 
+@torch.no_grad()
 def horizon_token_nll(model: PreTrainedModel, horizon: int, **inputs: torch.Tensor) -> torch.Tensor:
     """Per-token NLL (nats) [B, H] of the last `horizon` positions of `input_ids` or `inputs_embeds`.
 
