@@ -38,6 +38,31 @@ def eval_corpus(root: Path) -> Config:
     return cfg
 
 
+def _fingerprint(model) -> tuple:
+    """What a test could change on a shared model: weights, attention implementation, module types, hooks."""
+    weights = tuple(round(p.detach().double().sum().item(), 9) for p in model.parameters())
+    modules = tuple(type(m).__name__ for m in model.modules())
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return weights, model.config._attn_implementation, modules, hooks, model.training
+
+
+@pytest.fixture(scope="session")
+def _shared_tiny_base(tmp_path_factory):
+    from megacontext.base_model import load_base_model
+
+    return load_base_model(tiny_config(tmp_path_factory.mktemp("tiny-base")))
+
+
+@pytest.fixture
+def tiny_base(_shared_tiny_base):
+    """The tiny profile's random base model, built once per session. Read it, never change it: a test that
+    does (weights, attention implementation, hooks, Gaussian RoPE) fails here; build your own instead."""
+    before = _fingerprint(_shared_tiny_base.model)
+    yield _shared_tiny_base
+    assert _fingerprint(_shared_tiny_base.model) == before, \
+        "this test changed the session's shared tiny base; build its own with load_base_model(cfg)"
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path: Path) -> Config:
     return tiny_config(tmp_path, "data.max_documents=4")

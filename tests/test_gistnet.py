@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from megacontext.base_model import load_base_model
-from megacontext.config import GistNetConfig, load_config
+from megacontext.config import GistNetConfig
 from megacontext.gistnet import TreeGistEncoder, build_gistnet, gistnet_identity
 
 
-@pytest.fixture(scope="module")
-def base():
-    return load_base_model(load_config("tiny", env={}))
+@pytest.fixture
+def base(tiny_base):
+    return tiny_base
 
 
 def _gistnet(base, **cfg):

@@ -137,15 +137,14 @@ def test_assemble_gathers_tokens_and_gists_with_gaussian_positions() -> None:
     assert shifted.inputs_embeds[0, 0, 1] == 32  # gist index shifted by 1,024 / 32
 
 
-def test_live_assembly_equals_assembly_from_a_tree_built_by_the_same_gistnet(tmp_path) -> None:
-    from megacontext.base_model import load_base_model
+def test_live_assembly_equals_assembly_from_a_tree_built_by_the_same_gistnet(tmp_path, tiny_base) -> None:
     from megacontext.config import load_config
     from megacontext.gistnet import TreeGistEncoder, build_gistnet
     from megacontext.tree import MegaContextTree
     from megacontext.working_context import assemble_live
 
     cfg = load_config("tiny", env={})
-    base = load_base_model(cfg)
+    base = tiny_base
     emb = base.model.get_input_embeddings()
     net = build_gistnet(cfg.gistnet, emb, seed=0)
     with torch.no_grad():
