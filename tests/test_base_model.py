@@ -75,3 +75,16 @@ def test_smollm2_loads_from_cache_and_gives_a_finite_nll_on_real_text() -> None:
     assert 0.05 < nll < 3.0, nll  # real Python code under a real 135M model: low but not zero
     garbage = torch.randint(0, 49_152, (1, 1024), generator=torch.Generator().manual_seed(0))
     assert horizon_nll(base.model, garbage, horizon=256).item() > nll + 5
+
+
+def test_horizon_logits_carry_gradients_and_the_scoring_nll_does_not(tiny_base) -> None:
+    from megacontext.base_model import horizon_logprobs, horizon_logits, horizon_token_nll, teacher_kl
+
+    embeds = tiny_base.model.get_input_embeddings()(torch.arange(40)[None]).detach().requires_grad_()
+    logits = horizon_logits(tiny_base.model, 8, inputs_embeds=embeds)
+    assert logits.shape == (1, 8, tiny_base.model.config.vocab_size) and logits.requires_grad  # JT1/JT3 train through it
+    student = horizon_logprobs(tiny_base, 8, inputs_embeds=embeds)
+    teacher = horizon_logprobs(tiny_base, 8, input_ids=torch.arange(40)[None]).detach()
+    teacher_kl(student, teacher).backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+    assert not horizon_token_nll(tiny_base.model, 8, inputs_embeds=embeds, targets=torch.arange(32, 40)[None]).requires_grad
