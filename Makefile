@@ -63,7 +63,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_foundation.py --profile $(PROFILE)
 	$(BIN)/python benchmarks/bench_tree.py --profile $(PROFILE)
 	$(BIN)/python benchmarks/bench_cycle.py --profile $(PROFILE)
-	$(BIN)/python benchmarks/bench_orchestration.py
+	$(BIN)/python -m benchmarks.bench_orchestration
 	$(BIN)/python benchmarks/bench_runtime.py --profile $(PROFILE)
 	$(BIN)/python benchmarks/bench_mega_attention.py
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megacontext.base_model import load_base_model
+from megacontext.model.base_model import load_base_model
 from megacontext.config import load_config
-from megacontext.focus_policy import cold_start_policy
-from megacontext.gaussian_rope import install_gaussian_rope
-from megacontext.gistnet import build_gistnet
-from megacontext.jt2_labels import candidates, timed_labels
-from megacontext.jt2_lensnet import snapshot_window
-from megacontext.shards import read_split, shards_dir
-from megacontext.windows import eligible
+from megacontext.context.focus_policy import cold_start_policy
+from megacontext.model.gaussian_rope import install_gaussian_rope
+from megacontext.model.gistnet import build_gistnet
+from megacontext.training.jt2_labels import candidates, timed_labels
+from megacontext.training.jt2_lensnet import snapshot_window
+from megacontext.data.shards import read_split, shards_dir
+from megacontext.data.windows import eligible
 
 
 def main() -> int:

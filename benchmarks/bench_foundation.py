@@ -21,15 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from megacontext.base_model import GGUF_PACKAGES, ensure_gguf_cache, load_tokenizer
+from megacontext.model.base_model import GGUF_PACKAGES, ensure_gguf_cache, load_tokenizer
 from megacontext.config import load_config
-from megacontext.corpus import build_corpus, read_documents
-from megacontext.shards import build_shards
+from megacontext.data.corpus import build_corpus, read_documents
+from megacontext.data.shards import build_shards
 
 LOAD_PROBE = """
 import time, json
 t0 = time.perf_counter()
-from megacontext.base_model import load_base_model
+from megacontext.model.base_model import load_base_model
 from megacontext.config import load_config
 t1 = time.perf_counter()
 base = load_base_model(load_config({profile!r}))

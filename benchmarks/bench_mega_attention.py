@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
-from megacontext.mega_attention import block_mask, compiled_flex, layout, mega_attention, packed_attention, packed_plan
+from megacontext.mega.attention import block_mask, compiled_flex, layout, mega_attention, packed_attention, packed_plan
 
 BLOCK_SIZE = 128
 

@@ -29,21 +29,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megacontext.base_model import horizon_logprobs, load_base_model
+from megacontext.model.base_model import horizon_logprobs, load_base_model
 from megacontext.config import load_config
-from megacontext.focus_policy import cold_start_policy, lens_policy
-from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
-from megacontext.gistnet import build_gistnet, load_gistnet
-from megacontext.jt3_lora import JT3LoRA
-from megacontext.lensnet import load_lensnet
-from megacontext.mega_attention import TOP
-from megacontext.mega_model import install_mega_attention
-from megacontext.mega_prediction import mega_prediction_loss
-from megacontext.nodes import span
-from megacontext.shards import read_split, shards_dir
-from megacontext.train_loop import fit
-from megacontext.windows import eligible, sample_window
-from megacontext.working_context import BudgetExceeded, assemble_live, single_level_start
+from megacontext.context.focus_policy import cold_start_policy, lens_policy
+from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
+from megacontext.model.gistnet import build_gistnet, load_gistnet
+from megacontext.training.jt3_lora import JT3LoRA
+from megacontext.model.lensnet import load_lensnet
+from megacontext.mega.attention import TOP
+from megacontext.mega.model import install_mega_attention
+from megacontext.mega.prediction import mega_prediction_loss
+from megacontext.context.nodes import span
+from megacontext.data.shards import read_split, shards_dir
+from megacontext.training.loop import fit
+from megacontext.data.windows import eligible, sample_window
+from megacontext.context.working_context import BudgetExceeded, assemble_live, single_level_start
 
 
 def level_nll(cfg, base, gistnet, wc, ids, targets, plain_embedding) -> float:

@@ -7,7 +7,7 @@ run as fresh processes (imports included): the CLI as `train-cycle`, `evaluate
 ephemeral instance. Then the tiny `dvc.yaml` lifecycle is reproduced once in a
 scratch repository and a second, no-op `dvc repro` is timed.
 
-    .venv/bin/python benchmarks/bench_orchestration.py
+    .venv/bin/python -m benchmarks.bench_orchestration   (from the repository root)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from megacontext.scratch_repo import DVC, scratch_dvc_repo
+from tests.helpers.scratch_repo import DVC, scratch_dvc_repo
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / ".venv" / "bin"

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megacontext.base_model import load_base_model
+from megacontext.model.base_model import load_base_model
 from megacontext.config import load_config
-from megacontext.gistnet import build_gistnet
-from megacontext.lensnet import build_lensnet
-from megacontext.runtime import Runtime, load_runtime
-from megacontext.shards import read_split, shards_dir
+from megacontext.model.gistnet import build_gistnet
+from megacontext.model.lensnet import build_lensnet
+from megacontext.runtime.streaming import Runtime, load_runtime
+from megacontext.data.shards import read_split, shards_dir
 
 
 def make_runtime(cfg, base, checkpoint: Path | None, folder: Path, recompute: bool) -> Runtime:

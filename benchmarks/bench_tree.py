@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megacontext.base_model import load_base_model
+from megacontext.model.base_model import load_base_model
 from megacontext.config import load_config
-from megacontext.gistnet import TreeGistEncoder, build_gistnet
-from megacontext.shards import read_split, shards_dir
-from megacontext.tree import MegaContextTree
+from megacontext.model.gistnet import TreeGistEncoder, build_gistnet
+from megacontext.data.shards import read_split, shards_dir
+from megacontext.context.tree import MegaContextTree
 
 
 def ingest(folder: Path, tokens: np.ndarray, encoder: TreeGistEncoder, base_id: str, chunk: int, dtype: str) -> dict:

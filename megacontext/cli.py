@@ -115,8 +115,8 @@ def cmd_config(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_build_corpus(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.corpus import build_corpus
-    from megacontext.lineage import read_manifest
+    from megacontext.data.corpus import build_corpus
+    from megacontext.lifecycle.lineage import read_manifest
 
     out = build_corpus(cfg, force=args.force)
     stats = read_manifest(out)["stats"]
@@ -125,8 +125,8 @@ def cmd_build_corpus(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_build_shards(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.lineage import read_manifest
-    from megacontext.shards import build_shards
+    from megacontext.lifecycle.lineage import read_manifest
+    from megacontext.data.shards import build_shards
 
     start = time.perf_counter()
     out = build_shards(cfg, force=args.force)
@@ -142,8 +142,8 @@ def cmd_prepare_data(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_build_trees(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.lineage import read_manifest
-    from megacontext.tree_build import build_trees
+    from megacontext.lifecycle.lineage import read_manifest
+    from megacontext.context.tree_build import build_trees
 
     start = time.perf_counter()
     out = build_trees(cfg, force=args.force)
@@ -155,7 +155,7 @@ def cmd_build_trees(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_eval_references(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.references import build_references, passkey_dir
+    from megacontext.evaluation.references import build_references, passkey_dir
 
     start = time.perf_counter()
     out = build_references(cfg, force=args.force)
@@ -170,7 +170,7 @@ def cmd_eval_references(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.evaluation import evaluate
+    from megacontext.evaluation.evaluate import evaluate
 
     out = evaluate(cfg, checkpoint=args.checkpoint, out=args.out, without=tuple(p for p in args.without.split(",") if p))
     summary = json.loads((out / "summary.json").read_text())
@@ -184,9 +184,9 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_train_cycle(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.cycle import run_cycle
+    from megacontext.training.cycle import run_cycle
 
-    from megacontext.cycle import run_jt1, run_jt2, run_jt3
+    from megacontext.training.cycle import run_jt1, run_jt2, run_jt3
 
     with _process_group() as rank:
         if rank != 0:  # torchrun: the other ranks train, rank 0 also builds trees and the summary
@@ -219,7 +219,7 @@ def _process_group() -> Iterator[int]:
 
 
 def cmd_train_phase(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext import cycle
+    from megacontext.training import cycle
 
     run = {"jt1": cycle.run_jt1, "jt2-labels": cycle.run_jt2_labels, "jt2": cycle.run_jt2, "jt3": cycle.run_jt3,
            "finish": cycle.finish_cycle}[args.phase]
@@ -233,8 +233,8 @@ def cmd_train_phase(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.champion import promote
-    from megacontext.cycle import cycle_dir
+    from megacontext.lifecycle.champion import promote
+    from megacontext.training.cycle import cycle_dir
     from megacontext.errors import GateError
 
     try:
@@ -247,7 +247,7 @@ def cmd_promote(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.nightly import run_nightly
+    from megacontext.lifecycle.nightly import run_nightly
 
     result = run_nightly(cfg, day=args.date)
     console.print((result.report / "report.md").read_text(), markup=False, highlight=False)
@@ -256,7 +256,7 @@ def cmd_nightly(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.audit import audit, render
+    from megacontext.lifecycle.audit import audit, render
 
     result = audit(args.path)
     nodes = list(result.walk())
@@ -271,7 +271,7 @@ def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_cache_model(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.base_model import load_base_model
+    from megacontext.model.base_model import load_base_model
 
     load_base_model(cfg)  # converts on first use
     start = time.perf_counter()
@@ -284,9 +284,9 @@ def cmd_cache_model(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_score(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.base_model import load_base_model
-    from megacontext.scoring import score_documents
-    from megacontext.shards import read_split, shards_dir
+    from megacontext.model.base_model import load_base_model
+    from megacontext.evaluation.scoring import score_documents
+    from megacontext.data.shards import read_split, shards_dir
 
     base = load_base_model(cfg)
     docs = read_split(shards_dir(cfg), args.split, tokenizer_name=base.tokenizer.name)
@@ -322,7 +322,7 @@ def _start_runtime(cfg: Config, args: argparse.Namespace, *, keep_snapshots: boo
 
     from megacontext.errors import InputDataError
     from megacontext.progress import progress_bar
-    from megacontext.runtime import load_runtime
+    from megacontext.runtime.streaming import load_runtime
 
     path: Path = args.prompt_file
     if not path.is_file():
@@ -390,7 +390,7 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.inspect_view import choose, plot_focus_timeline, write_html, write_snapshots_json
+    from megacontext.runtime.inspect_view import choose, plot_focus_timeline, write_html, write_snapshots_json
 
     if args.points < 1:
         from megacontext.errors import InputDataError

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from megacontext.nodes import Node, span
+from megacontext.context.nodes import Node, span
 
 LOD_COLOURS = {0: "#2b83ba", 1: "#fdae61", 2: "#d7191c"}  # tokens, LOD1 gists, LOD2 gists
 

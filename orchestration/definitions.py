@@ -21,7 +21,7 @@ from dagster import (
     sensor,
 )
 
-from megacontext.cycle import cycle_dir
+from megacontext.training.cycle import cycle_dir
 from orchestration.assets.cycles import GROUP, champion, cycle_partitions, gistnet, lens_labels, lensnet, lora_adapter, \
     validation_report
 from orchestration.assets.data import corpus, dataset_shards, eval_references, megacontext_trees

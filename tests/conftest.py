@@ -27,9 +27,9 @@ EVAL_ARGS = ("data.max_documents=5", "data.val_fraction=0.999", "data.test_fract
 
 def eval_corpus(root: Path) -> Config:
     """The tiny evaluation corpus under `root`: corpus, shards and baseline trees built."""
-    from megacontext.corpus import build_corpus
-    from megacontext.shards import build_shards
-    from megacontext.tree_build import build_trees
+    from megacontext.data.corpus import build_corpus
+    from megacontext.data.shards import build_shards
+    from megacontext.context.tree_build import build_trees
 
     cfg = tiny_config(root, *EVAL_ARGS)
     build_corpus(cfg)
@@ -48,7 +48,7 @@ def _fingerprint(model) -> tuple:
 
 @pytest.fixture(scope="session")
 def _shared_tiny_base(tmp_path_factory):
-    from megacontext.base_model import load_base_model
+    from megacontext.model.base_model import load_base_model
 
     return load_base_model(tiny_config(tmp_path_factory.mktemp("tiny-base")))
 

@@ -29,6 +29,67 @@ def test_library_imports_neither_orchestration_nor_dagster_nor_dvc() -> None:
     assert "dagster" in _imports(ROOT / "orchestration" / "definitions.py")  # the scan does see imports
 
 
+def _imported_modules(path: Path) -> set[str]:
+    """Every absolute module a file imports, anywhere in it (function-level imports included), dotted."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return names
+
+
+# Lower layers never reach up: the models, MegaAttention, the tree/working context and the data layer run
+# without any training, evaluation or runtime code (a trained artifact is loaded, not trained, there).
+LAYERS = {
+    "model": ("training", "evaluation", "runtime"),
+    "mega": ("training", "evaluation", "runtime"),
+    "context": ("training", "evaluation", "runtime"),
+    "data": ("training", "evaluation", "runtime"),
+}
+
+
+def layering_violations(root: Path) -> dict[str, list[str]]:
+    """Library file -> the modules it imports across the layering rules, or the CLI (only `__main__` may:
+    the CLI sits on top of the library; process entry points outside it, like the Pipes launcher, may run it)."""
+    found = {}
+    for path in sorted((root / "megacontext").rglob("*.py")):
+        parts = path.relative_to(root / "megacontext").parts
+        forbidden = [f"megacontext.{up}" for up in LAYERS.get(parts[0], ())] if len(parts) > 1 else []
+        if path.name != "__main__.py":
+            forbidden.append("megacontext.cli")
+        bad = sorted(m for m in _imported_modules(path) if any(m == f or m.startswith(f + ".") for f in forbidden))
+        if bad:
+            found[str(path.relative_to(root))] = bad
+    return found
+
+
+def test_the_package_layout_mirrors_the_architecture() -> None:
+    packages = {p.name for p in (ROOT / "megacontext").iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert packages == {"model", "mega", "context", "data", "training", "evaluation", "runtime", "lifecycle"}
+    for name in packages:  # each layer explains itself, and lists every module it holds
+        readme = (ROOT / "megacontext" / name / "README.md").read_text()
+        modules = {p.name for p in (ROOT / "megacontext" / name).glob("*.py")} - {"__init__.py"}
+        assert modules and all(f"`{m}`" in readme for m in modules), (name, modules)
+
+
+def test_lower_layers_never_import_training_evaluation_or_runtime_and_nothing_imports_the_cli() -> None:
+    assert layering_violations(ROOT) == {}
+
+
+def test_the_layering_check_catches_a_model_module_that_imports_training(tmp_path: Path) -> None:
+    fake = tmp_path / "megacontext" / "model"
+    fake.mkdir(parents=True)
+    (fake / "gistnet.py").write_text('"""x"""\nfrom megacontext.training.loop import fit\n')
+    (tmp_path / "megacontext" / "context").mkdir()
+    (tmp_path / "megacontext" / "context" / "tree.py").write_text('"""x"""\ndef f():\n    from megacontext import cli\n')
+    assert layering_violations(tmp_path) == {
+        "megacontext/model/gistnet.py": ["megacontext.training.loop", "megacontext.training.loop.fit"],
+        "megacontext/context/tree.py": ["megacontext.cli"]}
+
+
 def test_modules_stay_small() -> None:
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in ROOT.glob("[mo]*/**/*.py")}
     assert sizes and {k: n for k, n in sizes.items() if n > 800} == {}

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from megacontext.audit import audit
+from megacontext.lifecycle.audit import audit
 from megacontext.cli import main
 from megacontext.errors import ArtifactError
-from megacontext.lineage import staged_artifact, write_manifest
+from megacontext.lifecycle.lineage import staged_artifact, write_manifest
 
 
 def _artifact(final: Path, kind: str, content: bytes, inputs=()) -> Path:

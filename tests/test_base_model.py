@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megacontext.base_model import (
+from megacontext.model.base_model import (
     GGUF_PACKAGES,
     build_tiny_base,
     default_cache_root,
@@ -13,7 +13,7 @@ from megacontext.base_model import (
     load_tokenizer,
 )
 from megacontext.config import load_config
-from megacontext.corpus import stdlib_root
+from megacontext.data.corpus import stdlib_root
 from megacontext.errors import ConfigError
 
 
@@ -78,7 +78,7 @@ def test_smollm2_loads_from_cache_and_gives_a_finite_nll_on_real_text() -> None:
 
 
 def test_horizon_logits_carry_gradients_and_the_scoring_nll_does_not(tiny_base) -> None:
-    from megacontext.base_model import horizon_logprobs, horizon_logits, horizon_token_nll, teacher_kl
+    from megacontext.model.base_model import horizon_logprobs, horizon_logits, horizon_token_nll, teacher_kl
 
     embeds = tiny_base.model.get_input_embeddings()(torch.arange(40)[None]).detach().requires_grad_()
     logits = horizon_logits(tiny_base.model, 8, inputs_embeds=embeds)

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from megacontext.config import Config
-from megacontext.corpus import build_corpus, pack_files, read_documents, stdlib_files, stdlib_root
+from megacontext.data.corpus import build_corpus, pack_files, read_documents, stdlib_files, stdlib_root
 from megacontext.errors import InputDataError
-from megacontext.lineage import verify_files
-from megacontext.shards import build_shards
+from megacontext.lifecycle.lineage import verify_files
+from megacontext.data.shards import build_shards
 from tests.conftest import tiny_config
 
 LONG_TEXT = "def f(x):\n    return x * 2\n" * 20

@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from megacontext.corpus import build_corpus
-from megacontext.cycle import run_cycle
+from megacontext.data.corpus import build_corpus
+from megacontext.training.cycle import run_cycle
 from megacontext.errors import ConfigError
-from megacontext.evaluation import evaluate
-from megacontext.gistnet import load_gistnet
-from megacontext.lensnet import load_lensnet
-from megacontext.lineage import verify_files
-from megacontext.shards import build_shards
+from megacontext.evaluation.evaluate import evaluate
+from megacontext.model.gistnet import load_gistnet
+from megacontext.model.lensnet import load_lensnet
+from megacontext.lifecycle.lineage import verify_files
+from megacontext.data.shards import build_shards
 from tests.conftest import tiny_config
 
 
@@ -69,7 +69,7 @@ def test_rerunning_a_finished_cycle_redoes_nothing(first_cycle) -> None:
 def test_the_second_cycle_warm_starts_from_the_first(first_cycle, monkeypatch) -> None:
     cfg, first = first_cycle
     seen = {}
-    import megacontext.cycle as cycle_module
+    import megacontext.training.cycle as cycle_module
 
     real_fit = cycle_module.fit
 
@@ -103,9 +103,9 @@ def test_an_ablation_evaluates_the_cycle_without_a_trained_part(first_cycle) -> 
 
 
 def test_promotion_needs_a_passing_evaluation_and_nightly_reproduces_the_champion(first_cycle, tmp_path) -> None:
-    from megacontext.champion import current_champion, previous_accepted, promote
+    from megacontext.lifecycle.champion import current_champion, previous_accepted, promote
     from megacontext.errors import GateError
-    from megacontext.nightly import run_nightly
+    from megacontext.lifecycle.nightly import run_nightly
 
     cfg, out = first_cycle
     evaluated = json.loads((out / "evaluation" / "summary.json").read_text())
@@ -144,7 +144,7 @@ def test_promotion_needs_a_passing_evaluation_and_nightly_reproduces_the_champio
 
 
 def test_the_audit_walks_a_real_cycle_to_the_corpus_and_finds_a_modified_byte(first_cycle) -> None:
-    from megacontext.audit import audit
+    from megacontext.lifecycle.audit import audit
 
     cfg, out = first_cycle
     result = audit(out / "evaluation")

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from megacontext.corpus import build_corpus
-from megacontext.shards import build_shards
+from megacontext.data.corpus import build_corpus
+from megacontext.data.shards import build_shards
 from tests.conftest import tiny_config
 
 ARGS = ["data.max_documents=5", "data.val_fraction=0.45", "data.test_fraction=0", "train.jt1.steps=6",

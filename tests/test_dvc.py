@@ -10,11 +10,12 @@ from pathlib import Path
 import yaml
 
 from megacontext.cli import _parser
-from megacontext.scratch_repo import DVC, scratch_dvc_repo
+from tests.helpers.scratch_repo import DVC, scratch_dvc_repo
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGE_CODE = {"build-corpus": "corpus.py", "build-shards": "shards.py", "build-trees": "tree_build.py",
-              "eval-references": "references.py", "evaluate": "evaluation.py", "train-cycle": "cycle.py"}
+STAGE_CODE = {"build-corpus": "data/corpus.py", "build-shards": "data/shards.py", "build-trees": "context/tree_build.py",
+              "eval-references": "evaluation/references.py", "evaluate": "evaluation/evaluate.py",
+              "train-cycle": "training/cycle.py"}
 
 
 def test_dvc_parses_the_pipeline_in_its_own_environment() -> None:
@@ -32,8 +33,8 @@ def test_every_stage_calls_a_real_cli_subcommand_and_lists_its_code() -> None:
         argv = shlex.split(stage["cmd"].replace("${profile}", profile))
         assert argv[0] == ".venv/bin/megacontext", name
         args = parser.parse_args(argv[1:])  # exits (fails the test) on an unknown subcommand or flag
-        module = ROOT / "megacontext" / STAGE_CODE[args.command]
-        assert f"megacontext/{module.name}" in stage["deps"], f"stage {name} must depend on its code {module.name}"
+        module = f"megacontext/{STAGE_CODE[args.command]}"
+        assert (ROOT / module).is_file() and module in stage["deps"], f"stage {name} must depend on its code {module}"
         assert all((ROOT / dep).exists() or dep.startswith(("artifacts/", "data")) for dep in stage["deps"])
         assert all(str(out).startswith("artifacts/") for out in stage["outs"])
 

@@ -9,9 +9,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from megacontext.eval_report import write_report
-from megacontext.gate import gate, summarize
-from megacontext.schemas import SchemaViolation
+from megacontext.evaluation.report import write_report
+from megacontext.evaluation.gate import gate, summarize
+from megacontext.data.schemas import SchemaViolation
 from tests.test_gate import BOOT, make_table, random_table
 
 CONTEXT = {"model": "HuggingFaceTB/SmolLM2-135M", "w_max": 2048, "history": 8128, "horizon": 8}

@@ -8,17 +8,17 @@ import polars as pl
 import pytest
 import torch
 
-from megacontext.base_model import horizon_token_nll, load_base_model
+from megacontext.model.base_model import horizon_token_nll, load_base_model
 from megacontext.cli import main
 from megacontext.errors import ArtifactError
-from megacontext.evaluation import evaluate, wc_token_nll, Sample
-from megacontext.gate import gate
-from megacontext.gaussian_rope import gaussian_positions, install_gaussian_rope
-from megacontext.gistnet import TreeGistEncoder, build_gistnet, gistnet_identity
-from megacontext.shards import read_split, shards_dir
-from megacontext.tree import MegaContextTree
-from megacontext.tree_build import load_tree_gistnet
-from megacontext.working_context import assemble, cold_start
+from megacontext.evaluation.evaluate import evaluate, wc_token_nll, Sample
+from megacontext.evaluation.gate import gate
+from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
+from megacontext.model.gistnet import TreeGistEncoder, build_gistnet, gistnet_identity
+from megacontext.data.shards import read_split, shards_dir
+from megacontext.context.tree import MegaContextTree
+from megacontext.context.tree_build import load_tree_gistnet
+from megacontext.context.working_context import assemble, cold_start
 from tests.conftest import EVAL_ARGS, eval_corpus, tiny_config
 
 
@@ -47,8 +47,8 @@ def test_a_working_context_without_gists_reproduces_the_base_logits_exactly(tmp_
 
 
 def test_windows_are_aligned_and_their_cursors_share_one_full_pass(tmp_path: Path) -> None:
-    from megacontext.references import plan_windows
-    from megacontext.shards import TokenizedDocument
+    from megacontext.evaluation.references import plan_windows
+    from megacontext.data.shards import TokenizedDocument
 
     cfg = tiny_config(tmp_path, "eval.windows_per_doc=3", "eval.cursors_per_window=3", "eval.cursor_stride=64")
     doc = TokenizedDocument("0" * 16, "x", "val", np.zeros(10_000, np.uint32))
@@ -98,8 +98,8 @@ def test_evaluation_scores_every_sample_and_the_gate_follows_the_numbers(built) 
     assert np.allclose(rows["nll_full"].to_numpy(), full, atol=1e-5)
     assert np.allclose(rows["nll_recency"].to_numpy(), recency, atol=1e-5)
     # every cursor of the shared full pass (not only the first) is its own window's score
-    from megacontext.block_selection import select_blocks
-    from megacontext.references import focus_tail, load_references, _Tokens
+    from megacontext.context.block_selection import select_blocks
+    from megacontext.evaluation.references import focus_tail, load_references, _Tokens
     refs = load_references(cfg, base, build_missing=False)
     for (doc_id, cursor), sample in table.group_by("doc_id", "cursor"):
         start = refs.samples().filter((pl.col("doc_id") == doc_id) & (pl.col("cursor") == cursor))["window_start"][0]
@@ -139,7 +139,7 @@ def test_mc_nll_changes_when_the_gists_change(built, tmp_path: Path) -> None:
 
 
 def test_trees_of_another_base_model_are_refused(built) -> None:
-    from megacontext.tree_build import trees_dir
+    from megacontext.context.tree_build import trees_dir
 
     with pytest.raises(ArtifactError, match=r"built with base model tiny-llama-.*, not smollm2-x; rebuild"):
         load_tree_gistnet(trees_dir(built), "smollm2-x")
@@ -155,8 +155,8 @@ def test_gate_refuses_a_history_longer_than_the_base_context(built, capsys) -> N
 
 def test_megaattention_in_the_evaluation_equals_full_attention_when_its_window_covers_everything(built, tmp_path):
     from megacontext.config import MegaConfig
-    from megacontext.mega_model import install_mega_attention
-    from megacontext.tree_build import open_tree, trees_dir
+    from megacontext.mega.model import install_mega_attention
+    from megacontext.context.tree_build import open_tree, trees_dir
 
     cfg = built
     base = load_base_model(cfg)

@@ -5,9 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megacontext.config import AllocatorConfig
-from megacontext.focus_allocator import FocusAllocator
-from megacontext.nodes import Node
-from megacontext.working_context import BudgetExceeded, cold_start
+from megacontext.context.focus_allocator import FocusAllocator
+from megacontext.context.nodes import Node
+from megacontext.context.working_context import BudgetExceeded, cold_start
 
 
 def _roomy():

@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 
 from megacontext.errors import MegaContextError
-from megacontext.gate import GateRefused, check_gate_setting, gate, summarize
-from megacontext.schemas import EVAL_LEVEL_COLUMNS, EVAL_SCHEMA, SchemaViolation, validate
+from megacontext.evaluation.gate import GateRefused, check_gate_setting, gate, summarize
+from megacontext.data.schemas import EVAL_LEVEL_COLUMNS, EVAL_SCHEMA, SchemaViolation, validate
 
 BOOT = {"key_token_margin": 0.5, "bootstrap_samples": 400, "confidence": 0.95, "seed": 0}
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from megacontext.base_model import load_base_model
+from megacontext.model.base_model import load_base_model
 from megacontext.config import load_config
 from megacontext.errors import ConfigError
-from megacontext.gaussian_rope import GaussianRotaryEmbedding, gaussian_positions, install_gaussian_rope
+from megacontext.model.gaussian_rope import GaussianRotaryEmbedding, gaussian_positions, install_gaussian_rope
 
 T = 24
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megacontext.config import GistNetConfig
-from megacontext.gistnet import TreeGistEncoder, build_gistnet, gistnet_identity
+from megacontext.model.gistnet import TreeGistEncoder, build_gistnet, gistnet_identity
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_tree_encoder_matches_gistnet_over_embeddings(base) -> None:
 
 def test_checkpoint_round_trip_and_tamper_detection(base, tmp_path) -> None:
     from megacontext.errors import ArtifactError
-    from megacontext.gistnet import load_gistnet, save_gistnet
+    from megacontext.model.gistnet import load_gistnet, save_gistnet
 
     net = _gistnet(base, level_weights="separate")
     with torch.no_grad():

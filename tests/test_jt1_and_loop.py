@@ -8,13 +8,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megacontext.base_model import load_base_model
+from megacontext.model.base_model import load_base_model
 from megacontext.config import Config, PhaseConfig
-from megacontext.corpus import build_corpus
-from megacontext.gistnet import build_gistnet, load_gistnet
-from megacontext.jt1_gistnet import JT1GistNet
-from megacontext.shards import build_shards, read_split, shards_dir
-from megacontext.train_loop import fit
+from megacontext.data.corpus import build_corpus
+from megacontext.model.gistnet import build_gistnet, load_gistnet
+from megacontext.training.jt1_gistnet import JT1GistNet
+from megacontext.data.shards import build_shards, read_split, shards_dir
+from megacontext.training.loop import fit
 from tests.conftest import tiny_config
 
 
@@ -89,7 +89,8 @@ def test_two_process_data_parallel_matches_one_process(tiny: Config, tmp_path: P
 
 
 def test_jt3_trains_exactly_the_configured_lora_adapters(tiny: Config, tmp_path: Path) -> None:
-    from megacontext.jt3_lora import JT3LoRA, load_lora
+    from megacontext.model.lora import load_lora
+    from megacontext.training.jt3_lora import JT3LoRA
 
     base = load_base_model(tiny)
     gistnet = build_gistnet(tiny.gistnet, base.model.get_input_embeddings(), seed=0)

@@ -4,14 +4,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from megacontext.base_model import load_base_model
+from megacontext.model.base_model import load_base_model
 from megacontext.config import load_config
-from megacontext.gaussian_rope import install_gaussian_rope
-from megacontext.gistnet import build_gistnet
-from megacontext.jt2_labels import candidates, label_snapshot, label_table, to_targets
-from megacontext.schemas import SchemaViolation
-from megacontext.windows import Window
-from megacontext.working_context import cold_start
+from megacontext.model.gaussian_rope import install_gaussian_rope
+from megacontext.model.gistnet import build_gistnet
+from megacontext.training.jt2_labels import candidates, label_snapshot, label_table, to_targets
+from megacontext.data.schemas import SchemaViolation
+from megacontext.data.windows import Window
+from megacontext.context.working_context import cold_start
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_targets_and_schema(snapshot) -> None:
     table = label_table([("s0", window, wc, rows)])
     assert table.height == len(rows) and table["cost"].abs().unique().to_list() == [31]
     bad = table.with_columns(pl.lit(2.0).alias("target"))
-    from megacontext.schemas import LABEL_SCHEMA, validate
+    from megacontext.data.schemas import LABEL_SCHEMA, validate
 
     with pytest.raises(SchemaViolation, match="jt2_labels"):
         validate(bad, LABEL_SCHEMA, where="bad labels")

@@ -9,7 +9,7 @@ import torch
 
 from megacontext.config import LensNetConfig
 from megacontext.errors import ArtifactError
-from megacontext.lensnet import (
+from megacontext.model.lensnet import (
     build_lensnet,
     collate,
     entry_features,
@@ -23,8 +23,8 @@ from megacontext.lensnet import (
     save_lensnet,
     tail_nodes,
 )
-from megacontext.nodes import Node
-from megacontext.working_context import cold_start
+from megacontext.context.nodes import Node
+from megacontext.context.working_context import cold_start
 
 D = 64
 TINY = LensNetConfig(width=32, heads=2, mlp_hidden=32)

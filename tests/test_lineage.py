@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from megacontext.errors import ArtifactError
-from megacontext.lineage import (
+from megacontext.lifecycle.lineage import (
     is_reusable,
     manifest_digest,
     read_manifest,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megacontext.mega_attention import GROUP, dense_mask, layout, mega_attention, packed_plan
+from megacontext.mega.attention import GROUP, dense_mask, layout, mega_attention, packed_plan
 
 
 def coverage(n: int, window: int, near_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,9 +130,9 @@ def test_unknown_kernel_and_shape_mismatch_are_refused():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from conftest import tiny_config
-    from megacontext.base_model import load_base_model
-    from megacontext.gistnet import build_gistnet
-    from megacontext.gaussian_rope import install_gaussian_rope
+    from megacontext.model.base_model import load_base_model
+    from megacontext.model.gistnet import build_gistnet
+    from megacontext.model.gaussian_rope import install_gaussian_rope
 
     cfg = tiny_config(tmp_path_factory.mktemp("mega"))
     base = load_base_model(cfg)
@@ -147,15 +147,15 @@ def tiny(tmp_path_factory):
 
 
 def plain_logits(base, x, mu, sigma):
-    from megacontext.gaussian_rope import gaussian_positions
+    from megacontext.model.gaussian_rope import gaussian_positions
 
     with torch.no_grad(), gaussian_positions(base.model, mu, sigma):
         return base.model(inputs_embeds=x).logits
 
 
 def test_in_the_base_model_a_window_of_at_least_n_gives_the_plain_logits(tiny):
-    from megacontext.mega_model import install_mega_attention, mega_forward
-    from megacontext.working_context import WCInputs
+    from megacontext.mega.model import install_mega_attention, mega_forward
+    from megacontext.context.working_context import WCInputs
 
     base, gistnet, x, mu, sigma = tiny
     plain = plain_logits(base, x, mu, sigma)
@@ -169,8 +169,8 @@ def test_in_the_base_model_a_window_of_at_least_n_gives_the_plain_logits(tiny):
 
 
 def test_only_the_attention_modules_chosen_by_name_run_mega_attention(tiny):
-    from megacontext.mega_model import install_mega_attention, mega_forward
-    from megacontext.working_context import WCInputs
+    from megacontext.mega.model import install_mega_attention, mega_forward
+    from megacontext.context.working_context import WCInputs
 
     base, gistnet, x, mu, sigma = tiny
     with torch.no_grad():
@@ -185,8 +185,8 @@ def test_only_the_attention_modules_chosen_by_name_run_mega_attention(tiny):
 
 
 def test_in_the_base_model_flex_and_packed_equal_sdpa_and_sdpa_and_packed_train_gistnet(tiny):
-    from megacontext.mega_model import install_mega_attention, mega_forward
-    from megacontext.working_context import WCInputs
+    from megacontext.mega.model import install_mega_attention, mega_forward
+    from megacontext.context.working_context import WCInputs
 
     base, gistnet, x, mu, sigma = tiny
     install_mega_attention(base.model)

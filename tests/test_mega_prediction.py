@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from megacontext.base_model import load_base_model
-from megacontext.gistnet import build_gistnet
-from megacontext.mega_attention import layout
-from megacontext.mega_model import install_mega_attention
-from megacontext.mega_prediction import (Alphas, level_grad_norms, lod1_readouts, lod2_readout, mega_prediction_loss,
+from megacontext.model.base_model import load_base_model
+from megacontext.model.gistnet import build_gistnet
+from megacontext.mega.attention import layout
+from megacontext.mega.model import install_mega_attention
+from megacontext.mega.prediction import (Alphas, level_grad_norms, lod1_readouts, lod2_readout, mega_prediction_loss,
                                          predicted_gist)
-from megacontext.working_context import WCInputs
+from megacontext.context.working_context import WCInputs
 
 H = 96
 
@@ -119,10 +119,10 @@ def test_targets_are_frozen_by_default_and_per_level_grad_norms_are_logged(setup
 
 def test_jt3_with_megaprediction_trains_only_lora_and_logs_lod_agreement_per_level(tmp_path):
     from megacontext.config import PhaseConfig
-    from megacontext.corpus import build_corpus
-    from megacontext.jt3_lora import JT3LoRA
-    from megacontext.shards import build_shards, read_split, shards_dir
-    from megacontext.train_loop import fit
+    from megacontext.data.corpus import build_corpus
+    from megacontext.training.jt3_lora import JT3LoRA
+    from megacontext.data.shards import build_shards, read_split, shards_dir
+    from megacontext.training.loop import fit
 
     cfg = tiny_config(tmp_path, "data.max_documents=4", "data.val_fraction=0", "data.test_fraction=0",
                       "mega.attention=true", "mega.prediction=true", "mega.window=64", "train.jt3.steps=3",

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, PipesSubprocessClient, materialize
 
-from megacontext.gate import gate
+from megacontext.evaluation.gate import gate
 from orchestration.assets.cycles import champion, cycle_number, gistnet, lens_labels, lensnet, lora_adapter, \
     validation_report
 from orchestration.assets.data import corpus, dataset_shards, eval_references, megacontext_trees

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from megacontext.base_model import horizon_nll, load_base_model
+from megacontext.model.base_model import horizon_nll, load_base_model
 from megacontext.config import Config
-from megacontext.focus_policy import lens_inputs_for
-from megacontext.gistnet import build_gistnet
-from megacontext.lensnet import build_lensnet
-from megacontext.shards import read_split, shards_dir
-from megacontext.working_context import cold_start
+from megacontext.context.focus_policy import lens_inputs_for
+from megacontext.model.gistnet import build_gistnet
+from megacontext.model.lensnet import build_lensnet
+from megacontext.data.shards import read_split, shards_dir
+from megacontext.context.working_context import cold_start
 from tests.conftest import eval_corpus
 
 PINS = {
@@ -56,8 +56,8 @@ def measure(cfg: Config) -> dict[str, float]:
     with torch.no_grad():
         scores = lensnet(lens_inputs_for(wc, tokens, embedding, gistnet, cfg.lensnet.tail_lod1))
     out |= {"lensnet_scores_sum": scores.sum().item(), "lensnet_scores_abs_sum": scores.abs().sum().item()}
-    from megacontext.jt1_gistnet import JT1GistNet
-    from megacontext.jt3_lora import JT3LoRA
+    from megacontext.training.jt1_gistnet import JT1GistNet
+    from megacontext.training.jt3_lora import JT3LoRA
 
     docs = read_split(shards_dir(cfg), "val")
     jt1 = JT1GistNet(cfg, base, build_gistnet(cfg.gistnet, embedding, seed=0), docs)

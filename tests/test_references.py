@@ -12,19 +12,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megacontext.attention_mass import attention_mass, block_sums
-from megacontext.base_model import load_base_model
-from megacontext.block_selection import expanded_blocks, select_blocks, tail_start
-from megacontext.corpus import build_corpus
+from megacontext.model.attention_mass import attention_mass, block_sums
+from megacontext.model.base_model import load_base_model
+from megacontext.context.block_selection import expanded_blocks, select_blocks, tail_start
+from megacontext.data.corpus import build_corpus
 from megacontext.errors import ArtifactError
-from megacontext.gate import gate, key_token_masks, summarize
-from megacontext.nodes import Node
-from megacontext.passkey import PLACEMENTS, answer_scores, make_trials
-from megacontext.references import (StaleReferences, build_references, load_references, passkey_dir, plan_windows,
+from megacontext.evaluation.gate import gate, key_token_masks, summarize
+from megacontext.context.nodes import Node
+from megacontext.evaluation.passkey import PLACEMENTS, answer_scores, make_trials
+from megacontext.evaluation.references import (StaleReferences, build_references, load_references, passkey_dir, plan_windows,
                                     references_dir)
-from megacontext.shards import TokenizedDocument, build_shards, read_split, shards_dir
-from megacontext.tokenizer import ByteTokenizer
-from megacontext.working_context import check_invariants
+from megacontext.data.shards import TokenizedDocument, build_shards, read_split, shards_dir
+from megacontext.model.tokenizer import ByteTokenizer
+from megacontext.context.working_context import check_invariants
 from tests.conftest import EVAL_ARGS, eval_corpus, tiny_config
 from tests.test_gate import BOOT, make_table
 
@@ -131,7 +131,7 @@ def test_expanded_blocks_count_what_the_cold_start_gists() -> None:
     entries = select_blocks(8_128, 2_048, 1_024, scores)
     distances = expanded_blocks(entries, 8_128, 2_048, 256, 2)
     assert 8_128 - 11 * 32 in distances  # block 10 ends 11 blocks in: that far back
-    from megacontext.working_context import cold_start
+    from megacontext.context.working_context import cold_start
 
     assert expanded_blocks(cold_start(8_128, 2_048, 256).entries, 8_128, 2_048, 256, 2) == []
 
@@ -218,7 +218,7 @@ def _count_long_forwards(base, threshold: int) -> list[int]:
 
 
 def test_a_cached_reference_is_reused_with_no_full_context_forward(built, monkeypatch) -> None:
-    from megacontext import evaluation
+    from megacontext.evaluation import evaluate as evaluation
 
     root, cfg = built
     seen: list[list[int]] = []
@@ -309,7 +309,7 @@ def test_the_cache_holds_the_schema_checked_tables(built) -> None:
 
 
 def test_passkey_references_are_the_base_models_own_answer_scores(built) -> None:
-    from megacontext.references import trial_from_row
+    from megacontext.evaluation.references import trial_from_row
 
     root, cfg = built
     base = load_base_model(cfg)

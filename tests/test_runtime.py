@@ -11,16 +11,16 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from megacontext.base_model import load_base_model
+from megacontext.model.base_model import load_base_model
 from megacontext.cli import main
 from megacontext.errors import ArtifactError, ConfigError, InputDataError
-from megacontext.gistnet import build_gistnet, save_gistnet
-from megacontext.kv_cache import WCKVCache
-from megacontext.lensnet import build_lensnet, save_lensnet
-from megacontext.lineage import write_manifest
-from megacontext.nodes import BLOCK
-from megacontext.runtime import Runtime, load_runtime
-from megacontext.working_context import check_invariants
+from megacontext.model.gistnet import build_gistnet, save_gistnet
+from megacontext.runtime.kv_cache import WCKVCache
+from megacontext.model.lensnet import build_lensnet, save_lensnet
+from megacontext.lifecycle.lineage import write_manifest
+from megacontext.context.nodes import BLOCK
+from megacontext.runtime.streaming import Runtime, load_runtime
+from megacontext.context.working_context import check_invariants
 
 from conftest import tiny_config
 
@@ -244,9 +244,9 @@ def test_generate_and_inspect_from_a_checkpoint(cfg, base, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_real_smollm2_streams_a_long_document_and_the_cache_matches_recompute(tmp_path):
-    from megacontext.base_model import load_tokenizer
+    from megacontext.model.base_model import load_tokenizer
     from megacontext.config import load_config
-    from megacontext.corpus import stdlib_root
+    from megacontext.data.corpus import stdlib_root
 
     cfg = load_config("default", [f"paths.artifact_root={tmp_path}", "wc.w_max=512", "wc.protected_tail=128"], env={})
     real = load_base_model(cfg)
@@ -289,14 +289,14 @@ def test_a_committed_draft_survives_a_kill(cfg, tmp_path):
     import sys
     import textwrap
 
-    from megacontext.tree import MegaContextTree
+    from megacontext.context.tree import MegaContextTree
 
     script = textwrap.dedent(f"""
         import json, os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from conftest import tiny_config
-        from megacontext.base_model import load_base_model
+        from megacontext.model.base_model import load_base_model
         from test_runtime import runtime, text_tokens
         cfg = tiny_config(Path({str(tmp_path)!r}))
         rt = runtime(cfg, load_base_model(cfg), Path({str(tmp_path / 'tree')!r}))
@@ -315,8 +315,8 @@ def test_a_committed_draft_survives_a_kill(cfg, tmp_path):
 
 
 def test_with_megaprediction_a_draft_is_scored_at_the_wlod1_readout_jt3_trains(tmp_path):
-    from megacontext.mega_prediction import mega_prediction_loss
-    from megacontext.working_context import assemble
+    from megacontext.mega.prediction import mega_prediction_loss
+    from megacontext.context.working_context import assemble
 
     cfg = tiny_config(tmp_path, "mega.attention=true", "mega.prediction=true", "mega.window=64")
     base = load_base_model(cfg)  # its own model: MegaAttention gets installed on it

@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from megacontext.config import Config
-from megacontext.corpus import build_corpus
+from megacontext.data.corpus import build_corpus
 from megacontext.errors import ArtifactError
-from megacontext.lineage import manifest_digest, read_manifest
-from megacontext.schemas import SHARD_SCHEMA, SchemaViolation, validate
-from megacontext.shards import build_shards, read_split, split_of
+from megacontext.lifecycle.lineage import manifest_digest, read_manifest
+from megacontext.data.schemas import SHARD_SCHEMA, SchemaViolation, validate
+from megacontext.data.shards import build_shards, read_split, split_of
 from tests.conftest import tiny_config
 
 

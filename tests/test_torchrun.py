@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megacontext.corpus import build_corpus
-from megacontext.shards import build_shards
+from megacontext.data.corpus import build_corpus
+from megacontext.data.shards import build_shards
 from tests.conftest import tiny_config
 
 TRAIN = ["train.jt1.steps=2", "train.jt1.batch=2", "data.max_documents=4", "data.val_fraction=0", "data.test_fraction=0"]

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 
-from megacontext import tracking
-from megacontext.lineage import manifest_digest, read_manifest, write_manifest
+from megacontext.lifecycle import tracking
+from megacontext.lifecycle.lineage import manifest_digest, read_manifest, write_manifest
 
 
 def test_disabled_mode_is_a_no_op_run(monkeypatch, tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_a_failing_wandb_gives_a_warning_and_a_no_op_run(monkeypatch, tmp_path: 
         raise RuntimeError("no route to host")
 
     monkeypatch.setattr(wandb, "init", broken)
-    with caplog.at_level(logging.WARNING, logger="megacontext.tracking"):
+    with caplog.at_level(logging.WARNING, logger="megacontext.lifecycle.tracking"):
         with tracking.start_run({}, name="t", group="g", job_type="jt2", directory=tmp_path) as run:
             run.log({"loss": 1.0}, step=1)
     assert not run.active and "could not start" in caplog.text and "no route to host" in caplog.text

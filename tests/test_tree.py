@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megacontext.errors import ArtifactError
-from megacontext.nodes import BLOCK, Node
-from megacontext.tree import HEADER_BYTES, MegaContextTree, level_file
+from megacontext.context.nodes import BLOCK, Node
+from megacontext.context.tree import HEADER_BYTES, MegaContextTree, level_file
 
 BASE = "tiny-llama-test"
 

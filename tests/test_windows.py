@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from megacontext.errors import InputDataError
-from megacontext.shards import TokenizedDocument
-from megacontext.windows import eligible, sample_window
+from megacontext.data.shards import TokenizedDocument
+from megacontext.data.windows import eligible, sample_window
 
 
 def docs() -> list[TokenizedDocument]:

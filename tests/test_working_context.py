@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megacontext.nodes import Node
-from megacontext.working_context import (
+from megacontext.context.nodes import Node
+from megacontext.context.working_context import (
     BudgetExceeded,
     InvariantViolation,
     assemble,
@@ -139,9 +139,9 @@ def test_assemble_gathers_tokens_and_gists_with_gaussian_positions() -> None:
 
 def test_live_assembly_equals_assembly_from_a_tree_built_by_the_same_gistnet(tmp_path, tiny_base) -> None:
     from megacontext.config import load_config
-    from megacontext.gistnet import TreeGistEncoder, build_gistnet
-    from megacontext.tree import MegaContextTree
-    from megacontext.working_context import assemble_live
+    from megacontext.model.gistnet import TreeGistEncoder, build_gistnet
+    from megacontext.context.tree import MegaContextTree
+    from megacontext.context.working_context import assemble_live
 
     cfg = load_config("tiny", env={})
     base = tiny_base

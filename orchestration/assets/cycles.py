@@ -24,11 +24,11 @@ from dagster import (
     asset,
 )
 
-from megacontext import cycle as lifecycle
-from megacontext.champion import previous_accepted, promote
+from megacontext.training import cycle as lifecycle
+from megacontext.lifecycle.champion import previous_accepted, promote
 from megacontext.config import Config
-from megacontext.evaluation import evaluate, passkey_accuracy
-from megacontext.lineage import manifest_digest, read_manifest
+from megacontext.evaluation.evaluate import evaluate, passkey_accuracy
+from megacontext.lifecycle.lineage import manifest_digest, read_manifest
 from megacontext.plots import png_markdown
 from orchestration.assets.data import dataset_shards, eval_references, megacontext_trees
 from orchestration.resources import MegaContextConfig

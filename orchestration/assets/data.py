@@ -5,11 +5,11 @@ from __future__ import annotations
 import polars as pl
 from dagster import MaterializeResult, MetadataValue, asset
 
-from megacontext.corpus import build_corpus
-from megacontext.references import build_references, passkey_dir
-from megacontext.lineage import manifest_digest, read_manifest
-from megacontext.shards import build_shards
-from megacontext.tree_build import build_trees
+from megacontext.data.corpus import build_corpus
+from megacontext.evaluation.references import build_references, passkey_dir
+from megacontext.lifecycle.lineage import manifest_digest, read_manifest
+from megacontext.data.shards import build_shards
+from megacontext.context.tree_build import build_trees
 from orchestration.resources import MegaContextConfig
 
 

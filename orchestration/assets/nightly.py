@@ -6,8 +6,8 @@ import json
 
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MaterializeResult, MetadataValue, asset
 
-from megacontext.lineage import manifest_digest, read_manifest
-from megacontext.nightly import run_nightly
+from megacontext.lifecycle.lineage import manifest_digest, read_manifest
+from megacontext.lifecycle.nightly import run_nightly
 from megacontext.plots import png_markdown
 from orchestration.resources import MegaContextConfig
 

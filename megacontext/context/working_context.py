@@ -1,0 +1,259 @@
+"""The Working Context (docs/architecture.md §1, §2.4): the budgeted list of tokens and gists the base model sees.
+
+Entries are tree nodes in time order tiling [0, cursor). The cold start keeps
+as many recent tokens at LOD0 as fit while every older aligned span is covered
+by gists (coarser levels only for the oldest part, and only when finer ones
+would not fit). Edits are expand (gist -> its 32 children, +31) and collapse
+(32 aligned siblings -> their parent, -31). `assemble` turns the entries into
+`inputs_embeds` plus Gaussian-RoPE positions (μ, σ) in one call. Scoring and
+choosing edits is LensNet's and the allocator's job, not this module's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from megacontext.context.nodes import BLOCK, Node, span
+
+
+class BudgetExceeded(ValueError):
+    """An edit would take the working context past W_max."""
+
+
+class InvariantViolation(AssertionError):
+    """A working context broke one of the invariants of docs/architecture.md §1."""
+
+
+class NodeSource(Protocol):
+    """Where entries get their vectors: a MegaContextTree (or anything with these reads)."""
+
+    def tokens(self, start: int, end: int) -> np.ndarray: ...  # [end - start] token ids
+
+    def gists(self, level: int, start_index: int, end_index: int) -> np.ndarray: ...  # [n, d] float32
+
+
+@dataclass
+class WorkingContext:
+    entries: list[Node]
+    cursor: int  # tokens of history covered: entries tile [0, cursor)
+    w_max: int
+    protected_tail: int
+    levels: int = 2
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def levels_used(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for node in self.entries:
+            counts[node.level] = counts.get(node.level, 0) + 1
+        return counts
+
+    def expand(self, index: int) -> None:
+        """Replace the gist at `index` by its 32 children (cost +31)."""
+        node = self.entries[index]
+        if node.level == 0:
+            raise ValueError(f"entry {index} is a token; only gists expand")
+        if len(self.entries) + BLOCK - 1 > self.w_max:
+            raise BudgetExceeded(f"expanding entry {index} needs {len(self.entries) + BLOCK - 1} > W_max {self.w_max} positions")
+        self.entries[index : index + 1] = node.children()
+
+    def collapse(self, index: int) -> None:
+        """Replace the 32 aligned siblings starting at `index` by their parent (cost -31)."""
+        group = self.entries[index : index + BLOCK]
+        first = group[0]
+        if first.level >= self.levels:
+            raise ValueError(f"entry {index} is a top-level gist (level {first.level}); it cannot collapse")
+        if group != first.siblings() or first.start != first.parent().start:
+            raise ValueError(f"entries {index}..{index + BLOCK - 1} are not 32 aligned siblings of one parent")
+        if group[-1].end > self.cursor - self.protected_tail:
+            raise ValueError(f"entries {index}..{index + BLOCK - 1} reach into the protected tail; it stays LOD0")
+        self.entries[index : index + BLOCK] = [first.parent()]
+
+    def append_tokens(self, n: int) -> None:
+        """Streaming: the next `n` tokens of the history join as LOD0 entries (cost +n)."""
+        if len(self.entries) + n > self.w_max:
+            raise BudgetExceeded(f"appending {n} tokens needs {len(self.entries) + n} > W_max {self.w_max} positions; "
+                                 "collapse first")
+        self.entries.extend(Node(t, 0) for t in range(self.cursor, self.cursor + n))
+        self.cursor += n
+
+    def check(self, tree_tokens: int | None = None) -> None:
+        """Raise `InvariantViolation` unless coverage, alignment, budget and protected tail all hold."""
+        check_invariants(self.entries, self.cursor, self.w_max, self.protected_tail, self.levels, tree_tokens)
+
+
+def check_invariants(
+    entries: Sequence[Node], cursor: int, w_max: int, protected_tail: int, levels: int, tree_tokens: int | None = None
+) -> None:
+    if len(entries) > w_max:
+        raise InvariantViolation(f"budget: {len(entries)} entries > W_max {w_max}")
+    expected = 0
+    for i, node in enumerate(entries):
+        if node.start != expected:
+            raise InvariantViolation(f"coverage: entry {i} starts at {node.start}, expected {expected} (gap or overlap)")
+        if node.start % span(node.level):
+            raise InvariantViolation(f"alignment: entry {i} (level {node.level}) starts at {node.start}")
+        if node.level > levels:
+            raise InvariantViolation(f"entry {i} has level {node.level} > {levels}")
+        if node.level > 0 and node.end > cursor - protected_tail:
+            raise InvariantViolation(f"protected tail: entry {i} is a level-{node.level} gist within the last {protected_tail} tokens")
+        expected = node.end
+    if expected != cursor:
+        raise InvariantViolation(f"coverage: entries end at {expected}, cursor is {cursor}")
+    if tree_tokens is not None and cursor > tree_tokens:
+        raise InvariantViolation(f"cursor {cursor} is past the tree's {tree_tokens} tokens")
+
+
+def cold_start(n_tokens: int, w_max: int, protected_tail: int, levels: int = 2) -> WorkingContext:
+    """Most recent tokens at LOD0, older spans as gists, coarser only where finer would not fit."""
+    return _start(n_tokens, w_max, protected_tail, levels, allowed=tuple(range(levels, 0, -1)))
+
+
+def single_level_start(n_tokens: int, w_max: int, protected_tail: int, level: int, levels: int = 2) -> WorkingContext:
+    """The compressed part uses gists of one level only (for per-level ΔNLL)."""
+    return _start(n_tokens, w_max, protected_tail, levels, allowed=(level,))
+
+
+def _start(n_tokens: int, w_max: int, protected_tail: int, levels: int, allowed: tuple[int, ...]) -> WorkingContext:
+    if n_tokens < 0:
+        raise ValueError("n_tokens must be >= 0")
+    entries = _cover(0, n_tokens, w_max, min(protected_tail, n_tokens), allowed)
+    if entries is None:
+        raise BudgetExceeded(
+            f"{n_tokens} tokens cannot fit W_max {w_max} with a {protected_tail}-token protected tail "
+            f"using gist levels {sorted(allowed)}; raise wc.w_max or add a level"
+        )
+    wc = WorkingContext(entries, n_tokens, w_max, protected_tail, levels)
+    wc.check()
+    return wc
+
+
+def _cover(lo: int, n: int, budget: int, tail: int, allowed: tuple[int, ...]) -> list[Node] | None:
+    """Tile [lo, n): a prefix of level-allowed[0] gists as short as possible, the rest recursively.
+
+    With no gist level left, the rest is LOD0 tokens. The first feasible (shortest)
+    prefix is taken at every level, which leaves the most detail for the recent part.
+    `lo` is aligned to allowed[0]'s span (it is 0 or the end of a coarser prefix).
+    """
+    if n - lo <= budget:
+        return [Node(t, 0) for t in range(lo, n)]
+    if not allowed:
+        return None
+    level, finer = allowed[0], allowed[1:]
+    step = span(level)
+    for a in range(lo, n - tail + 1, step):  # a: end of the level-`level` prefix
+        used = (a - lo) // step
+        if used > budget:
+            return None
+        rest = _cover(a, n, budget - used, tail, finer)
+        if rest is not None:
+            return [Node(s, level) for s in range(lo, a, step)] + rest
+    return None
+
+
+@dataclass(frozen=True)
+class WCInputs:
+    """What the base model reads: embeddings and Gaussian-RoPE positions for each entry."""
+
+    inputs_embeds: torch.Tensor  # [1, N, d]
+    mu: torch.Tensor  # [1, N] float64
+    sigma: torch.Tensor  # [1, N] float64
+
+
+def assemble(
+    entries: Sequence[Node],
+    source: NodeSource,
+    embedding: nn.Embedding,
+    *,
+    offset: int = 0,
+    horizon: np.ndarray | None = None,
+) -> WCInputs:
+    """Gather each entry's vector (token embedding or stored gist) and its (μ, σ) in one call.
+
+    `offset` maps window-relative node starts to the source's coordinates (a
+    window starting at a multiple of the top span reuses a whole-document tree).
+    `horizon` appends teacher-forced tokens after the entries at positions
+    cursor, cursor+1, ... (σ = 0).
+    """
+    d = embedding.weight.shape[1]
+    vectors = torch.empty(len(entries), d, dtype=embedding.weight.dtype)  # [N, d]
+    token_rows, token_ids = [], []
+    i = 0
+    while i < len(entries):
+        node = entries[i]
+        j = i
+        while j + 1 < len(entries) and entries[j + 1].level == node.level and entries[j + 1].start == entries[j].end:
+            j += 1  # a run of same-level contiguous entries: one read
+        if node.level == 0:
+            token_rows.extend(range(i, j + 1))
+            token_ids.append(source.tokens(offset + node.start, offset + entries[j].end))
+        else:
+            first = (offset + node.start) // node.span
+            gists = source.gists(node.level, first, first + j - i + 1)  # [j - i + 1, d]
+            vectors[i : j + 1] = torch.as_tensor(np.asarray(gists, dtype=np.float32)).to(vectors.dtype)
+        i = j + 1
+    if token_rows:
+        ids = torch.as_tensor(np.concatenate(token_ids).astype(np.int64))
+        vectors[token_rows] = embedding(ids)
+    mu = torch.tensor([n.mu for n in entries], dtype=torch.float64)
+    sigma = torch.tensor([n.sigma for n in entries], dtype=torch.float64)
+    if horizon is not None and len(horizon):
+        cursor = entries[-1].end if entries else 0
+        vectors = torch.cat([vectors, embedding(torch.as_tensor(horizon.astype(np.int64)))])
+        mu = torch.cat([mu, torch.arange(cursor, cursor + len(horizon), dtype=torch.float64)])
+        sigma = torch.cat([sigma, torch.zeros(len(horizon), dtype=torch.float64)])
+    return WCInputs(vectors[None], mu[None], sigma[None])
+
+
+def assemble_live(
+    entries: Sequence[Node],
+    tokens: torch.Tensor,
+    embedding: nn.Module,
+    gistnet: nn.Module,
+    *,
+    horizon: int = 0,
+    gist_embedding: nn.Module | None = None,
+    cursor: int | None = None,
+) -> WCInputs:
+    """Like `assemble`, but gists are computed now by `gistnet` from the window's tokens (differentiable).
+
+    `tokens` [T] holds the window's history followed by `horizon` teacher-forced
+    tokens. LOD2 gists are two-stage (32 LOD1 gists of their children, then 32 -> 1),
+    exactly as the tree builds them, so gradients reach GistNet through both levels.
+    `gist_embedding` (default: `embedding`) is what GistNet reads: the plain base
+    embedding when `embedding` carries a LoRA adapter, as the trees were built.
+    `entries` may be a suffix of a working context; `cursor` (default: the end of
+    the last entry) is where the horizon starts.
+    """
+    cursor = cursor if cursor is not None else entries[-1].end
+    parts: list[torch.Tensor] = []
+    by_level: dict[int, list[int]] = {}
+    for i, node in enumerate(entries):
+        by_level.setdefault(node.level, []).append(i)
+    order = torch.empty(len(entries), dtype=torch.long)
+    offset = 0
+    for level, rows in sorted(by_level.items()):
+        starts = torch.tensor([entries[i].start for i in rows])
+        ids = starts[:, None] + torch.arange(span(level))  # [n, 32**level] token positions
+        reader = embedding if level == 0 or gist_embedding is None else gist_embedding
+        x = reader(tokens[ids])  # [n, 32**level, d]
+        for stage in range(1, level + 1):  # 32**level tokens -> 32**(level-1) gists -> ... -> 1
+            x = gistnet(x.reshape(-1, BLOCK, x.shape[-1]), stage).reshape(len(rows), -1, x.shape[-1])
+        parts.append(x[:, 0])  # [n, d]
+        order[rows] = torch.arange(offset, offset + len(rows))
+        offset += len(rows)
+    vectors = torch.cat(parts)[order] if parts else embedding(tokens[:0])  # [N, d]
+    mu = torch.tensor([n.mu for n in entries], dtype=torch.float64)
+    sigma = torch.tensor([n.sigma for n in entries], dtype=torch.float64)
+    if horizon:
+        vectors = torch.cat([vectors, embedding(tokens[cursor : cursor + horizon])])
+        mu = torch.cat([mu, torch.arange(cursor, cursor + horizon, dtype=torch.float64)])
+        sigma = torch.cat([sigma, torch.zeros(horizon, dtype=torch.float64)])
+    return WCInputs(vectors[None], mu[None], sigma[None])

@@ -1,0 +1,89 @@
+"""The champion: the latest accepted cycle (docs/lifecycle.md §3–4). Promotion only after the gate passed.
+
+A cycle is *accepted* when its validation report (`<cycle>/evaluation`) passed
+the gate. `previous_accepted` finds the warm start for cycle n in code (the
+newest accepted cycle before it). `promote` records the champion in
+`artifacts/champion/` (champion.json + manifest, published atomically, linked
+to the cycle's evaluation in the lineage) with the numbers the nightly
+regression compares against, and appends to `history.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from megacontext.config import Config, config_hash
+from megacontext.errors import GateError
+from megacontext.lifecycle.lineage import MANIFEST, manifest_digest, read_manifest, staged_artifact, write_manifest
+
+KIND = "champion"
+FORMAT_VERSION = 1
+RECORDED = ("nll_full", "nll_recency", "nll_mc", "delta_nll", "gap_recovery", "mc_minus_recency")
+
+
+def champion_dir(cfg: Config) -> Path:
+    return Path(cfg.paths.artifact_root) / "champion"
+
+
+def gate_passed(cycle_folder: Path) -> bool | None:
+    """The gate verdict of a cycle's validation report; None when it has not been evaluated."""
+    manifest = Path(cycle_folder) / "evaluation" / MANIFEST
+    if not manifest.is_file():
+        return None
+    return bool(json.loads(manifest.read_text())["gate_passed"])
+
+
+def cycle_folders(cfg: Config) -> dict[int, Path]:
+    root = Path(cfg.paths.artifact_root) / "cycles"
+    found = {}
+    for folder in root.glob("cycle-*") if root.is_dir() else ():
+        number = folder.name.removeprefix("cycle-")
+        if number.isdigit() and folder.is_dir():
+            found[int(number)] = folder
+    return dict(sorted(found.items()))
+
+
+def previous_accepted(cfg: Config, cycle: int) -> Path | None:
+    """The newest cycle before `cycle` whose validation report passed the gate (its warm start), else None."""
+    earlier = [folder for n, folder in cycle_folders(cfg).items() if n < cycle and gate_passed(folder)]
+    return earlier[-1] if earlier else None
+
+
+def current_champion(cfg: Config) -> dict[str, Any] | None:
+    path = champion_dir(cfg) / "champion.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def promote(cfg: Config, cycle_folder: Path) -> Path:
+    """Make `cycle_folder` the champion; refuses (GateError) unless its validation report passed the gate."""
+    cycle_folder = Path(cycle_folder)
+    report = cycle_folder / "evaluation"
+    verdict = gate_passed(cycle_folder)
+    if verdict is None:
+        raise GateError(f"{cycle_folder}: not evaluated; run `megacontext evaluate --checkpoint {cycle_folder}` first")
+    summary = json.loads((report / "summary.json").read_text())
+    if not verdict:
+        raise GateError(f"{cycle_folder.name} not promoted: {summary['gate']['message']}")
+    previous = current_champion(cfg)
+    record = {
+        "cycle": int(cycle_folder.name.removeprefix("cycle-")),
+        "cycle_path": str(cycle_folder),
+        "evaluation_digest": manifest_digest(read_manifest(report)),
+        "recorded": {k: summary["all"][k] for k in RECORDED if k in summary["all"]},
+        "context": summary["context"],
+        "yardstick": summary.get("yardstick"),  # the eval set the recorded numbers were measured on
+        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "previous_champion": previous["cycle"] if previous else None,
+    }
+    out = champion_dir(cfg)
+    history = (out / "history.jsonl").read_text() if (out / "history.jsonl").is_file() else ""
+    with staged_artifact(out) as staging:
+        (staging / "champion.json").write_text(json.dumps(record, indent=2) + "\n")
+        (staging / "history.jsonl").write_text(history + json.dumps(record) + "\n")
+        write_manifest(staging, kind=KIND, format_version=FORMAT_VERSION,
+                       config_hash=config_hash(cfg, sections=["eval", "wc"]), inputs=[report],
+                       extra={"cycle": record["cycle"]})
+    return out

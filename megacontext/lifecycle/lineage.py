@@ -1,0 +1,222 @@
+"""Lineage manifests and crash-safe publication of artifact folders (docs/lifecycle.md §5).
+
+Every artifact folder holds `manifest.json`: sha256 of each file, the resolved
+config hash, the code version, the digests of its input artifacts' manifests
+(by relative path) and of any raw source files. An artifact is built in a
+staging folder and renamed into place only when complete, so a crash never
+leaves a half-written folder that reads as valid, and a failed build never
+touches what was there before. Walking and auditing whole chains is `audit`'s job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from megacontext import __version__
+from megacontext.errors import ArtifactError
+from megacontext.lifecycle.tracking import current_run
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+# Fields that describe the run rather than the content; left out of the digest.
+VOLATILE_FIELDS = ("created_at", "git", "wandb_run_id", "wandb_run_url")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def source_digest() -> str:
+    """sha256 over the library's Python sources (path + content), in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(str(path.relative_to(PACKAGE_DIR)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def git_state() -> dict[str, Any] | None:
+    """The commit and dirtiness of the checkout the library runs from, if it is one."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+            cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """The content identity of an artifact: its manifest without run-specific fields."""
+    return sha256_json({k: v for k, v in manifest.items() if k not in VOLATILE_FIELDS})
+
+
+def artifact_files(folder: Path) -> list[Path]:
+    """The files an artifact's manifest covers: everything below it except nested artifacts.
+
+    A subfolder holding its own manifest.json (a cycle's phase outputs, its
+    evaluation report) is a separate artifact, linked as an input and verified
+    on its own, so it can be published after its parent without breaking it.
+    """
+    folder = Path(folder)
+    files = []
+    for root, dirs, names in os.walk(folder):
+        here = Path(root)
+        dirs[:] = sorted(d for d in dirs if not (here / d / MANIFEST).is_file() and not _in_flight(d))
+        files.extend(here / n for n in names if not (here == folder and n == MANIFEST))
+    return sorted(files)
+
+
+def _in_flight(name: str) -> bool:
+    """A nested artifact being published right now (staging or old copy), not part of the parent."""
+    return name.startswith(".") and (_STAGING_MARK in name or ".old-" in name)
+
+
+def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
+    entries = {}
+    for path in artifact_files(folder):
+        entries[path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return entries
+
+
+def write_manifest(
+    folder: Path,
+    *,
+    kind: str,
+    format_version: int,
+    config_hash: str,
+    inputs: Sequence[Path] = (),
+    raw_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Hash every file in `folder` and write its manifest. Inputs are artifact folders.
+
+    `inputs` are recorded by their path relative to where `folder` will be
+    published (its final location is the staging folder's target), so a whole
+    artifact root can be moved without breaking the chain.
+    """
+    final = _final_location(folder)
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "kind": kind,
+        "format_version": format_version,
+        "config_hash": config_hash,
+        "code": {"package_version": __version__, "source_sha256": source_digest()},
+        "inputs": [
+            {
+                "path": os.path.relpath(Path(p).resolve(), final.resolve()),
+                "kind": read_manifest(Path(p))["kind"],
+                "digest": manifest_digest(read_manifest(Path(p))),
+            }
+            for p in inputs
+        ],
+        "raw_inputs": dict(sorted((raw_inputs or {}).items())),
+        "files": file_entries(folder),
+        **dict(extra or {}),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git": git_state(),
+    }
+    run = current_run()
+    if run is not None and run.id:  # the W&B run of the step that built this artifact
+        manifest.update({"wandb_run_id": run.id, "wandb_run_url": run.url})
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: no {MANIFEST}; this is not a complete artifact, rebuild it")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: corrupt manifest ({exc}); rebuild the artifact") from exc
+
+
+def verify_files(folder: Path) -> list[str]:
+    """Problems with the files of an artifact against its manifest (empty when intact)."""
+    manifest = read_manifest(folder)
+    recorded = manifest.get("files", {})
+    problems = []
+    for rel, entry in recorded.items():
+        path = Path(folder) / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: content differs from the manifest (modified or corrupt)")
+    for path in artifact_files(folder):
+        if path.relative_to(folder).as_posix() not in recorded:
+            problems.append(f"{path}: not in the manifest")
+    return problems
+
+
+def is_reusable(folder: Path, *, kind: str, format_version: int, config_hash: str) -> bool:
+    """True when `folder` is a complete, intact artifact of this kind built from this config."""
+    try:
+        manifest = read_manifest(folder)
+    except ArtifactError:
+        return False
+    same = (
+        manifest.get("kind") == kind
+        and manifest.get("format_version") == format_version
+        and manifest.get("config_hash") == config_hash
+    )
+    return same and not verify_files(folder)
+
+
+_STAGING_MARK = ".staging-"
+
+
+def _final_location(folder: Path) -> Path:
+    name = folder.name
+    if name.startswith(".") and _STAGING_MARK in name:
+        return folder.parent / name[1:].split(_STAGING_MARK)[0]
+    return folder
+
+
+@contextmanager
+def staged_artifact(final: Path) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it atomically replaces `final`.
+
+    On an exception the staging folder is removed and `final` is left exactly as
+    it was. The previous version is only deleted after the new one is in place.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{final.name}{_STAGING_MARK}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not (staging / MANIFEST).is_file():
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ArtifactError(f"{final}: build wrote no {MANIFEST}; nothing was published")
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)

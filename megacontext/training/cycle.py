@@ -1,0 +1,236 @@
+"""One training cycle: JT1 (GistNet) -> JT2 (labels, LensNet) -> JT3 (LoRA), warm-started (docs/lifecycle.md §3).
+
+Each phase is its own function that reads what it needs from disk (the cycle
+folder and the previous accepted cycle), so the CLI runs them in a row and
+Dagster runs them as separate assets. Cycle 1 starts from nothing
+(mean-initialised GistNet; an untrained LensNet scores 0, so the allocator
+keeps the cold start); cycle n from cycle n−1's checkpoints. A finished phase
+is not redone and an interrupted one resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from peft import PeftModel
+
+from megacontext.config import Config, config_hash
+from megacontext.context.focus_policy import lens_policy
+from megacontext.context.tree_build import build_trees
+from megacontext.data.shards import TokenizedDocument, read_split, shards_dir
+from megacontext.lifecycle.lineage import MANIFEST, verify_files, write_manifest
+from megacontext.lifecycle.tracking import Run, start_run
+from megacontext.model.base_model import BaseLM, load_base_model
+from megacontext.model.gaussian_rope import install_gaussian_rope
+from megacontext.model.gistnet import GistNet, build_gistnet, load_gistnet
+from megacontext.model.lensnet import LensNet, build_lensnet, load_lensnet
+from megacontext.model.lora import attach_lora
+from megacontext.plots import plot_telemetry
+from megacontext.training.jt1_gistnet import JT1GistNet
+from megacontext.training.jt2_lensnet import JT2LensNet, generate_labels
+from megacontext.training.jt3_lora import JT3LoRA
+from megacontext.training.loop import FitResult, fit, world
+
+KIND = "cycle"
+FORMAT_VERSION = 1
+PHASES = ("jt1", "jt2", "jt3")
+PHASE_KINDS = {"jt1": "gistnet", "jt2": "lensnet", "jt3": "lora_adapter", "labels": "lens_labels"}
+
+
+def cycle_dir(cfg: Config, cycle: int) -> Path:
+    return Path(cfg.paths.artifact_root) / "cycles" / f"cycle-{cycle:04d}"
+
+
+def phase_done(folder: Path) -> bool:
+    """A phase is done when its `final/` output carries its lineage manifest (written last)."""
+    return (folder / "final" / MANIFEST).is_file()
+
+
+def _artifacts(*folders: Path | None) -> list[Path]:
+    return [f for f in folders if f is not None and (f / MANIFEST).is_file()]
+
+
+def _seal(cfg: Config, folder: Path, kind: str, cycle: int, previous: Path | None, *inputs: Path | None) -> None:
+    """Lineage for one phase output: the shards, what this phase read, and the warm start (rank 0 writes)."""
+    if not _rank0():
+        return
+    if (folder / "telemetry.json").is_file():
+        plot_telemetry(json.loads((folder / "telemetry.json").read_text()), folder / "telemetry.png",
+                       title=f"cycle {cycle} {kind}")
+    write_manifest(folder, kind=kind, format_version=FORMAT_VERSION, config_hash=config_hash(cfg),
+                   inputs=_artifacts(shards_dir(cfg), *inputs),
+                   extra={"cycle": cycle, "previous": str(previous) if previous else None})
+
+
+def _warm(previous: Path | None, phase: str) -> Path | None:
+    return previous / phase / "final" if previous else None
+
+
+def _rank0() -> bool:
+    """Under torchrun every rank trains; only rank 0 writes shared files."""
+    return world()[0] == 0
+
+
+def _barrier() -> None:
+    if world()[1] > 1:
+        torch.distributed.barrier()
+
+
+@contextmanager
+def _tracked(cfg: Config, cycle: int, phase: str) -> Iterator[Run]:
+    """One W&B run per phase (rank 0 only), grouped by cycle; manifests written inside record its id."""
+    if not _rank0():
+        yield Run()
+        return
+    with start_run(cfg.model_dump(mode="json"), name=f"cycle-{cycle:04d}-{phase}", group=f"cycle-{cycle:04d}",
+                   job_type=phase, directory=Path(cfg.paths.artifact_root)) as run:
+        yield run
+
+
+def _log_fit(run: Run, result: FitResult) -> None:
+    run.log_telemetry(result.telemetry)
+    run.summary({f"final_{k}": v for k, v in result.telemetry[-1].items()} | {"seconds": result.seconds})
+
+
+def _setup(cfg: Config, cycle: int) -> tuple[Path, BaseLM, list[TokenizedDocument]]:
+    out = cycle_dir(cfg, cycle)
+    if _rank0():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+    base = load_base_model(cfg)
+    install_gaussian_rope(base.model)
+    return out, base, read_split(shards_dir(cfg), "train", tokenizer_name=base.tokenizer.name)
+
+
+def _gistnet(cfg: Config, base: BaseLM, out: Path, previous: Path | None) -> GistNet:
+    """This cycle's GistNet if JT1 finished, else the warm start (previous cycle's, or fresh)."""
+    if phase_done(out / "jt1"):
+        return load_gistnet(out / "jt1" / "final")
+    if previous:
+        return load_gistnet(previous / "jt1" / "final")
+    return build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=cfg.seed, levels=cfg.wc.levels)
+
+
+def _lensnet(cfg: Config, base: BaseLM, out: Path, previous: Path | None) -> LensNet:
+    if phase_done(out / "jt2"):
+        return load_lensnet(out / "jt2" / "final")
+    if previous:
+        return load_lensnet(previous / "jt2" / "final")
+    return build_lensnet(cfg.lensnet, base.d_model, seed=cfg.seed)
+
+
+def run_jt1(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
+    """JT1: train GistNet under the current (previous cycle's) focus policy."""
+    out, base, docs = _setup(cfg, cycle)
+    if not phase_done(out / "jt1"):
+        gistnet, lensnet = _gistnet(cfg, base, out, previous), _lensnet(cfg, base, out, previous)
+        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet)
+        with _tracked(cfg, cycle, "jt1") as run:
+            _log_fit(run, fit(JT1GistNet(cfg, base, gistnet, docs, policy), cfg.train.jt1, out / "jt1",
+                              checkpoint_every=cfg.train.checkpoint_every))
+            _seal(cfg, out / "jt1" / "final", PHASE_KINDS["jt1"], cycle, previous, _warm(previous, "jt1"),
+                  _warm(previous, "jt2"))
+    _barrier()  # every rank sees the sealed output before going on
+    return out / "jt1" / "final"
+
+
+def run_jt2_labels(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
+    """JT2 labels: counterfactual ΔNLL on on-policy snapshots, with this cycle's GistNet."""
+    out, base, docs = _setup(cfg, cycle)
+    labels = out / "jt2" / "labels"
+    if not (labels / MANIFEST).is_file() and _rank0():  # labels are generated once, on rank 0
+        gistnet, lensnet = _gistnet(cfg, base, out, previous), _lensnet(cfg, base, out, previous)
+        gistnet.requires_grad_(False)
+        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet)
+        with _tracked(cfg, cycle, "jt2_labels") as run:
+            stats = generate_labels(cfg, base, gistnet, docs, policy, labels)
+            run.summary(stats)
+            (labels / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+            _seal(cfg, labels, PHASE_KINDS["labels"], cycle, previous, out / "jt1" / "final", _warm(previous, "jt2"))
+    _barrier()
+    return labels
+
+
+def run_jt2(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
+    """JT2: train LensNet on this cycle's labels."""
+    labels = run_jt2_labels(cfg, cycle, previous)
+    out, base, docs = _setup(cfg, cycle)
+    if not phase_done(out / "jt2"):
+        gistnet, lensnet = _gistnet(cfg, base, out, previous), _lensnet(cfg, base, out, previous)
+        gistnet.requires_grad_(False)
+        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet)
+        with _tracked(cfg, cycle, "jt2") as run:
+            _log_fit(run, fit(JT2LensNet(cfg, base, gistnet, lensnet, docs, policy, labels), cfg.train.jt2,
+                              out / "jt2", checkpoint_every=cfg.train.checkpoint_every))
+            _seal(cfg, out / "jt2" / "final", PHASE_KINDS["jt2"], cycle, previous, labels, out / "jt1" / "final",
+                  _warm(previous, "jt2"))
+    _barrier()  # every rank sees the sealed output before going on
+    return out / "jt2" / "final"
+
+
+def run_jt3(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
+    """JT3: train LoRA adapters with this cycle's GistNet and LensNet frozen."""
+    out, base, docs = _setup(cfg, cycle)
+    if not phase_done(out / "jt3"):
+        gistnet, lensnet = _gistnet(cfg, base, out, previous), _lensnet(cfg, base, out, previous)
+        gistnet.requires_grad_(False)
+        lensnet.requires_grad_(False)
+        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet)
+        peft = PeftModel.from_pretrained(base.model, previous / "jt3" / "final", is_trainable=True) if previous \
+            else attach_lora(base, cfg.train.lora, seed=cfg.seed)
+        with _tracked(cfg, cycle, "jt3") as run:
+            _log_fit(run, fit(JT3LoRA(cfg, base, gistnet, docs, policy, peft_model=peft), cfg.train.jt3, out / "jt3",
+                              checkpoint_every=cfg.train.checkpoint_every))
+            _seal(cfg, out / "jt3" / "final", PHASE_KINDS["jt3"], cycle, previous, out / "jt1" / "final",
+                  out / "jt2" / "final", _warm(previous, "jt3"))
+    _barrier()  # every rank sees the sealed output before going on
+    return out / "jt3" / "final"
+
+
+def finish_cycle(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
+    """Trees of the evaluation split with the new GistNet, the cycle summary and its lineage manifest."""
+    out = cycle_dir(cfg, cycle)
+    missing = [p for p in PHASES if not phase_done(out / p)]
+    if missing:
+        raise RuntimeError(f"{out}: phases {missing} have not finished; run them first")
+    if (out / MANIFEST).is_file() and not verify_files(out):
+        return out  # finished before: rewriting it would break the lineage of its evaluations
+    with _tracked(cfg, cycle, "finish") as run:
+        out = _finish(cfg, cycle, previous)
+        run.summary(json.loads((out / "cycle.json").read_text())["seconds"])
+    return out
+
+
+def _finish(cfg: Config, cycle: int, previous: Path | None) -> Path:
+    out = cycle_dir(cfg, cycle)
+    base = load_base_model(cfg)  # plain (no adapters): trees hold what GistNet makes of the base embedding
+    tick = time.perf_counter()
+    with torch.no_grad():
+        build_trees(cfg, base=base, gistnet=load_gistnet(out / "jt1" / "final"), out=out / "trees",
+                    splits=(cfg.eval.split,), gistnet_source=out / "jt1" / "final")
+    telemetry = {p: json.loads((out / p / "final" / "telemetry.json").read_text()) for p in PHASES}
+    labels = json.loads((out / "jt2" / "labels" / "stats.json").read_text())
+    seconds = {p: sum(r["seconds"] for r in rows) for p, rows in telemetry.items()}
+    seconds.update({"jt2_labels": labels["seconds"], "trees": time.perf_counter() - tick})
+    seconds["total"] = sum(seconds.values())
+    summary = {"cycle": cycle, "previous": str(previous) if previous else None, "seconds": seconds,
+               "labels": labels, "telemetry": telemetry}
+    (out / "cycle.json").write_text(json.dumps(summary, indent=1) + "\n")
+    inputs = _artifacts(shards_dir(cfg), *(out / p / "final" for p in PHASES), out / "jt2" / "labels", out / "trees",
+                        previous)
+    write_manifest(out, kind=KIND, format_version=FORMAT_VERSION, config_hash=config_hash(cfg), inputs=inputs,
+                   extra={"cycle": cycle, "base_model_id": base.model_id, "previous": summary["previous"]})
+    return out
+
+
+def run_cycle(cfg: Config, cycle: int, *, previous: Path | None = None) -> Path:
+    """Run (or resume) the whole cycle; return its folder."""
+    run_jt1(cfg, cycle, previous)
+    run_jt2(cfg, cycle, previous)
+    run_jt3(cfg, cycle, previous)
+    return finish_cycle(cfg, cycle, previous)

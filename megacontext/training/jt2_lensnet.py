@@ -1,0 +1,129 @@
+"""JT2 — generate counterfactual labels on on-policy snapshots, then train LensNet on them (docs/lifecycle.md §3).
+
+Labels are regenerated every cycle, after JT1 (the gists changed). Snapshot
+windows are a pure function of (seed, snapshot index), so a resumed run and
+every rank rebuild the same working contexts from the label table alone. The
+per-entry target merges an entry's expand label (≥ 0) and the collapse label of
+the sibling group it starts (≤ 0, spread over its 32 members).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import torch
+
+from megacontext.model.base_model import BaseLM
+from megacontext.config import Config
+from megacontext.context.focus_policy import Policy, lens_inputs_for
+from megacontext.model.gaussian_rope import install_gaussian_rope
+from megacontext.model.gistnet import GistNet
+from megacontext.training.jt2_labels import candidates, label_snapshot, label_table, to_targets
+from megacontext.model.lensnet import LensNet, collate, legality_mask, lensnet_loss, pad_batch, save_lensnet
+from megacontext.context.nodes import BLOCK, span
+from megacontext.progress import progress_bar
+from megacontext.data.schemas import LABEL_SCHEMA, validate
+from megacontext.data.shards import TokenizedDocument
+from megacontext.data.windows import SeedOffset, Window, eligible, sample_window
+
+LABELS_FILE = "labels.parquet"
+
+
+def snapshot_window(cfg: Config, docs: list[TokenizedDocument], index: int) -> Window:
+    t = cfg.train
+    return sample_window(docs, history=t.history, horizon=t.horizon, align=span(cfg.wc.levels),
+                         seed=cfg.seed + SeedOffset.JT2_SNAPSHOTS, step=index, item=0)
+
+
+def generate_labels(cfg: Config, base: BaseLM, gistnet: GistNet, docs: list[TokenizedDocument], policy: Policy,
+                    out: Path) -> dict:
+    """Label `train.label_snapshots` snapshots; write the schema-checked table to `out/labels.parquet`."""
+    install_gaussian_rope(base.model)
+    docs = eligible(docs, cfg.train.history, cfg.train.horizon)
+    snapshots = []
+    start = time.perf_counter()
+    with progress_bar("JT2 labels", total=cfg.train.label_snapshots, unit="snapshots") as advance:
+        for index in range(cfg.train.label_snapshots):
+            window = snapshot_window(cfg, docs, index)
+            wc = policy(window)
+            cands = candidates(wc, cfg.train.label_candidates, np.random.default_rng([cfg.seed, index]))
+            rows = to_targets(label_snapshot(base, gistnet, window, wc, cands))
+            snapshots.append((f"s{index:05d}", window, wc, rows))
+            advance(1)
+    table = label_table(snapshots)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.to_arrow(), out / LABELS_FILE, compression="zstd")
+    seconds = time.perf_counter() - start
+    focus = {f"focus_{k}": v for k, v in policy.drain().items()}  # means over the on-policy snapshots
+    return {"snapshots": len(snapshots), "labels": table.height, "seconds": seconds,
+            "labels_per_s": table.height / seconds, **focus}
+
+
+def entry_targets(rows: pl.DataFrame, n_entries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets [N], labelled [N]) for one snapshot from its label rows."""
+    target = torch.zeros(n_entries)
+    labelled = torch.zeros(n_entries, dtype=torch.bool)
+    for row in rows.sort("action", descending=True).iter_rows(named=True):  # collapse first, expand overrides
+        i = row["entry_index"]
+        if row["action"] == "collapse":
+            target[i : i + BLOCK] = row["target"]
+            labelled[i : i + BLOCK] = True
+        elif row["target"] > 0 or not labelled[i]:
+            target[i] = row["target"]
+            labelled[i] = True
+    return target, labelled
+
+
+class JT2LensNet:
+    name = "jt2_lensnet"
+
+    def __init__(self, cfg: Config, base: BaseLM, gistnet: GistNet, lensnet: LensNet,
+                 docs: list[TokenizedDocument], policy: Policy, labels: Path):
+        self.cfg, self.base, self.gistnet, self.lensnet = cfg, base, gistnet, lensnet
+        self.docs = eligible(docs, cfg.train.history, cfg.train.horizon)
+        self.policy = policy
+        self.labels = validate(pl.read_parquet(labels / LABELS_FILE), LABEL_SCHEMA, where=str(labels / LABELS_FILE))
+        self.snapshot_ids = sorted(self.labels["snapshot_id"].unique().to_list())
+        self._cache: dict[str, tuple] = {}
+        base.model.requires_grad_(False)
+        gistnet.requires_grad_(False)
+        lensnet.requires_grad_(True)
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {f"lensnet.{name}": p for name, p in self.lensnet.named_parameters()}
+
+    def _snapshot(self, sid: str) -> tuple:
+        """LensNet inputs, targets and legality of one snapshot (rebuilt deterministically, then cached)."""
+        if sid not in self._cache:
+            window = snapshot_window(self.cfg, self.docs, int(sid[1:]))
+            wc = self.policy(window)
+            tokens = torch.as_tensor(window.tokens.astype(np.int64))
+            inputs = lens_inputs_for(wc, tokens, self.base.model.get_input_embeddings(), self.gistnet,
+                                     self.cfg.lensnet.tail_lod1)
+            target, labelled = entry_targets(self.labels.filter(pl.col("snapshot_id") == sid), len(wc))
+            legal = legality_mask(wc.entries, wc.levels, wc.cursor, wc.protected_tail)
+            self._cache[sid] = (inputs, target, labelled, *legal)
+        return self._cache[sid]
+
+    def make_batch(self, step: int, items: list[int]) -> list[str]:
+        return [self.snapshot_ids[int(np.random.default_rng([self.cfg.seed, step, item]).integers(len(self.snapshot_ids)))]
+                for item in items]
+
+    def loss(self, batch: list[str], global_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        parts = [self._snapshot(sid) for sid in batch]
+        inputs = collate([p[0] for p in parts])
+        scores = self.lensnet(inputs)  # [B, N]
+        total, terms = lensnet_loss(scores, pad_batch([p[1] for p in parts]), pad_batch([p[2] for p in parts], False),
+                                    pad_batch([p[3] for p in parts], False), pad_batch([p[4] for p in parts], False),
+                                    self.cfg.lensnet, mask=inputs.mask)
+        n = float(len(batch))
+        metrics = {k: v * n for k, v in terms.items() if k != "total"}  # sums; the loop logs means
+        metrics.update({"windows": n, "tokens": float(inputs.mask.sum())})
+        return total * n / global_batch, metrics
+
+    def export(self, folder: Path) -> None:
+        save_lensnet(folder, self.lensnet)
