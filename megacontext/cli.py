@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -39,6 +40,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; nothing partial was published")
         return 130
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer ≥ `low`, refused at parse time with a one-line message."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+MIN_TEMPERATURE = 1e-3  # below it, sampling is greedy in all but name and logits / T overflow float32
+
+
+def _temperature(text: str) -> float:
+    """An argparse type: 0 (greedy) or a finite temperature ≥ MIN_TEMPERATURE."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not (value == 0 or value >= MIN_TEMPERATURE):
+        raise argparse.ArgumentTypeError(f"{text} must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}")
+    return value
+
+
+CYCLE = _int_at_least(1)
+COUNT = _int_at_least(0)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,14 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--without", default="", metavar="PARTS",
                    help="ablate trained parts of the checkpoint, comma-separated: gistnet,lensnet,lora")
     p = command("train-cycle", cmd_train_cycle, "one JT1 -> JT2 -> JT3 cycle (resumes if killed), warm-started")
-    p.add_argument("--cycle", type=int, default=1, help="cycle number (folder cycles/cycle-NNNN)")
+    p.add_argument("--cycle", type=CYCLE, default=1, help="cycle number (folder cycles/cycle-NNNN)")
     p.add_argument("--previous", type=Path, help="the previous accepted cycle folder to warm-start from")
     p = command("train-phase", cmd_train_phase, "one phase of a cycle (runs under `torchrun` data-parallel)")
     p.add_argument("--phase", required=True, choices=["jt1", "jt2-labels", "jt2", "jt3", "finish"])
-    p.add_argument("--cycle", type=int, default=1, help="cycle number (folder cycles/cycle-NNNN)")
+    p.add_argument("--cycle", type=CYCLE, default=1, help="cycle number (folder cycles/cycle-NNNN)")
     p.add_argument("--previous", type=Path, help="the previous accepted cycle folder to warm-start from")
     p = command("promote", cmd_promote, "make a cycle the champion (only if its validation report passed the gate)")
-    p.add_argument("--cycle", type=int, required=True, help="cycle number (folder cycles/cycle-NNNN)")
+    p.add_argument("--cycle", type=CYCLE, required=True, help="cycle number (folder cycles/cycle-NNNN)")
     p = command("nightly", cmd_nightly, "re-evaluate the champion and compare with its recorded numbers")
     p.add_argument("--date", type=date.fromisoformat, help="the report's date (YYYY-MM-DD; default: today, UTC)")
     p = command("audit", cmd_audit, "walk an artifact's lineage back to the corpus and verify every hash")
@@ -92,19 +126,19 @@ def _parser() -> argparse.ArgumentParser:
         p = command(name, handler, help)
         p.add_argument("--checkpoint", type=Path, help="a cycle folder (artifacts/cycles/cycle-NNNN); default: untrained")
         p.add_argument("--prompt-file", type=Path, required=True, help="UTF-8 text file: the document/prompt")
-        p.add_argument("--max-new-tokens", type=int, default=64 if name == "generate" else 0,
+        p.add_argument("--max-new-tokens", type=COUNT, default=64 if name == "generate" else 0,
                        help="tokens to generate after the prompt")
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+        p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy, else >= 0.001")
+        p.add_argument("--top-k", type=COUNT, default=0, help="sample from the k most likely tokens (0 = all)")
         p.add_argument("--recompute", action="store_true", help="no K/V reuse: recompute the whole WC every token")
         p.add_argument("--tree", type=Path, help="folder for the document's tree (default: artifacts/runtime/<prompt>)")
-    p.add_argument("--points", type=int, default=6, help="points in time to show")
+    p.add_argument("--points", type=_int_at_least(1), default=6, help="points in time to show")
     p.add_argument("--out", type=Path, help="output folder (default: artifacts/inspect/<prompt>)")
     command("cache-model", cmd_cache_model, "convert the base model once to an fp32 safetensors cache; time a load")
     p = command("score", cmd_score, "base-model NLL@H on held-out documents")
-    p.add_argument("--context", type=int, default=2048, help="tokens the base reads before the horizon")
-    p.add_argument("--horizon", type=int, default=64, help="scored tokens after the context (H)")
-    p.add_argument("--max-docs", type=int, default=8)
+    p.add_argument("--context", type=_int_at_least(1), default=2048, help="tokens the base reads before the horizon")
+    p.add_argument("--horizon", type=_int_at_least(1), default=64, help="scored tokens after the context (H)")
+    p.add_argument("--max-docs", type=_int_at_least(1), default=8)
     p.add_argument("--split", default="val", choices=["train", "val", "test"])
     return parser
 

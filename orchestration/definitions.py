@@ -21,7 +21,7 @@ from dagster import (
     sensor,
 )
 
-from megacontext.training.cycle import cycle_dir
+from megacontext.training.cycle import cycle_dir, cycle_name, parse_cycle_name
 from orchestration.assets.cycles import GROUP, champion, cycle_partitions, gistnet, lens_labels, lensnet, lora_adapter, \
     validation_report
 from orchestration.assets.data import corpus, dataset_shards, eval_references, megacontext_trees
@@ -43,10 +43,10 @@ nightly_schedule = ScheduleDefinition(job=nightly_job, cron_schedule="0 3 * * *"
 
 def next_cycle_key(existing: list[str], evaluated: Callable[[int], bool]) -> str | None:
     """The partition to add next: cycle-0001 first, then n+1 once cycle n has its validation report."""
-    numbers = sorted(int(k.split("-")[1]) for k in existing)
+    numbers = sorted(parse_cycle_name(k) for k in existing)
     if not numbers:
         return "cycle-0001"
-    return f"cycle-{numbers[-1] + 1:04d}" if evaluated(numbers[-1]) else None
+    return cycle_name(numbers[-1] + 1) if evaluated(numbers[-1]) else None
 
 
 @sensor(job=cycle_job, minimum_interval_seconds=60, default_status=DefaultSensorStatus.STOPPED,

@@ -38,3 +38,43 @@ def test_python_dash_m_and_config_command(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "megacontext", "config", "--profile", "tiny", "seed=3"],
                           capture_output=True, text=True, check=True)
     assert "seed: 3" in done.stdout and "kind: tiny" in done.stdout
+
+
+def _range_checked_arguments():
+    """(subcommand, flag, a value below its range) for every numeric argument of every subcommand."""
+    import argparse
+
+    from megacontext.cli import _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            kind = getattr(action.type, "__name__", "")
+            if action.type in (int, float):
+                raise AssertionError(f"{name} {action.option_strings}: a bare int/float type is not range-checked")
+            if kind.startswith("integer >= "):
+                yield name, action.option_strings[0], str(int(kind.removeprefix("integer >= ")) - 1)
+            elif kind == "_temperature":
+                yield name, action.option_strings[0], "1e-45"
+
+
+def test_every_numeric_argument_is_range_checked_at_parse_time(tmp_path: Path, capsys) -> None:
+    import pytest
+
+    cases = list(_range_checked_arguments())
+    flags = {(name, flag) for name, flag, _ in cases}
+    assert {("train-cycle", "--cycle"), ("promote", "--cycle"), ("generate", "--top-k"), ("generate", "--temperature"),
+            ("score", "--horizon"), ("inspect", "--points")} <= flags
+    for name, flag, bad in cases:
+        required = {"generate": ["--prompt-file", "p.txt"], "inspect": ["--prompt-file", "p.txt"],
+                    "train-phase": ["--phase", "jt1"], "promote": [] if flag == "--cycle" else ["--cycle", "1"]}
+        with pytest.raises(SystemExit) as exit_:
+            main([name, *required.get(name, []), flag, bad, *_args(tmp_path)])
+        assert exit_.value.code == 2, (name, flag)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"argument {flag}" in err and ("minimum" in err or "greedy" in err), err
+    assert not (tmp_path / "artifacts").exists()  # refused before anything ran
+    for alias in ("0", "-1"):  # cycle-0000 / cycle--001 would alias real folders
+        with pytest.raises(SystemExit):
+            main(["train-cycle", "--cycle", alias, *_args(tmp_path)])
+    assert "below the minimum, 1" in capsys.readouterr().err

@@ -160,3 +160,13 @@ def test_the_audit_walks_a_real_cycle_to_the_corpus_and_finds_a_modified_byte(fi
         assert {n.kind for n in bad} == {"lora_adapter"} and str(weights) in bad[0].problems[0]
     finally:
         weights.write_bytes(original)
+
+
+def test_a_cycle_has_one_spelling_and_zero_or_negative_numbers_are_refused(tmp_path) -> None:
+    from megacontext.training.cycle import cycle_dir, cycle_name, parse_cycle_name
+
+    assert [cycle_name(n) for n in (1, 12, 10_000)] == ["cycle-0001", "cycle-0012", "cycle-10000"]
+    assert all(parse_cycle_name(cycle_name(n)) == n for n in (1, 7, 999, 10_000))
+    for bad in (0, -1, True):
+        with pytest.raises(ConfigError, match="start at 1"):
+            cycle_dir(tiny_config(tmp_path), bad)

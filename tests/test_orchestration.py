@@ -50,6 +50,11 @@ def test_cycle_partition_names_and_the_next_cycle_rule() -> None:
     assert cycle_number("cycle-0012") == 12
     with pytest.raises(ValueError, match="not a cycle name"):
         cycle_number("cycle-x")
+    # one canonical spelling: aliases of cycle-0001 (and cycle 0) are refused with the form to use
+    for alias, hint in (("cycle-1", "cycle-0001"), ("cycle-00001", "cycle-0001"), ("cycle-0000", "cycle-0001"),
+                        ("cycle--001", "cycle-0001"), ("Cycle-0001", "cycle-0001")):
+        with pytest.raises(ValueError, match=f"spelled like {hint}"):
+            cycle_number(alias)
     assert next_cycle_key([], lambda n: False) == "cycle-0001"
     assert next_cycle_key(["cycle-0001"], lambda n: False) is None  # cycle 1 not evaluated yet: wait
     assert next_cycle_key(["cycle-0001", "cycle-0002"], lambda n: n == 2) == "cycle-0003"

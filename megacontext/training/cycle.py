@@ -22,6 +22,7 @@ from peft import PeftModel
 from megacontext.config import Config, config_hash
 from megacontext.context.focus_policy import lens_policy
 from megacontext.context.tree_build import build_trees
+from megacontext.errors import ConfigError
 from megacontext.data.shards import TokenizedDocument, read_split, shards_dir
 from megacontext.lifecycle.lineage import MANIFEST, verify_files, write_manifest
 from megacontext.lifecycle.tracking import Run, start_run
@@ -42,8 +43,27 @@ PHASES = ("jt1", "jt2", "jt3")
 PHASE_KINDS = {"jt1": "gistnet", "jt2": "lensnet", "jt3": "lora_adapter", "labels": "lens_labels"}
 
 
+def cycle_name(cycle: int) -> str:
+    """The one spelling of a cycle: `cycle-0001` (also its folder and Dagster partition name).
+
+    Raises ConfigError for anything but an integer ≥ 1 (`cycle-0000` or `cycle--001` would alias).
+    """
+    if isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < 1:
+        raise ConfigError(f"cycle numbers start at 1; got {cycle!r}")
+    return f"cycle-{cycle:04d}"
+
+
+def parse_cycle_name(name: str) -> int:
+    """`cycle-0007` -> 7. Raises ValueError for any other spelling (`cycle-7`, `cycle-0000`), naming the form."""
+    prefix, _, number = name.partition("-")
+    if prefix != "cycle" or not number.isdigit() or int(number) < 1 or name != f"cycle-{int(number):04d}":
+        hint = f"cycle-{int(number):04d}" if number.isdigit() and int(number) >= 1 else "cycle-0001"
+        raise ValueError(f"{name!r} is not a cycle name; cycles are spelled like {hint}")
+    return int(number)
+
+
 def cycle_dir(cfg: Config, cycle: int) -> Path:
-    return Path(cfg.paths.artifact_root) / "cycles" / f"cycle-{cycle:04d}"
+    return Path(cfg.paths.artifact_root) / "cycles" / cycle_name(cycle)
 
 
 def phase_done(folder: Path) -> bool:
@@ -87,7 +107,7 @@ def _tracked(cfg: Config, cycle: int, phase: str) -> Iterator[Run]:
     if not _rank0():
         yield Run()
         return
-    with start_run(cfg.model_dump(mode="json"), name=f"cycle-{cycle:04d}-{phase}", group=f"cycle-{cycle:04d}",
+    with start_run(cfg.model_dump(mode="json"), name=f"{cycle_name(cycle)}-{phase}", group=cycle_name(cycle),
                    job_type=phase, directory=Path(cfg.paths.artifact_root)) as run:
         yield run
 

@@ -38,11 +38,8 @@ GROUP = "cycle"
 
 
 def cycle_number(partition_key: str) -> int:
-    """`cycle-0007` -> 7 (the partition names are the cycle folder names)."""
-    prefix, _, number = partition_key.partition("-")
-    if prefix != "cycle" or not number.isdigit() or int(number) < 1:
-        raise ValueError(f"partition {partition_key!r} is not a cycle name like cycle-0001")
-    return int(number)
+    """`cycle-0007` -> 7 (the partition names are the cycle folder names; any other spelling is refused)."""
+    return lifecycle.parse_cycle_name(partition_key)
 
 
 def _cycle(context: AssetExecutionContext, mc: MegaContextConfig) -> tuple[Config, int, Path | None]:
