@@ -337,21 +337,31 @@ def load_config(
     # Start from the full defaults so a partial section (e.g. `train.jt3: {steps: 4}`)
     # keeps the defaults its parent declares for the keys it does not name.
     tree: dict[str, Any] = Config().to_dict()
+    origins: dict[str, str] = {}  # key -> where its value came from, named in a validation error
     for key, value in _flatten(raw):
         _set_key(tree, key, value, origin=str(path))
+        origins[key] = f"profile {path}"
     tree["profile"] = path.stem
     for var, key in ENV_OVERRIDES.items():
         if env.get(var):
-            _set_key(tree, key, yaml.safe_load(env[var]), origin=f"environment variable {var}")
+            try:
+                value = yaml.safe_load(env[var])
+            except yaml.YAMLError:
+                value = env[var]
+            _set_key(tree, key, value, origin=f"environment variable {var}")
+            origins[key] = f"environment variable {var}={env[var]!r}"
     for item in overrides:
         key, value = parse_override(item)
         _set_key(tree, key, value, origin=f"override '{item}'")
+        origins[key] = f"override '{item}'"
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        raise ConfigError(f"config key '{key}': {err['msg']} (got {err.get('input')!r})") from None
+        related = [o for k, o in origins.items() if key == k or key.startswith(k + ".") or k.startswith(key + ".")]
+        source = related[-1] if related else "the defaults"  # the last writer of the key or its section
+        raise ConfigError(f"config key '{key}' from {source}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:

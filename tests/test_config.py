@@ -36,8 +36,17 @@ def test_bad_value_names_the_key() -> None:
         load_config("tiny", ["data.val_fraction=1.5"], env={})
     with pytest.raises(ConfigError, match=r"config key 'model\.kind'"):
         load_config("tiny", ["model.kind=gpt5"], env={})
-    with pytest.raises(ConfigError, match=r"config key 'model\.tiny'.*n_heads"):
+    with pytest.raises(ConfigError, match=r"config key 'model\.tiny' from override 'model\.tiny\.n_heads=3'.*n_heads"):
         load_config("tiny", ["model.tiny.n_heads=3"], env={})
+
+
+def test_a_bad_environment_variable_is_named_not_only_its_key() -> None:
+    with pytest.raises(ConfigError, match=r"config key 'seed' from environment variable MEGACONTEXT_SEED='abc'"):
+        load_config("tiny", env={"MEGACONTEXT_SEED": "abc"})
+    with pytest.raises(ConfigError, match=r"from environment variable MEGACONTEXT_SEED='\[1'"):  # not YAML either
+        load_config("tiny", env={"MEGACONTEXT_SEED": "[1"})
+    with pytest.raises(ConfigError, match=r"config key 'data\.val_fraction' from override 'data\.val_fraction=1\.5'"):
+        load_config("tiny", ["data.val_fraction=1.5"], env={})
 
 
 def test_value_key_used_as_section_is_refused() -> None:
