@@ -110,3 +110,14 @@ def test_rebuild_reuses_an_identical_corpus_and_notices_new_files(tmp_path: Path
     (tmp_path / "data" / "b.txt").write_text("b " + LONG_TEXT)
     assert read_documents(build_corpus(cfg)).num_rows == 2
     assert build_corpus(cfg, force=True) == out
+
+
+def test_jsonl_records_split_only_on_newlines_not_on_unicode_line_separators(tmp_path: Path) -> None:
+    cfg = _folder_cfg(tmp_path)
+    texts = ["line\u2028separator " + LONG_TEXT, "para\u2029graph\x85next\x0cfeed " + LONG_TEXT]
+    raw = "\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\r\n"  # CRLF, raw U+2028
+    assert "\u2028" in raw
+    (tmp_path / "data" / "u.jsonl").write_text(raw, newline="")
+    table = read_documents(build_corpus(cfg))
+    assert table.column("source").to_pylist() == [f"{tmp_path / 'data'}/u.jsonl:1", f"{tmp_path / 'data'}/u.jsonl:2"]
+    assert table.column("text").to_pylist() == texts

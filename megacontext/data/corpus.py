@@ -189,7 +189,10 @@ def _decode(path: Path, name: str) -> str:
 
 def _read_jsonl(text: str, name: str, field: str) -> list[Document]:
     documents = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines records end at "\n" only: str.splitlines() would also split inside a string at U+2028,
+    # U+2029, U+0085 or a form feed, which JSON allows unescaped.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
