@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy, else >= 0.001")
         p.add_argument("--top-k", type=COUNT, default=0, help="sample from the k most likely tokens (0 = all)")
         p.add_argument("--recompute", action="store_true", help="no K/V reuse: recompute the whole WC every token")
+        p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
+                       help="stop at the tokenizer's end-of-sequence token (default); --no-stop-at-eos runs on")
         p.add_argument("--tree", type=Path, help="folder for the document's tree (default: artifacts/runtime/<prompt>)")
     p.add_argument("--points", type=_int_at_least(1), default=6, help="points in time to show")
     p.add_argument("--out", type=Path, help="output folder (default: artifacts/inspect/<prompt>)")
@@ -388,7 +390,8 @@ def _generate(runtime, args: argparse.Namespace, *, echo: bool) -> list[int]:
     tokenizer = runtime.base.tokenizer
     out: list[int] = []
     shown = ""
-    for token in runtime.generate(args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=runtime.cfg.seed):
+    for token in runtime.generate(args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  seed=runtime.cfg.seed, stop_at_eos=args.stop_at_eos):
         out.append(token)
         if echo:  # decode the whole continuation so multi-token characters come out whole
             text = tokenizer.decode(out)

@@ -78,3 +78,11 @@ def test_every_numeric_argument_is_range_checked_at_parse_time(tmp_path: Path, c
         with pytest.raises(SystemExit):
             main(["train-cycle", "--cycle", alias, *_args(tmp_path)])
     assert "below the minimum, 1" in capsys.readouterr().err
+
+
+def test_generate_and_inspect_stop_at_eos_by_default_with_an_opt_out() -> None:
+    from megacontext.cli import _parser
+
+    for name in ("generate", "inspect"):
+        assert _parser().parse_args([name, "--prompt-file", "p.txt"]).stop_at_eos is True
+        assert _parser().parse_args([name, "--prompt-file", "p.txt", "--no-stop-at-eos"]).stop_at_eos is False

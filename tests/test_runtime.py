@@ -335,3 +335,52 @@ def test_with_megaprediction_a_draft_is_scored_at_the_wlod1_readout_jt3_trains(t
     assert score == pytest.approx(expected.item(), abs=1e-5)
     _, leaf_score, _ = plain.speculate(threshold=2.0)  # without MegaPrediction: the latest leaf's readout
     assert plain.summary()["speculative_wlod1_readouts"] == 0 and leaf_score != pytest.approx(score, abs=1e-4)
+
+
+# --- end of sequence ------------------------------------------------------------------------
+
+
+def with_eos(rt: Runtime, token: int) -> Runtime:
+    """The runtime's tokenizer reports `token` as its end-of-sequence id (the tiny model never emits its own)."""
+    import dataclasses
+
+    rt.base = dataclasses.replace(rt.base, tokenizer=_EosTokenizer(rt.base.tokenizer, token))
+    return rt
+
+
+class _EosTokenizer:
+    def __init__(self, inner, eos: int):
+        self._inner, self.eos_token_id = inner, eos
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_generation_stops_after_the_end_of_sequence_token_unless_told_not_to(cfg, base, tmp_path):
+    free = runtime(cfg, base, tmp_path / "free")
+    free.feed(text_tokens(600))
+    run_on = list(free.generate(24, stop_at_eos=False))
+    eos = run_on[5]  # a token greedy decoding does produce: call it the end of sequence
+    first = run_on.index(eos)
+    stopped = with_eos(runtime(cfg, base, tmp_path / "stop"), eos)
+    stopped.feed(text_tokens(600))
+    assert list(stopped.generate(24)) == run_on[: first + 1]  # the EOS is yielded, nothing after it
+    assert stopped.cursor == 600 + first + 1
+    again = with_eos(runtime(cfg, base, tmp_path / "again"), eos)
+    again.feed(text_tokens(600))
+    assert list(again.generate(24, stop_at_eos=False)) == run_on  # opt-out: runs on past it
+
+
+def test_a_draft_that_reaches_the_end_of_sequence_is_returned_unscored_and_the_tree_is_untouched(cfg, base, tmp_path):
+    probe = runtime(cfg, base, tmp_path / "probe")
+    probe.feed(text_tokens(1_024))
+    full_draft, _, _ = probe.speculate(threshold=2.0, stop_at_eos=False)
+    eos = full_draft[3]
+    cut = full_draft.index(eos)
+    assert cut + 1 < BLOCK
+    rt = with_eos(runtime(cfg, base, tmp_path / "t"), eos)
+    rt.feed(text_tokens(1_024))
+    before, entries = tree_bytes(tmp_path / "t"), list(rt.wc.entries)
+    draft, score, committed = rt.speculate(threshold=-2.0)  # would always commit a full block
+    assert draft == full_draft[: cut + 1] and np.isnan(score) and not committed
+    assert tree_bytes(tmp_path / "t") == before and rt.wc.entries == entries and rt.cursor == 1_024

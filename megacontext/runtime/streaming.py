@@ -251,9 +251,19 @@ class Runtime:
         self.telemetry.decode_forwards += 1
         return logits
 
+    @property
+    def eos_token_id(self) -> int:
+        """The tokenizer's end-of-sequence id (SmolLM2-Instruct: `<|im_end|>`, the end of a chat turn)."""
+        return int(self.base.tokenizer.eos_token_id)
+
     def generate(self, n: int, *, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
-                 stop: set[int] | None = None) -> Iterator[int]:
-        """Decode `n` tokens (greedy at temperature 0), feeding each back in; stops early at a `stop` id."""
+                 stop_at_eos: bool = True, stop: set[int] | None = None) -> Iterator[int]:
+        """Decode up to `n` tokens (greedy at temperature 0), feeding each back in.
+
+        Stops after yielding the end-of-sequence token (`eos_token_id`) unless `stop_at_eos`
+        is False, and after any id in `stop`. The stop token itself is fed and yielded.
+        """
+        stop = set(stop or ()) | ({self.eos_token_id} if stop_at_eos else set())
         rng = torch.Generator().manual_seed(seed)
         for _ in range(n):
             logits = self.next_logits()
@@ -273,10 +283,13 @@ class Runtime:
     # --- the speculative region (docs/architecture.md §2.9) --------------------------------------------
 
     @torch.no_grad()
-    def speculate(self, *, threshold: float = 0.5) -> tuple[list[int], float, bool]:
+    def speculate(self, *, threshold: float = 0.5, stop_at_eos: bool = True) -> tuple[list[int], float, bool]:
         """Draft one block (32 tokens) beyond the cursor, score it, then commit or roll back.
 
-        Returns (draft, score, committed). The draft is decoded greedily into scratch
+        Returns (draft, score, committed). With `stop_at_eos` (the default) drafting ends at
+        the end-of-sequence token: a draft shorter than a block cannot be gisted, so it is
+        returned unscored (score NaN) and not committed, and the tree is left as it was;
+        the caller decides whether to feed it (the text ends there). The draft is decoded greedily into scratch
         space past the cursor; the tree and the allocator are untouched (the WC only
         makes room first if the block would not fit the budget). Its score is the LOD
         agreement cos(ĝ, g) between the gist predicted for the next block and GistNet's
@@ -303,6 +316,9 @@ class Runtime:
         for i in range(n):
             token = int(torch.argmax(logits))
             draft.append(token)
+            if stop_at_eos and token == self.eos_token_id and i + 1 < n:
+                self.telemetry.drafts += 1
+                return draft, float("nan"), False  # the text ends inside the block: nothing to gist
             self._grow(self.wc.cursor + i + 1)
             self._buffer[self.wc.cursor + i] = token  # scratch past the cursor
             entries.append(Node(self.wc.cursor + i, 0))
