@@ -170,3 +170,54 @@ def test_a_cycle_has_one_spelling_and_zero_or_negative_numbers_are_refused(tmp_p
     for bad in (0, -1, True):
         with pytest.raises(ConfigError, match="start at 1"):
             cycle_dir(tiny_config(tmp_path), bad)
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("phase, file", [("jt3/final", "adapter_model.safetensors"), ("jt1/final", "gistnet.safetensors"),
+                                         ("jt2/final", "lensnet.json"), ("jt2/labels", "labels.parquet"),
+                                         ("trees", "gistnet/gistnet.safetensors")])
+def test_a_flipped_byte_in_a_phase_output_stops_its_consumers_and_the_advice_repairs_it(first_cycle, tmp_path,
+                                                                                         phase, file) -> None:
+    import shutil
+
+    from megacontext.errors import ArtifactError
+    from megacontext.lifecycle.audit import audit
+    from megacontext.runtime.streaming import load_runtime
+    from megacontext.training.cycle import cycle_dir
+
+    cfg, original = first_cycle
+    root = tmp_path / "artifacts"
+    shutil.copytree(Path(cfg.paths.artifact_root), root, ignore=shutil.ignore_patterns("evaluation", "wandb"))
+    cfg = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"artifact_root": str(root)})})
+    out = cycle_dir(cfg, 1)
+    target = out / phase / file
+    pristine = target.read_bytes()
+    _flip(target)
+    consumers = {"generate": lambda: load_runtime(cfg, out, tmp_path / "tree")}
+    if phase != "jt1/final":  # evaluation reads GistNet from the cycle's trees, which hold their own copy
+        consumers["evaluate"] = lambda: evaluate(cfg, checkpoint=out, out=tmp_path / "report")
+    if phase == "trees":  # the cycle's evaluation trees and the GistNet copy they were built with
+        consumers = {"evaluate": consumers["evaluate"]}
+    if phase == "jt2/labels":  # read by JT2 of this cycle only
+        shutil.rmtree(out / "jt2" / "final")
+        consumers = {"train-cycle": lambda: run_cycle(cfg, 1)}
+    for name, consume in consumers.items():
+        with pytest.raises(ArtifactError) as error:
+            consume()
+        message = str(error.value)
+        assert str(target) in message and "\n" not in message, (name, message)
+        doomed = [out / phase] + ([out / "jt2" / "final", out / "jt3" / "final"] if phase == "jt2/labels" else [])
+        advice = f"delete {', '.join(map(str, doomed))} and rerun `megacontext train-cycle --cycle 1`"
+        assert advice in message, (name, message)
+    for folder in doomed:  # the advice: each phase resumes from its last checkpoint and re-exports
+        shutil.rmtree(folder, ignore_errors=True)
+    run_cycle(cfg, 1)
+    if phase != "jt2/labels":  # labels are recomputed (same rows, new timings); weights are re-exported as they were
+        assert target.read_bytes() == pristine
+    assert audit(out).ok
+    load_runtime(cfg, out, tmp_path / "tree2").close()

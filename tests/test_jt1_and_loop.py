@@ -66,6 +66,38 @@ def test_kill_and_resume_gives_the_same_weights(tiny: Config, tmp_path: Path) ->
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def flip_byte(path: Path, offset: int = -9) -> None:
+    """Invert one byte of `path` in place (size unchanged): the corruption a loader must catch."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("file", ["trainable.safetensors", "optimizer.safetensors"])
+def test_a_corrupt_training_checkpoint_is_refused_and_deleting_it_resumes_from_the_one_before(
+        tiny: Config, tmp_path: Path, file: str) -> None:
+    from megacontext.errors import ArtifactError
+
+    straight = _phase(tiny)
+    fit(straight, PhaseConfig(steps=4, batch=2), tmp_path / "straight", checkpoint_every=2)
+    fit(_phase(tiny), PhaseConfig(steps=4, batch=2), tmp_path / "run", checkpoint_every=2)  # steps 2 and 4 kept
+    latest = tmp_path / "run" / "checkpoints" / "step-000004"
+    flip_byte(latest / file)
+    with pytest.raises(ArtifactError) as error:
+        fit(_phase(tiny), PhaseConfig(steps=4, batch=2), tmp_path / "run", checkpoint_every=2)
+    message = str(error.value)
+    assert str(latest / file) in message and f"delete {latest}" in message and "from step-000002" in message
+    assert "\n" not in message
+    import shutil
+
+    shutil.rmtree(latest)  # the advice
+    resumed = _phase(tiny)
+    result = fit(resumed, PhaseConfig(steps=4, batch=2), tmp_path / "run", checkpoint_every=2)
+    assert result.resumed_from == 2
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _ddp_worker(rank: int, world: int, cfg_json: str, out: str, init: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -110,6 +142,9 @@ def test_jt3_trains_exactly_the_configured_lora_adapters(tiny: Config, tmp_path:
     assert result.telemetry[-1]["nll"] > 0 and (tmp_path / "final" / "adapter_model.safetensors").is_file()
     lora_b = [p for n, p in trainable.items() if "lora_B" in n or "lora_embedding_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero; training moved it
+    from megacontext.lifecycle.lineage import write_manifest
+
+    write_manifest(tmp_path / "final", kind="lora_adapter", format_version=1, config_hash="test")  # sealed, as a cycle does
     reloaded = load_lora(load_base_model(tiny), tmp_path / "final")
     ids = torch.arange(40)[None] % 250
     assert torch.allclose(reloaded(input_ids=ids).logits, phase.peft(input_ids=ids).logits, atol=1e-5)

@@ -10,7 +10,7 @@ import pytest
 from megacontext.config import Config
 from megacontext.data.corpus import build_corpus
 from megacontext.errors import ArtifactError
-from megacontext.lifecycle.lineage import manifest_digest, read_manifest
+from megacontext.lifecycle.lineage import manifest_digest, read_manifest, write_manifest
 from megacontext.data.schemas import SHARD_SCHEMA, SchemaViolation, validate
 from megacontext.data.shards import build_shards, read_split, split_of
 from tests.conftest import tiny_config
@@ -82,8 +82,49 @@ def test_reading_a_tampered_shard_fails_with_the_row(tiny_cfg: Config) -> None:
     df = pl.read_parquet(path)
     df = df.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("bogus")).otherwise(pl.col("split")).alias("split"))
     df.write_parquet(path)
+    with pytest.raises(ArtifactError, match=r"train-00000\.parquet: content differs from the manifest"):
+        read_split(out, "train")  # changed after the build: caught by the digest before the schema
+    manifest = read_manifest(out)  # a build that wrote the bad row itself: the digests agree, the schema does not
+    write_manifest(out, kind=manifest["kind"], format_version=manifest["format_version"],
+                   config_hash=manifest["config_hash"], extra={"tokenizer": manifest["tokenizer"]})
     with pytest.raises(SchemaViolation, match=r"train-00000\.parquet: violates schema.*bogus"):
         read_split(out, "train")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_flipped_byte_in_a_shard_is_one_line_naming_it_and_the_advice_repairs_it(tmp_path: Path, split: str) -> None:
+    cfg = tiny_config(tmp_path, "data.max_documents=6", "data.val_fraction=0.5", "data.test_fraction=0")
+    out = _build(cfg)
+    path = sorted(out.glob(f"{split}-*.parquet"))[0]
+    pristine = path.read_bytes()
+    data = bytearray(pristine)
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError) as error:
+        read_split(out, split)
+    message = str(error.value)
+    assert message.startswith(f"{path}: content differs from the manifest") and "\n" not in message
+    assert message.endswith("rebuild the shards with `megacontext build-shards --force`")
+    build_shards(cfg, force=True)  # the advice
+    assert path.read_bytes() == pristine and read_split(out, split)
+
+
+def test_a_flipped_byte_in_the_corpus_stops_the_shard_build_naming_it_and_the_advice_repairs_it(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "data.max_documents=4")
+    out = _build(cfg)
+    corpus = out.parent / "corpus"
+    path = next(p for p in corpus.iterdir() if p.suffix == ".parquet")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError) as error:
+        build_shards(cfg, force=True)
+    message = str(error.value)
+    assert message.startswith(f"{path}: content differs from the manifest") and "\n" not in message
+    assert message.endswith("rebuild the corpus with `megacontext build-corpus --force`")
+    assert read_split(out, "train")  # the shards built before are untouched
+    build_corpus(cfg, force=True)  # the advice
+    assert build_shards(cfg, force=True) == out and read_split(out, "train")
 
 
 def test_shards_of_another_tokenizer_are_refused(tiny_cfg: Config) -> None:

@@ -192,16 +192,36 @@ def test_sigkilled_appender_leaves_a_valid_prefix_tree(tmp_path: Path) -> None:
 
 
 # ---- 4. corruption and foreign trees are refused ----------------------------------------------
+def _sealed_trees(folder: Path) -> Path:
+    """`folder` as a published trees artifact (its manifest written), holding `val/doc`."""
+    from megacontext.lifecycle.lineage import write_manifest
+
+    build(folder / "val" / "doc", doc_tokens(0, 2048))
+    write_manifest(folder, kind="megacontext_trees", format_version=1, config_hash="test")
+    return folder / "val" / "doc"
+
+
 @pytest.mark.parametrize("level", [0, 1, 2])
-def test_a_corrupt_committed_byte_is_refused(tmp_path: Path, level: int) -> None:
-    tree = build(tmp_path / "t", doc_tokens(0, 2048))
-    file = tree.path / level_file(level)
+@pytest.mark.parametrize("where, advice", [
+    ("bare", "rebuild {tree} with the command that made it"),  # e.g. `generate`'s scratch tree: rerun it
+    ("artifacts/trees", "rebuild it with `megacontext build-trees --force`"),
+    ("artifacts/cycles/cycle-0003/trees", "delete {trees} and rerun `megacontext train-cycle --cycle 3`"),
+])
+def test_a_corrupt_committed_byte_is_refused_with_the_command_that_rebuilds_that_tree(
+        tmp_path: Path, level: int, where: str, advice: str) -> None:
+    if where == "bare":
+        tree, trees = build(tmp_path / "t", doc_tokens(0, 2048)).path, None
+    else:
+        trees = tmp_path / where
+        tree = _sealed_trees(trees)
+    file = tree / level_file(level)
     data = bytearray(file.read_bytes())
     data[HEADER_BYTES + 3] ^= 0x40
     file.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match=rf"lod{level}\.bin: CRC mismatch .*corrupt.*build-trees"):
-        MegaContextTree.open(tree.path)
-    assert MegaContextTree.open(tree.path, verify=False).n_tokens == 2048  # only the CRC check reads every byte
+    with pytest.raises(ArtifactError) as error:
+        MegaContextTree.open(tree)
+    assert str(error.value) == f"{file}: CRC mismatch in committed data (corrupt); " + advice.format(tree=tree, trees=trees)
+    assert MegaContextTree.open(tree, verify=False).n_tokens == 2048  # only the CRC check reads every byte
 
 
 def test_truncated_files_bad_headers_and_bad_meta_are_refused(tmp_path: Path) -> None:
@@ -237,8 +257,8 @@ def test_create_refuses_a_non_empty_folder(tmp_path: Path) -> None:
 # ---- 5. base model / encoder identity, refresh ------------------------------------------------
 def test_another_base_model_or_encoder_is_refused(tmp_path: Path) -> None:
     tree = build(tmp_path / "t", doc_tokens(0, 100))
-    with pytest.raises(ArtifactError, match=f"built with base model {BASE}, not other-model; rebuild it with "
-                                            "`megacontext build-trees`"):
+    with pytest.raises(ArtifactError, match=f"built with base model {BASE}, not other-model; rebuild .* with the "
+                                            "command that made it"):
         MegaContextTree.open(tree.path, base_model_id="other-model")
     with pytest.raises(ArtifactError, match="holds gists of encoder table-d8-seed0, not table-d8-seed1"):
         MegaContextTree.open(tree.path, base_model_id=BASE, encoder_identity="table-d8-seed1")

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from megacontext.errors import ArtifactError
+from megacontext.lifecycle.lineage import repair_advice
 from megacontext.context.nodes import BLOCK, Node, complete_count
 
 FORMAT_VERSION = 1
@@ -29,7 +30,6 @@ HEADER = struct.Struct("<6sHBBII128s")
 HEADER_BYTES = 256  # the header padded so every array starts at the same aligned offset
 STORAGE = {"uint32": (1, np.uint32), "float16": (2, np.float16), "bfloat16": (3, np.uint16), "float32": (4, np.float32)}
 GIST_DTYPES = ("float16", "bfloat16", "float32")
-REBUILD = "rebuild it with `megacontext build-trees`"
 READ_CHUNK = 1 << 22  # bytes per read when recomputing a CRC
 META_FIELDS = {"base_model_id", "encoder_identity", "gist_version", "gist_dtype", "d", "levels", "files", "counts",
                "crc32", "access_counts"}
@@ -93,17 +93,17 @@ def _now() -> str:
 def _read_meta(path: Path) -> dict[str, Any]:
     file = path / META
     if not file.is_file():
-        raise ArtifactError(f"{path}: no {META}, not a complete MegaContext tree; {REBUILD}")
+        raise ArtifactError(f"{path}: no {META}, not a complete MegaContext tree; {repair_advice(path)}")
     try:
         meta = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{file}: corrupt ({exc}); {REBUILD}") from exc
+        raise ArtifactError(f"{file}: corrupt ({exc}); {repair_advice(path)}") from exc
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ArtifactError(f"{file}: tree format version {found}, expected {FORMAT_VERSION}; {REBUILD}")
+        raise ArtifactError(f"{file}: tree format version {found}, expected {FORMAT_VERSION}; {repair_advice(path)}")
     missing = sorted(META_FIELDS - meta.keys())
     if missing:
-        raise ArtifactError(f"{file}: missing fields {missing}; {REBUILD}")
+        raise ArtifactError(f"{file}: missing fields {missing}; {repair_advice(path)}")
     return meta
 
 
@@ -155,10 +155,10 @@ class MegaContextTree:
         meta = _read_meta(path)
         tree, built_with = cls(path, meta), (meta["base_model_id"], meta["encoder_identity"])
         if base_model_id is not None and built_with[0] != base_model_id:
-            raise ArtifactError(f"tree at {path} was built with base model {built_with[0]}, not {base_model_id}; {REBUILD}")
+            raise ArtifactError(f"tree at {path} was built with base model {built_with[0]}, not {base_model_id}; {repair_advice(path)}")
         if encoder_identity is not None and built_with[1] != encoder_identity:
             raise ArtifactError(f"tree at {path} holds gists of encoder {built_with[1]}, not {encoder_identity}; "
-                                f"{REBUILD} (or refresh it)")
+                                f"{repair_advice(path)} (or refresh it)")
         tree.check_invariants()
         if verify:
             tree.verify()
@@ -237,32 +237,32 @@ class MegaContextTree:
         """Counts agree across levels and with the files; headers match meta. Raises ArtifactError."""
         meta, n = self.meta, self.levels + 1
         if any(len(meta[key]) != n for key in ("files", "counts", "crc32", "access_counts")):
-            raise ArtifactError(f"{self.path / META}: per-level lists do not have {n} entries; {REBUILD}")
+            raise ArtifactError(f"{self.path / META}: per-level lists do not have {n} entries; {repair_advice(self.path)}")
         for level in range(1, n):
             if self.count(level) != complete_count(self.n_tokens, level):
                 raise ArtifactError(f"{self.path / META}: {self.count(level)} LOD{level} gists over {self.n_tokens} "
-                                    f"tokens, expected {complete_count(self.n_tokens, level)}; {REBUILD}")
+                                    f"tokens, expected {complete_count(self.n_tokens, level)}; {repair_advice(self.path)}")
         for level in range(n):
             self._check_file(level)
 
     def _check_file(self, level: int) -> None:
         file = self._file(level)
         if not file.is_file():
-            raise ArtifactError(f"{file}: missing; {REBUILD}")
+            raise ArtifactError(f"{file}: missing; {repair_advice(self.path)}")
         with open(file, "rb") as fh:
             raw = fh.read(HEADER.size)
         dtype, d = ("uint32", 1) if level == 0 else (self.gist_dtype, self.d)
         expected = _header(level, dtype, d, self.base_model_id)[: HEADER.size]
         if raw[:6] != MAGIC:
-            raise ArtifactError(f"{file}: not a MegaContext tree file (bad magic); {REBUILD}")
+            raise ArtifactError(f"{file}: not a MegaContext tree file (bad magic); {repair_advice(self.path)}")
         if raw[6:8] != expected[6:8]:
             version = int.from_bytes(raw[6:8], "little")
-            raise ArtifactError(f"{file}: tree format version {version}, expected {FORMAT_VERSION}; {REBUILD}")
+            raise ArtifactError(f"{file}: tree format version {version}, expected {FORMAT_VERSION}; {repair_advice(self.path)}")
         if raw != expected:
-            raise ArtifactError(f"{file}: header (level, dtype, d or base model) does not match {META}; {REBUILD}")
+            raise ArtifactError(f"{file}: header (level, dtype, d or base model) does not match {META}; {repair_advice(self.path)}")
         need = self._committed_end(level)
         if file.stat().st_size < need:
-            raise ArtifactError(f"{file}: truncated ({file.stat().st_size} bytes, committed data needs {need}); {REBUILD}")
+            raise ArtifactError(f"{file}: truncated ({file.stat().st_size} bytes, committed data needs {need}); {repair_advice(self.path)}")
 
     def verify(self) -> None:
         """Recompute every level's CRC32 over its committed bytes (reads the whole tree)."""
@@ -277,7 +277,7 @@ class MegaContextTree:
                         break
                     crc, left = zlib.crc32(chunk, crc), left - len(chunk)
             if left or crc != self.meta["crc32"][level]:
-                raise ArtifactError(f"{file}: CRC mismatch in committed data (corrupt); {REBUILD}")
+                raise ArtifactError(f"{file}: CRC mismatch in committed data (corrupt); {repair_advice(self.path)}")
 
     # ---- writes ----------------------------------------------------------------------
     def append(self, tokens: np.ndarray, encoder: GistEncoder) -> None:

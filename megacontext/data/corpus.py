@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from megacontext.config import Config, DataConfig, config_hash
 from megacontext.errors import InputDataError
-from megacontext.lifecycle.lineage import is_reusable, read_manifest, sha256_file, staged_artifact, write_manifest
+from megacontext.lifecycle.lineage import (is_reusable, read_manifest, sha256_file, staged_artifact, verify_artifact,
+                                           write_manifest)
 
 KIND = "corpus"
 FORMAT_VERSION = 1
@@ -83,6 +84,12 @@ def build_corpus(cfg: Config, *, force: bool = False) -> Path:
 
 
 def read_documents(folder: Path) -> pa.Table:
+    """The corpus table (doc_id, source, text), after checking its files against the manifest.
+
+    Raises ArtifactError (one line naming the file and `megacontext build-corpus --force`) when
+    the corpus was never built or a file differs from its manifest.
+    """
+    verify_artifact(folder, kind=KIND, repair="rebuild the corpus with `megacontext build-corpus --force`")
     return pq.read_table(Path(folder) / DOCUMENTS_FILE)
 
 

@@ -22,7 +22,8 @@ from megacontext.model.base_model import load_tokenizer
 from megacontext.config import Config, config_hash
 from megacontext.data.corpus import corpus_dir, read_documents
 from megacontext.errors import ArtifactError, InputDataError
-from megacontext.lifecycle.lineage import is_reusable, manifest_digest, read_manifest, staged_artifact, write_manifest
+from megacontext.lifecycle.lineage import (is_reusable, manifest_digest, read_manifest, staged_artifact, verify_artifact,
+                                           write_manifest)
 from megacontext.progress import progress_bar
 from megacontext.data.schemas import SHARD_SCHEMA, SPLITS, validate
 
@@ -98,10 +99,13 @@ def build_shards(cfg: Config, *, force: bool = False) -> Path:
 
 
 def read_split(folder: Path, split: str, tokenizer_name: str | None = None) -> list[TokenizedDocument]:
-    """The documents of one split, schema-checked; refuses shards of another tokenizer."""
-    manifest = read_manifest(folder)
-    if manifest.get("kind") != KIND:
-        raise ArtifactError(f"{folder}: not a dataset_shards artifact (kind {manifest.get('kind')!r})")
+    """The documents of one split, schema-checked; refuses shards of another tokenizer.
+
+    Every shard file is checked against the manifest (size, sha256) before it is read.
+    Raises ArtifactError (one line naming the file and `megacontext build-shards --force`)
+    when a file is missing, changed or corrupt.
+    """
+    manifest = verify_artifact(folder, kind=KIND, repair="rebuild the shards with `megacontext build-shards --force`")
     if tokenizer_name is not None and manifest["tokenizer"] != tokenizer_name:
         raise ArtifactError(
             f"{folder}: tokenized with {manifest['tokenizer']}, but the model uses {tokenizer_name}; "

@@ -171,6 +171,88 @@ def verify_files(folder: Path) -> list[str]:
     return problems
 
 
+REBUILD = {  # artifacts outside a cycle: the command that rebuilds each kind
+    "corpus": "megacontext build-corpus --force",
+    "dataset_shards": "megacontext build-shards --force",
+    "megacontext_trees": "megacontext build-trees --force",
+    "eval_references": "megacontext eval-references --force",
+}
+
+
+def repair_advice(path: Path) -> str:
+    """What to run to rebuild the artifact that holds `path` (a file or folder inside it).
+
+    Inside a cycle (`cycles/cycle-NNNN/...`): delete that artifact and rerun the cycle, which
+    resumes each phase from its last checkpoint (re-exporting bitwise the same weights) and
+    rebuilds the cycle's trees and manifest; a label table is re-timed when recomputed, so
+    the phases that read it go too. Elsewhere: the `--force` rebuild of its kind.
+    """
+    path = Path(path)
+    artifact = next((p for p in (path, *path.parents) if (p / MANIFEST).is_file()), None)
+    target = artifact or path
+    cycle = next((p for p in (target, *target.parents) if p.name.startswith("cycle-")
+                  and p.name.removeprefix("cycle-").isdigit()), None)
+    if cycle is not None and target == cycle:  # its own files (cycle.json, config): finishing rewrites them
+        return f"rerun `megacontext train-cycle --cycle {int(cycle.name.removeprefix('cycle-'))}`"
+    if cycle is not None:
+        doomed = [target]
+        if target == cycle / "jt2" / "labels":
+            doomed += [cycle / "jt2" / "final", cycle / "jt3" / "final"]
+        number = int(cycle.name.removeprefix("cycle-"))
+        return f"delete {', '.join(map(str, doomed))} and rerun `megacontext train-cycle --cycle {number}`"
+    kind = None
+    if artifact is not None:
+        try:
+            kind = read_manifest(artifact).get("kind")
+        except ArtifactError:
+            pass
+    if kind in REBUILD:
+        return f"rebuild it with `{REBUILD[kind]}`"
+    return f"rebuild {target} with the command that made it"
+
+
+def verify_artifact(folder: Path, *, repair: str, kind: str | None = None) -> dict[str, Any]:
+    """The manifest of `folder`, after checking every file it lists against it (size, then sha256).
+
+    The check on open that every loader runs before it uses an artifact: no file missing,
+    changed or added since the manifest was written. `repair` is what to run to rebuild
+    it (e.g. "rebuild it with `megacontext build-shards --force`"); `kind`, when given,
+    must be the manifest's kind.
+
+    Raises:
+        ArtifactError: one line naming the first bad file (or the missing/corrupt manifest)
+            and `repair`.
+    """
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{str(exc).split(';')[0]}; {repair}") from exc
+    if kind is not None and manifest.get("kind") != kind:
+        raise ArtifactError(f"{folder}: not a {kind} artifact (its manifest says {manifest.get('kind')!r}); {repair}")
+    problems = verify_files(folder)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ArtifactError(f"{problems[0]}{more}; {repair}")
+    return manifest
+
+
+def stale_inputs(folder: Path) -> list[str]:
+    """Inputs of `folder` that are gone or whose manifest changed since `folder` was built from them."""
+    folder = Path(folder)
+    stale = []
+    for entry in read_manifest(folder).get("inputs", []):
+        parent = (folder / entry["path"]).resolve()
+        try:
+            current = manifest_digest(read_manifest(parent))
+        except ArtifactError:
+            stale.append(f"{parent}: missing")
+            continue
+        if current != entry["digest"]:
+            stale.append(f"{parent}: changed")
+    return stale
+
+
 def is_reusable(folder: Path, *, kind: str, format_version: int, config_hash: str) -> bool:
     """True when `folder` is a complete, intact artifact of this kind built from this config."""
     try:

@@ -13,10 +13,12 @@ import json
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from megacontext.errors import ArtifactError
+from megacontext.lifecycle.lineage import MANIFEST, repair_advice, verify_artifact
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -41,16 +43,25 @@ def save_module(folder: Path, name: str, module: nn.Module, meta: dict[str, Any]
 def load_module(folder: Path, name: str, build: Callable[[dict[str, Any]], M], *, label: str) -> M:
     """Rebuild a saved module with `build(meta)` and load its weights.
 
-    Raises ArtifactError when the folder has no `<name>.json` (not a `label` checkpoint) or when the
-    weights' hash is not the recorded identity (a corrupt checkpoint).
+    A sealed folder (one with a lineage manifest) is first checked file by file against it.
+    Raises ArtifactError, one line naming the file and how to rebuild it, when the folder has no
+    `<name>.json` (not a `label` checkpoint), a file differs from the manifest, the files cannot be
+    read (truncated safetensors, bad JSON), or the weights' hash is not the recorded identity.
     """
+    folder = Path(folder)
     meta_path = folder / f"{name}.json"
     if not meta_path.is_file():
         raise ArtifactError(f"{folder}: no {meta_path.name}; not a {label} checkpoint")
-    meta = json.loads(meta_path.read_text())
-    module = build(meta)
+    repair = repair_advice(folder)
+    if (folder / MANIFEST).is_file():  # a sealed phase output: every file as the manifest recorded it
+        verify_artifact(folder, repair=repair)
     weights = folder / f"{name}.safetensors"
-    module.load_state_dict(load_file(weights))
+    try:
+        meta = json.loads(meta_path.read_text())
+        module = build(meta)
+        module.load_state_dict(load_file(weights))
+    except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as exc:
+        raise ArtifactError(f"{weights}: not a readable {label} checkpoint ({type(exc).__name__}); {repair}") from exc
     if module_identity(name, module) != meta["identity"]:
-        raise ArtifactError(f"{weights}: weights do not match the recorded identity; the checkpoint is corrupt")
+        raise ArtifactError(f"{weights}: weights do not match the recorded identity; the checkpoint is corrupt; {repair}")
     return module

@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from megacontext.config import LoraSettings
 from megacontext.errors import ConfigError
+from megacontext.lifecycle.lineage import repair_advice, verify_artifact
 from megacontext.model.base_model import BaseLM
 
 
@@ -41,6 +42,12 @@ def attach_lora(base: BaseLM, settings: LoraSettings, *, seed: int) -> PeftModel
         return get_peft_model(base.model, config)
 
 
-def load_lora(base: BaseLM, folder: Path) -> PeftModel:
-    """Apply saved adapters (safetensors) to the base, frozen."""
-    return PeftModel.from_pretrained(base.model, folder, is_trainable=False)
+def load_lora(base: BaseLM, folder: Path, *, trainable: bool = False) -> PeftModel:
+    """Apply saved adapters (safetensors) to the base: frozen, or `trainable` for a warm start.
+
+    `folder` is a sealed phase output (`<cycle>/jt3/final`): every file is checked against its
+    manifest first. Raises ArtifactError (one line: the file and how to rebuild it) when the
+    manifest is missing or a file differs from it.
+    """
+    verify_artifact(folder, repair=repair_advice(folder))
+    return PeftModel.from_pretrained(base.model, folder, is_trainable=trainable)

@@ -17,20 +17,19 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from peft import PeftModel
 
 from megacontext.config import Config, config_hash
 from megacontext.context.focus_policy import lens_policy
 from megacontext.context.tree_build import build_trees
 from megacontext.errors import ConfigError
 from megacontext.data.shards import TokenizedDocument, read_split, shards_dir
-from megacontext.lifecycle.lineage import MANIFEST, verify_files, write_manifest
+from megacontext.lifecycle.lineage import MANIFEST, stale_inputs, verify_files, write_manifest
 from megacontext.lifecycle.tracking import Run, start_run
 from megacontext.model.base_model import BaseLM, load_base_model
 from megacontext.model.gaussian_rope import install_gaussian_rope
 from megacontext.model.gistnet import GistNet, build_gistnet, load_gistnet
 from megacontext.model.lensnet import LensNet, build_lensnet, load_lensnet
-from megacontext.model.lora import attach_lora
+from megacontext.model.lora import attach_lora, load_lora
 from megacontext.plots import plot_telemetry
 from megacontext.training.jt1_gistnet import JT1GistNet
 from megacontext.training.jt2_lensnet import JT2LensNet, generate_labels
@@ -201,7 +200,7 @@ def run_jt3(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
         gistnet.requires_grad_(False)
         lensnet.requires_grad_(False)
         policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet)
-        peft = PeftModel.from_pretrained(base.model, previous / "jt3" / "final", is_trainable=True) if previous \
+        peft = load_lora(base, previous / "jt3" / "final", trainable=True) if previous \
             else attach_lora(base, cfg.train.lora, seed=cfg.seed)
         with _tracked(cfg, cycle, "jt3") as run:
             _log_fit(run, fit(JT3LoRA(cfg, base, gistnet, docs, policy, peft_model=peft), cfg.train.jt3, out / "jt3",
@@ -218,8 +217,9 @@ def finish_cycle(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     missing = [p for p in PHASES if not phase_done(out / p)]
     if missing:
         raise RuntimeError(f"{out}: phases {missing} have not finished; run them first")
-    if (out / MANIFEST).is_file() and not verify_files(out):
+    if (out / MANIFEST).is_file() and not verify_files(out) and not stale_inputs(out):
         return out  # finished before: rewriting it would break the lineage of its evaluations
+    # (a phase output rebuilt since, e.g. after a repair, makes a new cycle manifest: its old evaluations go stale)
     with _tracked(cfg, cycle, "finish") as run:
         out = _finish(cfg, cycle, previous)
         run.summary(json.loads((out / "cycle.json").read_text())["seconds"])

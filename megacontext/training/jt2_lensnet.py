@@ -29,6 +29,7 @@ from megacontext.progress import progress_bar
 from megacontext.data.schemas import LABEL_SCHEMA, validate
 from megacontext.data.shards import TokenizedDocument
 from megacontext.data.windows import SeedOffset, Window, eligible, sample_window
+from megacontext.lifecycle.lineage import repair_advice, verify_artifact
 
 LABELS_FILE = "labels.parquet"
 
@@ -86,6 +87,7 @@ class JT2LensNet:
         self.cfg, self.base, self.gistnet, self.lensnet = cfg, base, gistnet, lensnet
         self.docs = eligible(docs, cfg.train.history, cfg.train.horizon)
         self.policy = policy
+        verify_artifact(labels, repair=repair_advice(labels))  # a sealed label table, unchanged since JT2 wrote it
         self.labels = validate(pl.read_parquet(labels / LABELS_FILE), LABEL_SCHEMA, where=str(labels / LABELS_FILE))
         self.snapshot_ids = sorted(self.labels["snapshot_id"].unique().to_list())
         self._cache: dict[str, tuple] = {}

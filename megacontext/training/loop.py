@@ -25,11 +25,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from megacontext.config import PhaseConfig
+from megacontext.errors import ArtifactError
+from megacontext.lifecycle.lineage import sha256_file
 from megacontext.progress import progress_bar
 
 CHECKPOINTS = "checkpoints"
 STATE = "state.json"  # written last inside a checkpoint; its presence marks it complete
 KEEP_CHECKPOINTS = 2
+WEIGHTS = ("trainable.safetensors", "optimizer.safetensors")  # digests recorded in STATE, checked on resume
 
 
 class Phase(Protocol):
@@ -127,7 +130,8 @@ def save_checkpoint(out: Path, step: int, params: dict[str, nn.Parameter], optim
         for key, value in optimizer.state.get(p, {}).items():
             state[f"{name}::{key}"] = torch.as_tensor(value).detach().clone().contiguous()
     save_file(state, staging / "optimizer.safetensors")
-    (staging / STATE).write_text(json.dumps({"step": step, "telemetry": telemetry}) + "\n")
+    files = {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size} for name in WEIGHTS}
+    (staging / STATE).write_text(json.dumps({"step": step, "telemetry": telemetry, "files": files}) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     for old in sorted(p for p in root.glob("step-*") if (p / STATE).is_file())[:-KEEP_CHECKPOINTS]:
@@ -142,6 +146,7 @@ def load_latest_checkpoint(out: Path, params: dict[str, nn.Parameter],
     if not complete:
         return 0, []
     latest = complete[-1]
+    meta = _verified_state(latest, complete[-2] if len(complete) > 1 else None)
     weights = load_file(latest / "trainable.safetensors")
     if set(weights) != set(params):
         raise ValueError(f"{latest}: checkpoint holds {sorted(set(weights) ^ set(params))[:3]}... not this phase's parameters")
@@ -153,5 +158,24 @@ def load_latest_checkpoint(out: Path, params: dict[str, nn.Parameter],
         keys = {k.split("::", 1)[1]: v for k, v in state.items() if k.split("::", 1)[0] == name}
         if keys:
             optimizer.state[p] = keys
-    meta = json.loads((latest / STATE).read_text())
     return meta["step"], meta["telemetry"]
+
+
+def _verified_state(checkpoint: Path, earlier: Path | None) -> dict[str, Any]:
+    """`state.json` of a checkpoint whose weight files match the digests it records.
+
+    Raises ArtifactError naming the file when one differs (or the state is unreadable or has no
+    digests); the advice is to delete that checkpoint so training resumes from `earlier` (or the start).
+    """
+    fallback = f"from {earlier.name}" if earlier is not None else "from the start"
+    advice = f"delete {checkpoint} and rerun the same command (it resumes {fallback})"
+    try:
+        meta = json.loads((checkpoint / STATE).read_text())
+        files = meta["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{checkpoint / STATE}: unreadable or without file digests ({exc!r}); {advice}") from exc
+    for name in WEIGHTS:
+        path, entry = checkpoint / name, files.get(name, {})
+        if not path.is_file() or path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
+            raise ArtifactError(f"{path}: missing or corrupt training checkpoint (differs from {STATE}); {advice}")
+    return meta
