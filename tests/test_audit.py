@@ -78,3 +78,23 @@ def test_a_path_outside_any_artifact_is_a_one_line_error(tmp_path: Path, capsys)
     assert main(["audit", str(tmp_path / "loose")]) == 2
     err = capsys.readouterr().err
     assert "not part of an artifact" in err and len(err.strip().splitlines()) == 1
+
+
+def test_two_runs_mixed_in_one_cycle_are_found_even_when_every_digest_agrees(tmp_path: Path) -> None:
+    def sealed(final: Path, kind: str, config: str, inputs=()) -> Path:
+        with staged_artifact(final) as staging:
+            (staging / f"{kind}.bin").write_bytes(kind.encode())
+            write_manifest(staging, kind=kind, format_version=1, config_hash=config, inputs=inputs,
+                           extra={"cycle": 1})
+        return final
+
+    cycle = tmp_path / "cycles" / "cycle-0001"
+    gistnet = sealed(cycle / "jt1" / "final", "gistnet", "seed-0")
+    lensnet = sealed(cycle / "jt2" / "final", "lensnet", "seed-7", [gistnet])  # a second run, other seed
+    result = audit(lensnet)
+    problems = [p for n in result.walk() for p in n.problems]
+    assert not result.ok and len(problems) == 1
+    assert problems[0].startswith(f"{gistnet.resolve()}: built with config seed-0, but this lensnet of the same cycle")
+    assert "two runs with different settings wrote this cycle" in problems[0]
+    consistent = sealed(cycle / "jt2" / "final", "lensnet", "seed-0", [gistnet])
+    assert audit(consistent).ok

@@ -15,6 +15,7 @@ from megacontext.model.base_model import BaseLM, load_base_model
 from megacontext.config import Config, config_hash
 from megacontext.errors import ArtifactError
 from megacontext.model.gistnet import GistNet, TreeGistEncoder, build_gistnet, load_gistnet, save_gistnet
+from megacontext.lifecycle.locks import locked
 from megacontext.lifecycle.lineage import is_reusable, manifest_digest, read_manifest, staged_artifact, write_manifest
 from megacontext.progress import progress_bar
 from megacontext.data.schemas import SPLITS
@@ -30,6 +31,7 @@ def trees_dir(cfg: Config) -> Path:
     return Path(cfg.paths.artifact_root) / "trees"
 
 
+@locked(lambda cfg, *, out=None, **_: out or trees_dir(cfg))
 def build_trees(cfg: Config, *, base: BaseLM | None = None, gistnet: GistNet | None = None, force: bool = False,
                 out: Path | None = None, splits: tuple[str, ...] = SPLITS, gistnet_source: Path | None = None) -> Path:
     """Build a tree per document of `splits` under `out` (default `<artifact_root>/trees`).

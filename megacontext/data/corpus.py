@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from megacontext.config import Config, DataConfig, config_hash
 from megacontext.errors import InputDataError
+from megacontext.lifecycle.locks import locked
 from megacontext.lifecycle.lineage import (is_reusable, read_manifest, sha256_file, staged_artifact, verify_artifact,
                                            write_manifest)
 
@@ -53,6 +54,7 @@ def corpus_dir(cfg: Config) -> Path:
     return cfg.paths.data_dir() / "corpus"
 
 
+@locked(lambda cfg, **_: corpus_dir(cfg))
 def build_corpus(cfg: Config, *, force: bool = False) -> Path:
     """Collect the documents into `<data_root>/corpus`; reuse an intact, identical build."""
     source_kind, root, files = _select_source(cfg)

@@ -22,6 +22,7 @@ from megacontext.model.base_model import load_tokenizer
 from megacontext.config import Config, config_hash
 from megacontext.data.corpus import corpus_dir, read_documents
 from megacontext.errors import ArtifactError, InputDataError
+from megacontext.lifecycle.locks import locked
 from megacontext.lifecycle.lineage import (is_reusable, manifest_digest, read_manifest, staged_artifact, verify_artifact,
                                            write_manifest)
 from megacontext.progress import progress_bar
@@ -55,6 +56,7 @@ def split_of(doc_id: str, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
+@locked(lambda cfg, **_: shards_dir(cfg))
 def build_shards(cfg: Config, *, force: bool = False) -> Path:
     """Tokenize the corpus artifact into `<data_root>/shards`; reuse an intact, identical build."""
     source = corpus_dir(cfg)

@@ -40,6 +40,7 @@ from megacontext.config import Config, MegaConfig
 from megacontext.errors import ArtifactError, InputDataError
 from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.mega.model import mega_forward
+from megacontext.lifecycle.locks import locked
 from megacontext.lifecycle.lineage import (is_reusable, manifest_digest, read_manifest, sha256_json, staged_artifact,
                                  verify_files, write_manifest)
 from megacontext.context.nodes import BLOCK, Node, span
@@ -286,6 +287,7 @@ def _check_fits(cfg: Config, base: BaseLM) -> None:
                              f"{base.max_positions} positions; lower eval.history")
 
 
+@locked(lambda cfg, **_: references_dir(cfg).parent)  # both caches (NLL and passkey) of the root
 def build_references(cfg: Config, *, base: BaseLM | None = None, force: bool = False) -> Path:
     """Compute and publish the reference caches (NLL samples, then passkey trials); reuse intact current ones
     unless `force`. Returns the NLL cache's folder (the passkey cache is `passkey_dir(cfg)`)."""

@@ -96,10 +96,31 @@ def _audit(folder: Path, relation: str, seen: set[Path]) -> Node:
         if child.digest != entry["digest"]:
             child.problems.insert(0, f"{parent}: its manifest changed after {folder.name} was built from it "
                                      f"(recorded digest {entry['digest'][:12]}, now {str(child.digest)[:12]})")
+        mixed = _mixed_run(manifest, parent)
+        if mixed:
+            node.problems.append(mixed)
         node.children.append(child)
     for nested in _nested(folder):
         node.children.append(_audit(nested, "nested", seen))
     return node
+
+
+CYCLE_KINDS = {"cycle", "gistnet", "lens_labels", "lensnet", "lora_adapter"}  # written by one train-cycle run
+
+
+def _mixed_run(manifest: dict, parent: Path) -> str | None:
+    """A problem when `parent` is an output of the same cycle built with other settings (two runs mixed)."""
+    try:
+        other = read_manifest(parent)
+    except ArtifactError:
+        return None
+    same_cycle = (manifest.get("kind") in CYCLE_KINDS and other.get("kind") in CYCLE_KINDS
+                  and manifest.get("cycle") is not None and manifest.get("cycle") == other.get("cycle"))
+    if same_cycle and manifest.get("config_hash") != other.get("config_hash"):
+        return (f"{parent}: built with config {str(other.get('config_hash'))[:12]}, but this {manifest.get('kind')} "
+                f"of the same cycle with {str(manifest.get('config_hash'))[:12]}: two runs with different settings "
+                "wrote this cycle; retrain it in a fresh cycle folder")
+    return None
 
 
 def render(node: Node):

@@ -17,6 +17,7 @@ from typing import Any
 
 from megacontext.config import Config, config_hash
 from megacontext.errors import GateError
+from megacontext.lifecycle.locks import locked
 from megacontext.lifecycle.lineage import MANIFEST, manifest_digest, read_manifest, staged_artifact, write_manifest
 
 KIND = "champion"
@@ -57,6 +58,7 @@ def current_champion(cfg: Config) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+@locked(lambda cfg, cycle_folder: champion_dir(cfg))
 def promote(cfg: Config, cycle_folder: Path) -> Path:
     """Make `cycle_folder` the champion; refuses (GateError) unless its validation report passed the gate."""
     cycle_folder = Path(cycle_folder)

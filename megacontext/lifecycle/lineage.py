@@ -84,8 +84,13 @@ def artifact_files(folder: Path) -> list[Path]:
     for root, dirs, names in os.walk(folder):
         here = Path(root)
         dirs[:] = sorted(d for d in dirs if not (here / d / MANIFEST).is_file() and not _in_flight(d))
-        files.extend(here / n for n in names if not (here == folder and n == MANIFEST))
+        files.extend(here / n for n in names if not (here == folder and n == MANIFEST) and not _is_lock(n))
     return sorted(files)
+
+
+def _is_lock(name: str) -> bool:
+    """A writer's lock beside a nested artifact (`.trees.lock`, `.trees.lock.json`; see locks.py): not content."""
+    return name.startswith(".") and name.endswith((".lock", ".lock.json"))
 
 
 def _in_flight(name: str) -> bool:

@@ -176,6 +176,13 @@ def ensure_gguf_cache(package: GGUFPackage, cache_root: Path) -> Path:
     cache = cache_root / f"{package.name}-{version}-{gguf.stat().st_size}"
     if (cache / "source.json").is_file():
         return cache
+    from megacontext.lifecycle.locks import artifact_lock
+
+    with artifact_lock(cache, wait=1800):  # a second process waits for the first conversion, then reuses it
+        return cache if (cache / "source.json").is_file() else _convert_gguf(gguf, package, version, cache)
+
+
+def _convert_gguf(gguf: Path, package: GGUFPackage, version: str, cache: Path) -> Path:
     from rich.console import Console
 
     Console(stderr=True).print(f"[bold]Converting {gguf.name} to an fp32 safetensors cache (once, ~20 s)[/]")

@@ -10,11 +10,12 @@ is not redone and an interrupted one resumes from its checkpoints.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
@@ -24,6 +25,7 @@ from megacontext.context.tree_build import build_trees
 from megacontext.errors import ConfigError
 from megacontext.data.shards import TokenizedDocument, read_split, shards_dir
 from megacontext.lifecycle.lineage import MANIFEST, stale_inputs, verify_files, write_manifest
+from megacontext.lifecycle.locks import artifact_lock
 from megacontext.lifecycle.tracking import Run, start_run
 from megacontext.model.base_model import BaseLM, load_base_model
 from megacontext.model.gaussian_rope import install_gaussian_rope
@@ -39,6 +41,7 @@ from megacontext.training.loop import FitResult, fit, world
 KIND = "cycle"
 FORMAT_VERSION = 1
 PHASES = ("jt1", "jt2", "jt3")
+F = TypeVar("F", bound=Callable[..., Any])
 PHASE_KINDS = {"jt1": "gistnet", "jt2": "lensnet", "jt3": "lora_adapter", "labels": "lens_labels"}
 
 
@@ -88,6 +91,19 @@ def _seal(cfg: Config, folder: Path, kind: str, cycle: int, previous: Path | Non
 
 def _warm(previous: Path | None, phase: str) -> Path | None:
     return previous / phase / "final" if previous else None
+
+
+def _cycle_locked(fn: F) -> F:
+    """Run a cycle step under the cycle folder's write lock (rank 0 holds it for its torchrun group).
+
+    A second writer of the same cycle (another `train-cycle`, a Dagster materialization of the
+    same partition) refuses at once, naming the holder, instead of mixing two runs in one folder.
+    """
+    @functools.wraps(fn)
+    def run(cfg: Config, cycle: int, *args: Any, **kwargs: Any) -> Any:
+        with artifact_lock(cycle_dir(cfg, cycle)) if _rank0() else nullcontext():
+            return fn(cfg, cycle, *args, **kwargs)
+    return run  # type: ignore[return-value]
 
 
 def _rank0() -> bool:
@@ -143,6 +159,7 @@ def _lensnet(cfg: Config, base: BaseLM, out: Path, previous: Path | None) -> Len
     return build_lensnet(cfg.lensnet, base.d_model, seed=cfg.seed)
 
 
+@_cycle_locked
 def run_jt1(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     """JT1: train GistNet under the current (previous cycle's) focus policy."""
     out, base, docs = _setup(cfg, cycle)
@@ -158,6 +175,7 @@ def run_jt1(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     return out / "jt1" / "final"
 
 
+@_cycle_locked
 def run_jt2_labels(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     """JT2 labels: counterfactual ΔNLL on on-policy snapshots, with this cycle's GistNet."""
     out, base, docs = _setup(cfg, cycle)
@@ -175,6 +193,7 @@ def run_jt2_labels(cfg: Config, cycle: int, previous: Path | None = None) -> Pat
     return labels
 
 
+@_cycle_locked
 def run_jt2(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     """JT2: train LensNet on this cycle's labels."""
     labels = run_jt2_labels(cfg, cycle, previous)
@@ -192,6 +211,7 @@ def run_jt2(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     return out / "jt2" / "final"
 
 
+@_cycle_locked
 def run_jt3(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     """JT3: train LoRA adapters with this cycle's GistNet and LensNet frozen."""
     out, base, docs = _setup(cfg, cycle)
@@ -211,6 +231,7 @@ def run_jt3(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     return out / "jt3" / "final"
 
 
+@_cycle_locked
 def finish_cycle(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     """Trees of the evaluation split with the new GistNet, the cycle summary and its lineage manifest."""
     out = cycle_dir(cfg, cycle)
@@ -248,6 +269,7 @@ def _finish(cfg: Config, cycle: int, previous: Path | None) -> Path:
     return out
 
 
+@_cycle_locked
 def run_cycle(cfg: Config, cycle: int, *, previous: Path | None = None) -> Path:
     """Run (or resume) the whole cycle; return its folder."""
     run_jt1(cfg, cycle, previous)

@@ -1,0 +1,96 @@
+"""One writer per artifact: a second writer refuses naming the holder, a killed holder frees the lock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from megacontext.cli import main
+from megacontext.lifecycle.locks import ArtifactBusy, artifact_lock, lock_path
+
+from conftest import tiny_config
+
+
+def hold(folder: Path) -> subprocess.Popen:
+    """A separate process that takes the lock on `folder` and sleeps until killed."""
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from megacontext.lifecycle.locks import artifact_lock
+        with artifact_lock(Path({str(folder)!r})):
+            print("held", flush=True)
+            time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_frees_the_lock(tmp_path: Path) -> None:
+    folder = tmp_path / "cycles" / "cycle-0001"
+    proc = hold(folder)
+    try:
+        with pytest.raises(ArtifactBusy) as busy:
+            with artifact_lock(folder):
+                pass
+        assert str(busy.value).startswith(f"{folder}: being written by pid {proc.pid} on ")
+        assert "\n" not in str(busy.value)
+    finally:
+        proc.kill()
+        proc.wait()
+    with artifact_lock(folder):  # the OS released the dead holder's lock; its record file is left behind
+        with artifact_lock(folder):  # re-entrant within a process
+            pass
+    assert lock_path(folder).is_file()
+
+
+def test_a_waiting_writer_gets_the_lock_when_the_holder_finishes(tmp_path: Path) -> None:
+    folder = tmp_path / "model-cache"
+    proc = hold(folder)
+    start = time.perf_counter()
+    subprocess.Popen(["sh", "-c", f"sleep 1; kill {proc.pid}"])
+    with artifact_lock(folder, wait=60):
+        waited = time.perf_counter() - start
+    proc.wait()
+    assert waited >= 0.8
+
+
+WRITERS = [  # (command line, the artifact folder it writes, relative to the artifact root)
+    (["build-corpus"], "data/corpus"),
+    (["build-shards"], "data/shards"),
+    (["prepare-data"], "data/corpus"),
+    (["build-trees"], "trees"),
+    (["eval-references"], "eval_references"),
+    (["train-cycle", "--cycle", "1"], "cycles/cycle-0001"),
+    (["train-phase", "--phase", "jt1", "--cycle", "1"], "cycles/cycle-0001"),
+    (["promote", "--cycle", "1"], "champion"),
+]
+
+
+@pytest.mark.parametrize("argv, folder", WRITERS, ids=[" ".join(a) for a, _ in WRITERS])
+def test_every_writing_command_refuses_while_another_process_writes_its_artifact(tmp_path: Path, capsys,
+                                                                                  argv: list[str], folder: str) -> None:
+    cfg = tiny_config(tmp_path)
+    root = Path(cfg.paths.artifact_root)
+    if argv[0] == "promote":  # promotion reads the cycle's verdict first: give it a passing one
+        from megacontext.lifecycle.lineage import write_manifest
+
+        report = root / "cycles" / "cycle-0001" / "evaluation"
+        report.mkdir(parents=True)
+        write_manifest(root / "cycles" / "cycle-0001", kind="cycle", format_version=1, config_hash="c")
+        write_manifest(report, kind="validation_report", format_version=1, config_hash="c",
+                       extra={"gate_passed": True})
+    proc = hold(root / folder)
+    try:
+        code = main([*argv, "--profile", "tiny", f"paths.artifact_root={root}", f"paths.corpus_dir={tmp_path / 'data'}"])
+        err = capsys.readouterr().err.strip()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert code == 2, err
+    assert f"being written by pid {proc.pid}" in err and len(err.splitlines()) == 1, err
