@@ -173,8 +173,17 @@ def cmd_build_shards(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_data(cfg: Config, args: argparse.Namespace) -> int:
-    cmd_build_corpus(cfg, args)
-    return cmd_build_shards(cfg, args)
+    from megacontext.data.shards import prepare_data
+    from megacontext.lifecycle.lineage import read_manifest
+
+    start = time.perf_counter()
+    corpus, shards = prepare_data(cfg, force=args.force)  # all or nothing: a failed shard build keeps the old corpus
+    stats = read_manifest(corpus)["stats"]
+    console.print(f"corpus: {stats['documents']:,} documents, {stats['chars']:,} characters ({stats['source']}) -> {corpus}")
+    _print_summary(read_manifest(shards)["summary"], title="dataset shards")
+    console.print(f"shards -> {shards}")
+    console.print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 def cmd_build_trees(cfg: Config, args: argparse.Namespace) -> int:

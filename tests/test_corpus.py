@@ -121,3 +121,25 @@ def test_jsonl_records_split_only_on_newlines_not_on_unicode_line_separators(tmp
     table = read_documents(build_corpus(cfg))
     assert table.column("source").to_pylist() == [f"{tmp_path / 'data'}/u.jsonl:1", f"{tmp_path / 'data'}/u.jsonl:2"]
     assert table.column("text").to_pylist() == texts
+
+
+def test_prepare_data_publishes_corpus_and_shards_all_or_nothing(tmp_path: Path, capsys) -> None:
+    from megacontext.cli import main
+    from megacontext.lifecycle.audit import audit
+    from megacontext.lifecycle.lineage import manifest_digest, read_manifest
+
+    cfg = _folder_cfg(tmp_path)
+    args = ["--profile", "tiny", f"paths.artifact_root={cfg.paths.artifact_root}", f"paths.corpus_dir={tmp_path / 'data'}",
+            "data.source=folder"]
+    (tmp_path / "data" / "good.txt").write_text(LONG_TEXT)
+    assert main(["prepare-data", *args]) == 0
+    corpus, shards = Path(cfg.paths.artifact_root) / "data" / "corpus", Path(cfg.paths.artifact_root) / "data" / "shards"
+    corpus_before, shards_before = manifest_digest(read_manifest(corpus)), manifest_digest(read_manifest(shards))
+    (tmp_path / "data" / "short.txt").write_text("tiny")  # a new corpus whose shards cannot be built
+    assert main(["prepare-data", *args]) == 2
+    assert "short.txt: only 4 tokens" in capsys.readouterr().err
+    assert manifest_digest(read_manifest(corpus)) == corpus_before  # the old corpus is back, not the new one
+    assert manifest_digest(read_manifest(shards)) == shards_before
+    assert audit(shards).ok  # the shards on disk still come from the corpus on disk
+    assert sorted(p.name for p in corpus.parent.iterdir()) == [".corpus.lock", ".corpus.lock.json", ".shards.lock",
+                                                                ".shards.lock.json", "corpus", "shards"]

@@ -148,3 +148,17 @@ def test_jt3_trains_exactly_the_configured_lora_adapters(tiny: Config, tmp_path:
     reloaded = load_lora(load_base_model(tiny), tmp_path / "final")
     ids = torch.arange(40)[None] % 250
     assert torch.allclose(reloaded(input_ids=ids).logits, phase.peft(input_ids=ids).logits, atol=1e-5)
+
+
+def test_a_killed_runs_half_written_checkpoint_and_output_are_swept(tiny: Config, tmp_path: Path) -> None:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    leftovers = [tmp_path / "checkpoints" / f".step-000002.staging-{proc.pid}", tmp_path / f".final.staging-{proc.pid}"]
+    for folder in leftovers:
+        folder.mkdir(parents=True)
+        (folder / "trainable.safetensors").write_bytes(b"half")
+    fit(_phase(tiny), PhaseConfig(steps=2, batch=2), tmp_path, checkpoint_every=2)
+    assert not any(f.exists() for f in leftovers)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]

@@ -93,3 +93,29 @@ def test_a_nested_artifact_is_its_own_artifact_and_may_be_published_later(tmp_pa
     assert verify_files(parent / "evaluation") == []
     (parent / "evaluation" / "sub" / "a.txt").write_text("tampered")
     assert verify_files(parent / "evaluation") != [] and verify_files(parent) == [f"{parent / 'loose.txt'}: not in the manifest"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_staging_folders_left_by_a_killed_process_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    import os
+
+    from megacontext.lifecycle.lineage import sweep_leftovers
+
+    dead = [tmp_path / f".corpus.staging-{_dead_pid()}", tmp_path / f".shards.old-{_dead_pid()}",
+            tmp_path / f".corpus.prepare-{_dead_pid()}"]
+    live = tmp_path / f".shards.staging-{os.getppid()}"  # the test runner's parent: running
+    unrelated = tmp_path / ".notes.staging-abc"
+    for folder in (*dead, live, unrelated):
+        folder.mkdir()
+        (folder / "half-written.bin").write_bytes(b"x")
+    with staged_artifact(tmp_path / "trees") as staging:  # any publication in the folder sweeps it
+        write_manifest(staging, kind="t", format_version=1, config_hash="c")
+    assert not any(d.exists() for d in dead) and live.is_dir() and unrelated.is_dir()
+    assert sweep_leftovers(tmp_path) == [] and sweep_leftovers(tmp_path / "absent") == []

@@ -10,6 +10,8 @@ tokens, length histogram) is written as JSON, Markdown and PNG.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +22,9 @@ import pyarrow.parquet as pq
 
 from megacontext.model.base_model import load_tokenizer
 from megacontext.config import Config, config_hash
-from megacontext.data.corpus import corpus_dir, read_documents
+from megacontext.data.corpus import build_corpus, corpus_dir, read_documents
 from megacontext.errors import ArtifactError, InputDataError
-from megacontext.lifecycle.locks import locked
+from megacontext.lifecycle.locks import artifact_lock, locked
 from megacontext.lifecycle.lineage import (is_reusable, manifest_digest, read_manifest, staged_artifact, verify_artifact,
                                            write_manifest)
 from megacontext.progress import progress_bar
@@ -98,6 +100,36 @@ def build_shards(cfg: Config, *, force: bool = False) -> Path:
         write_manifest(staging, kind=KIND, format_version=FORMAT_VERSION, config_hash=chash,
                        inputs=[source], extra={"tokenizer": tokenizer.name, "summary": summary})
     return out
+
+
+def prepare_data(cfg: Config, *, force: bool = False) -> tuple[Path, Path]:
+    """Corpus then shards, published all or nothing: returns (corpus folder, shards folder).
+
+    If the shards cannot be built from the new corpus (e.g. a document shorter than one block),
+    the previous corpus is put back, so the shards on disk always come from the corpus on disk.
+    Holds both folders' write locks throughout.
+    """
+    corpus, shards = corpus_dir(cfg), shards_dir(cfg)
+    with artifact_lock(corpus), artifact_lock(shards):
+        backup = corpus.parent / f".{corpus.name}.prepare-{os.getpid()}"
+        shutil.rmtree(backup, ignore_errors=True)
+        if corpus.exists():  # hard links: published files are never modified in place, only replaced
+            shutil.copytree(corpus, backup, copy_function=os.link)
+        try:
+            build_corpus(cfg, force=force)
+            return corpus, build_shards(cfg, force=force)
+        except BaseException:
+            if backup.exists():
+                failed = corpus.parent / f".{corpus.name}.failed-{os.getpid()}"
+                if corpus.exists():
+                    os.replace(corpus, failed)
+                os.replace(backup, corpus)
+                shutil.rmtree(failed, ignore_errors=True)
+            else:
+                shutil.rmtree(corpus, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(backup, ignore_errors=True)
 
 
 def read_split(folder: Path, split: str, tokenizer_name: str | None = None) -> list[TokenizedDocument]:

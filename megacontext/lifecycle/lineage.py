@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -282,6 +283,37 @@ def _final_location(folder: Path) -> Path:
     return folder
 
 
+_LEFTOVER = re.compile(r"^\..+\.(?:staging|old|prepare|failed)-(\d+)$")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def sweep_leftovers(parent: Path) -> list[Path]:
+    """Remove the staging / old-copy folders in `parent` left by a killed process; return what went.
+
+    Work in progress is named `.<name>.staging-<pid>` (also `.old-`, `.prepare-`, `.failed-`); one
+    whose pid no longer runs can never be published, so it is deleted. Live writers' folders stay.
+    """
+    parent = Path(parent)
+    gone = []
+    if not parent.is_dir():
+        return gone
+    for path in parent.iterdir():
+        match = _LEFTOVER.match(path.name)
+        if match and path.is_dir() and not _running(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
+    return gone
+
+
 @contextmanager
 def staged_artifact(final: Path) -> Iterator[Path]:
     """Yield an empty staging folder; on success it atomically replaces `final`.
@@ -291,6 +323,7 @@ def staged_artifact(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(final.parent)
     staging = final.parent / f".{final.name}{_STAGING_MARK}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

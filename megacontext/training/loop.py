@@ -26,7 +26,7 @@ from torch import nn
 
 from megacontext.config import PhaseConfig
 from megacontext.errors import ArtifactError
-from megacontext.lifecycle.lineage import sha256_file
+from megacontext.lifecycle.lineage import sha256_file, sweep_leftovers
 from megacontext.progress import progress_bar
 
 CHECKPOINTS = "checkpoints"
@@ -98,6 +98,7 @@ def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) ->
             advance(1)
     if rank == 0:
         final = out / "final"
+        sweep_leftovers(out)
         staging = out / f".final.staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         phase.export(staging)
@@ -120,6 +121,7 @@ def save_checkpoint(out: Path, step: int, params: dict[str, nn.Parameter], optim
                     telemetry: list[dict[str, float]]) -> Path:
     """Weights + optimiser state as safetensors, step + telemetry as JSON; published by rename."""
     root = out / CHECKPOINTS
+    sweep_leftovers(root)  # a killed run's half-written checkpoint
     final = root / f"step-{step:06d}"
     staging = root / f".step-{step:06d}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
