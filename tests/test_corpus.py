@@ -143,3 +143,33 @@ def test_prepare_data_publishes_corpus_and_shards_all_or_nothing(tmp_path: Path,
     assert audit(shards).ok  # the shards on disk still come from the corpus on disk
     assert sorted(p.name for p in corpus.parent.iterdir()) == [".corpus.lock", ".corpus.lock.json", ".shards.lock",
                                                                 ".shards.lock.json", "corpus", "shards"]
+
+
+@pytest.mark.parametrize("killed", ["between the publications", "after both"])
+def test_a_killed_prepare_data_is_finished_by_the_next_one(tmp_path: Path, killed: str) -> None:
+    import shutil
+    import subprocess
+
+    from megacontext.data.shards import _recover_prepare
+    from megacontext.lifecycle.lineage import manifest_digest, read_manifest
+
+    cfg = _folder_cfg(tmp_path)
+    (tmp_path / "data" / "good.txt").write_text(LONG_TEXT)
+    build_corpus(cfg)
+    shards = build_shards(cfg)
+    corpus = shards.parent / "corpus"
+    old = manifest_digest(read_manifest(corpus))
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    backup = corpus.parent / f".corpus.prepare-{proc.pid}"  # what the killed run had saved
+    shutil.copytree(corpus, backup)
+    (tmp_path / "data" / "more.txt").write_text(LONG_TEXT.upper())
+    build_corpus(cfg)  # the killed run published the new corpus ...
+    if killed == "after both":
+        build_shards(cfg)  # ... and its shards
+    new = manifest_digest(read_manifest(corpus))
+    _recover_prepare(corpus, shards)
+    assert not backup.exists()
+    expected = old if killed == "between the publications" else new
+    assert manifest_digest(read_manifest(corpus)) == expected
+    assert read_manifest(shards)["inputs"][0]["digest"] == expected  # shards and corpus agree again

@@ -109,7 +109,7 @@ def test_staging_folders_left_by_a_killed_process_are_swept_and_live_ones_kept(t
     from megacontext.lifecycle.lineage import sweep_leftovers
 
     dead = [tmp_path / f".corpus.staging-{_dead_pid()}", tmp_path / f".shards.old-{_dead_pid()}",
-            tmp_path / f".corpus.prepare-{_dead_pid()}"]
+            tmp_path / f".corpus.failed-{_dead_pid()}"]
     live = tmp_path / f".shards.staging-{os.getppid()}"  # the test runner's parent: running
     unrelated = tmp_path / ".notes.staging-abc"
     for folder in (*dead, live, unrelated):

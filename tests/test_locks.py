@@ -65,7 +65,6 @@ WRITERS = [  # (command line, the artifact folder it writes, relative to the art
     (["build-shards"], "data/shards"),
     (["prepare-data"], "data/corpus"),
     (["build-trees"], "trees"),
-    (["eval-references"], "eval_references"),
     (["train-cycle", "--cycle", "1"], "cycles/cycle-0001"),
     (["train-phase", "--phase", "jt1", "--cycle", "1"], "cycles/cycle-0001"),
     (["promote", "--cycle", "1"], "champion"),
@@ -94,3 +93,21 @@ def test_every_writing_command_refuses_while_another_process_writes_its_artifact
         proc.wait()
     assert code == 2, err
     assert f"being written by pid {proc.pid}" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_second_reference_build_waits_for_the_first_and_then_reuses(tmp_path: Path, capsys) -> None:
+    from conftest import EVAL_ARGS
+
+    cfg = tiny_config(tmp_path, *EVAL_ARGS)
+    args = ["--profile", "tiny", f"paths.artifact_root={cfg.paths.artifact_root}",
+            f"paths.corpus_dir={tmp_path / 'data'}", *EVAL_ARGS]
+    assert main(["prepare-data", *args]) == 0
+    proc = hold(Path(cfg.paths.artifact_root) / "eval_references")
+    subprocess.Popen(["sh", "-c", f"sleep 2; kill {proc.pid}"])
+    try:
+        assert main(["eval-references", *args]) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    err = capsys.readouterr().err
+    assert f"eval_references: waiting (up to 43,200 s) for pid {proc.pid}" in err

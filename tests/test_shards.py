@@ -104,7 +104,7 @@ def test_a_flipped_byte_in_a_shard_is_one_line_naming_it_and_the_advice_repairs_
         read_split(out, split)
     message = str(error.value)
     assert message.startswith(f"{path}: content differs from the manifest") and "\n" not in message
-    assert message.endswith("rebuild the shards with `megacontext build-shards --force`")
+    assert message.endswith("rebuild it with `megacontext build-shards --force` (and the --profile that built it)")
     build_shards(cfg, force=True)  # the advice
     assert path.read_bytes() == pristine and read_split(out, split)
 
@@ -121,7 +121,7 @@ def test_a_flipped_byte_in_the_corpus_stops_the_shard_build_naming_it_and_the_ad
         build_shards(cfg, force=True)
     message = str(error.value)
     assert message.startswith(f"{path}: content differs from the manifest") and "\n" not in message
-    assert message.endswith("rebuild the corpus with `megacontext build-corpus --force`")
+    assert message.endswith("rebuild it with `megacontext build-corpus --force` (and the --profile that built it)")
     assert read_split(out, "train")  # the shards built before are untouched
     build_corpus(cfg, force=True)  # the advice
     assert build_shards(cfg, force=True) == out and read_split(out, "train")

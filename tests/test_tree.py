@@ -204,7 +204,7 @@ def _sealed_trees(folder: Path) -> Path:
 @pytest.mark.parametrize("level", [0, 1, 2])
 @pytest.mark.parametrize("where, advice", [
     ("bare", "rebuild {tree} with the command that made it"),  # e.g. `generate`'s scratch tree: rerun it
-    ("artifacts/trees", "rebuild it with `megacontext build-trees --force`"),
+    ("artifacts/trees", "rebuild it with `megacontext build-trees --force` (and the --profile that built it)"),
     ("artifacts/cycles/cycle-0003/trees", "delete {trees} and rerun `megacontext train-cycle --cycle 3`"),
 ])
 def test_a_corrupt_committed_byte_is_refused_with_the_command_that_rebuilds_that_tree(

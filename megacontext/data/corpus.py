@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 from megacontext.config import Config, DataConfig, config_hash
 from megacontext.errors import InputDataError
 from megacontext.lifecycle.locks import locked
-from megacontext.lifecycle.lineage import (is_reusable, read_manifest, sha256_file, staged_artifact, verify_artifact,
-                                           write_manifest)
+from megacontext.lifecycle.lineage import (is_reusable, read_manifest, repair_advice, sha256_file, staged_artifact,
+                                           verify_artifact, write_manifest)
 
 KIND = "corpus"
 FORMAT_VERSION = 1
@@ -91,7 +91,7 @@ def read_documents(folder: Path) -> pa.Table:
     Raises ArtifactError (one line naming the file and `megacontext build-corpus --force`) when
     the corpus was never built or a file differs from its manifest.
     """
-    verify_artifact(folder, kind=KIND, repair="rebuild the corpus with `megacontext build-corpus --force`")
+    verify_artifact(folder, kind=KIND, repair=repair_advice(folder))
     return pq.read_table(Path(folder) / DOCUMENTS_FILE)
 
 

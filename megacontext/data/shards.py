@@ -25,8 +25,8 @@ from megacontext.config import Config, config_hash
 from megacontext.data.corpus import build_corpus, corpus_dir, read_documents
 from megacontext.errors import ArtifactError, InputDataError
 from megacontext.lifecycle.locks import artifact_lock, locked
-from megacontext.lifecycle.lineage import (is_reusable, manifest_digest, read_manifest, staged_artifact, verify_artifact,
-                                           write_manifest)
+from megacontext.lifecycle.lineage import (is_reusable, manifest_digest, read_manifest, repair_advice, staged_artifact,
+                                           running, verify_artifact, write_manifest)
 from megacontext.progress import progress_bar
 from megacontext.data.schemas import SHARD_SCHEMA, SPLITS, validate
 
@@ -111,6 +111,7 @@ def prepare_data(cfg: Config, *, force: bool = False) -> tuple[Path, Path]:
     """
     corpus, shards = corpus_dir(cfg), shards_dir(cfg)
     with artifact_lock(corpus), artifact_lock(shards):
+        _recover_prepare(corpus, shards)
         backup = corpus.parent / f".{corpus.name}.prepare-{os.getpid()}"
         shutil.rmtree(backup, ignore_errors=True)
         if corpus.exists():  # hard links: published files are never modified in place, only replaced
@@ -132,6 +133,28 @@ def prepare_data(cfg: Config, *, force: bool = False) -> tuple[Path, Path]:
             shutil.rmtree(backup, ignore_errors=True)
 
 
+def _recover_prepare(corpus: Path, shards: Path) -> None:
+    """Finish what a killed `prepare_data` left: its backup of the old corpus is put back when the shards on
+    disk were built from that old corpus (killed between the two publications), else dropped."""
+    for backup in corpus.parent.glob(f".{corpus.name}.prepare-*"):
+        pid = backup.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or running(int(pid)):
+            continue
+        try:
+            built_from = read_manifest(shards)["inputs"][0]["digest"]
+            restore = built_from == manifest_digest(read_manifest(backup)) != manifest_digest(read_manifest(corpus))
+        except (ArtifactError, KeyError, IndexError):
+            restore = False
+        if restore:
+            failed = corpus.parent / f".{corpus.name}.failed-{pid}"
+            if corpus.exists():
+                os.replace(corpus, failed)
+            os.replace(backup, corpus)
+            shutil.rmtree(failed, ignore_errors=True)
+        else:
+            shutil.rmtree(backup, ignore_errors=True)
+
+
 def read_split(folder: Path, split: str, tokenizer_name: str | None = None) -> list[TokenizedDocument]:
     """The documents of one split, schema-checked; refuses shards of another tokenizer.
 
@@ -139,7 +162,7 @@ def read_split(folder: Path, split: str, tokenizer_name: str | None = None) -> l
     Raises ArtifactError (one line naming the file and `megacontext build-shards --force`)
     when a file is missing, changed or corrupt.
     """
-    manifest = verify_artifact(folder, kind=KIND, repair="rebuild the shards with `megacontext build-shards --force`")
+    manifest = verify_artifact(folder, kind=KIND, repair=repair_advice(folder))
     if tokenizer_name is not None and manifest["tokenizer"] != tokenizer_name:
         raise ArtifactError(
             f"{folder}: tokenized with {manifest['tokenizer']}, but the model uses {tokenizer_name}; "

@@ -287,7 +287,8 @@ def _check_fits(cfg: Config, base: BaseLM) -> None:
                              f"{base.max_positions} positions; lower eval.history")
 
 
-@locked(lambda cfg, **_: references_dir(cfg).parent)  # both caches (NLL and passkey) of the root
+# both caches (NLL and passkey) of the root; a second builder (two evaluations on a fresh root) waits, then reuses
+@locked(lambda cfg, **_: references_dir(cfg).parent, wait=12 * 3600)
 def build_references(cfg: Config, *, base: BaseLM | None = None, force: bool = False) -> Path:
     """Compute and publish the reference caches (NLL samples, then passkey trials); reuse intact current ones
     unless `force`. Returns the NLL cache's folder (the passkey cache is `passkey_dir(cfg)`)."""

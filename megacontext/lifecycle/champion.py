@@ -18,7 +18,8 @@ from typing import Any
 from megacontext.config import Config, config_hash
 from megacontext.errors import GateError
 from megacontext.lifecycle.locks import locked
-from megacontext.lifecycle.lineage import MANIFEST, manifest_digest, read_manifest, staged_artifact, write_manifest
+from megacontext.lifecycle.lineage import (MANIFEST, manifest_digest, read_manifest, stale_inputs, staged_artifact,
+                                           verify_artifact, write_manifest)
 
 KIND = "champion"
 FORMAT_VERSION = 1
@@ -66,6 +67,11 @@ def promote(cfg: Config, cycle_folder: Path) -> Path:
     verdict = gate_passed(cycle_folder)
     if verdict is None:
         raise GateError(f"{cycle_folder}: not evaluated; run `megacontext evaluate --checkpoint {cycle_folder}` first")
+    reevaluate = f"re-evaluate it with `megacontext evaluate --checkpoint {cycle_folder}`"
+    verify_artifact(report, kind="validation_report", repair=reevaluate)  # the verdict read is the one written
+    if stale_inputs(report):
+        raise GateError(f"{report}: evaluated before {cycle_folder.name} last changed ({stale_inputs(report)[0]}); "
+                        f"{reevaluate}")
     summary = json.loads((report / "summary.json").read_text())
     if not verdict:
         raise GateError(f"{cycle_folder.name} not promoted: {summary['gate']['message']}")

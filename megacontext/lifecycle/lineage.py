@@ -198,14 +198,14 @@ def repair_advice(path: Path) -> str:
     target = artifact or path
     cycle = next((p for p in (target, *target.parents) if p.name.startswith("cycle-")
                   and p.name.removeprefix("cycle-").isdigit()), None)
-    if cycle is not None and target == cycle:  # its own files (cycle.json, config): finishing rewrites them
-        return f"rerun `megacontext train-cycle --cycle {int(cycle.name.removeprefix('cycle-'))}`"
     if cycle is not None:
+        rerun = _train_cycle_command(cycle)
+        if target == cycle:  # its own files (cycle.json, config): finishing rewrites them
+            return f"rerun {rerun}"
         doomed = [target]
         if target == cycle / "jt2" / "labels":
             doomed += [cycle / "jt2" / "final", cycle / "jt3" / "final"]
-        number = int(cycle.name.removeprefix("cycle-"))
-        return f"delete {', '.join(map(str, doomed))} and rerun `megacontext train-cycle --cycle {number}`"
+        return f"delete {', '.join(map(str, doomed))} and rerun {rerun}"
     kind = None
     if artifact is not None:
         try:
@@ -213,8 +213,31 @@ def repair_advice(path: Path) -> str:
         except ArtifactError:
             pass
     if kind in REBUILD:
-        return f"rebuild it with `{REBUILD[kind]}`"
+        return f"rebuild it with `{REBUILD[kind]}` (and the --profile that built it)"
     return f"rebuild {target} with the command that made it"
+
+
+def _train_cycle_command(cycle: Path) -> str:
+    """`megacontext train-cycle --cycle N [--profile P] [--previous DIR]`, as the cycle was run (config.yaml, manifests)."""
+    import yaml
+
+    command = f"megacontext train-cycle --cycle {int(cycle.name.removeprefix('cycle-'))}"
+    try:
+        profile = yaml.safe_load((cycle / "config.yaml").read_text()).get("profile")
+    except (OSError, yaml.YAMLError, AttributeError):
+        profile = None
+    if profile:
+        command += f" --profile {profile}"
+    previous = None
+    for manifest in (cycle / MANIFEST, cycle / "jt1" / "final" / MANIFEST):
+        try:
+            previous = json.loads(manifest.read_text()).get("previous")
+            break
+        except (OSError, ValueError):
+            continue
+    if previous:
+        command += f" --previous {previous}"
+    return f"`{command}`"
 
 
 def verify_artifact(folder: Path, *, repair: str, kind: str | None = None) -> dict[str, Any]:
@@ -243,12 +266,17 @@ def verify_artifact(folder: Path, *, repair: str, kind: str | None = None) -> di
     return manifest
 
 
-def stale_inputs(folder: Path) -> list[str]:
-    """Inputs of `folder` that are gone or whose manifest changed since `folder` was built from them."""
+def stale_inputs(folder: Path, *, within: Path | None = None) -> list[str]:
+    """Inputs of `folder` that are gone or whose manifest changed since `folder` was built from them.
+
+    `within`: only inputs inside this folder (e.g. a cycle's own phase outputs, not its shards).
+    """
     folder = Path(folder)
     stale = []
     for entry in read_manifest(folder).get("inputs", []):
         parent = (folder / entry["path"]).resolve()
+        if within is not None and not parent.is_relative_to(Path(within).resolve()):
+            continue
         try:
             current = manifest_digest(read_manifest(parent))
         except ArtifactError:
@@ -283,10 +311,10 @@ def _final_location(folder: Path) -> Path:
     return folder
 
 
-_LEFTOVER = re.compile(r"^\..+\.(?:staging|old|prepare|failed)-(\d+)$")
+_LEFTOVER = re.compile(r"^\..+\.(?:staging|old|failed)-(\d+)$")  # (`.prepare-` backups: see data.shards)
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -299,8 +327,9 @@ def _running(pid: int) -> bool:
 def sweep_leftovers(parent: Path) -> list[Path]:
     """Remove the staging / old-copy folders in `parent` left by a killed process; return what went.
 
-    Work in progress is named `.<name>.staging-<pid>` (also `.old-`, `.prepare-`, `.failed-`); one
-    whose pid no longer runs can never be published, so it is deleted. Live writers' folders stay.
+    Work in progress is named `.<name>.staging-<pid>` (also `.old-`, `.failed-`); one whose pid no
+    longer runs can never be published, so it is deleted. Live writers' folders stay. Assumes the
+    writers of one artifact root run on one host (pids are per host).
     """
     parent = Path(parent)
     gone = []
@@ -308,7 +337,7 @@ def sweep_leftovers(parent: Path) -> list[Path]:
         return gone
     for path in parent.iterdir():
         match = _LEFTOVER.match(path.name)
-        if match and path.is_dir() and not _running(int(match.group(1))):
+        if match and path.is_dir() and not running(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True)
             gone.append(path)
     return gone

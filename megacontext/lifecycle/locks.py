@@ -64,7 +64,13 @@ def artifact_lock(folder: Path, *, wait: float = 0.0) -> Iterator[None]:
     lock = _LOCKS.setdefault(path, FileLock(path, thread_local=False))
     outermost = not lock.is_locked
     try:
-        lock.acquire(timeout=wait, poll_interval=0.2)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if wait <= 0:
+                raise
+            print(f"{Path(folder)}: waiting (up to {wait:,.0f} s) for {holder(folder)}", file=sys.stderr, flush=True)
+            lock.acquire(timeout=wait, poll_interval=0.5)
     except Timeout:
         raise ArtifactBusy(f"{Path(folder)}: being written by {holder(folder)}; wait for it to finish "
                            "or stop that process, then rerun") from None

@@ -238,7 +238,7 @@ def finish_cycle(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     missing = [p for p in PHASES if not phase_done(out / p)]
     if missing:
         raise RuntimeError(f"{out}: phases {missing} have not finished; run them first")
-    if (out / MANIFEST).is_file() and not verify_files(out) and not stale_inputs(out):
+    if (out / MANIFEST).is_file() and not verify_files(out) and not stale_inputs(out, within=out):
         return out  # finished before: rewriting it would break the lineage of its evaluations
     # (a phase output rebuilt since, e.g. after a repair, makes a new cycle manifest: its old evaluations go stale)
     with _tracked(cfg, cycle, "finish") as run:

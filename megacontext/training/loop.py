@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -173,9 +174,12 @@ def _verified_state(checkpoint: Path, earlier: Path | None) -> dict[str, Any]:
     advice = f"delete {checkpoint} and rerun the same command (it resumes {fallback})"
     try:
         meta = json.loads((checkpoint / STATE).read_text())
-        files = meta["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"{checkpoint / STATE}: unreadable or without file digests ({exc!r}); {advice}") from exc
+        files = meta.get("files")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"{checkpoint / STATE}: unreadable ({exc!r}); {advice}") from exc
+    if files is None:  # written before checkpoints recorded digests: resumable, but nothing to check against
+        warnings.warn(f"{checkpoint}: an older checkpoint without file digests; resuming from it unverified", stacklevel=3)
+        return meta
     for name in WEIGHTS:
         path, entry = checkpoint / name, files.get(name, {})
         if not path.is_file() or path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
