@@ -121,16 +121,21 @@ def prepare_data(cfg: Config, *, force: bool = False) -> tuple[Path, Path]:
             return corpus, build_shards(cfg, force=force)
         except BaseException:
             if backup.exists():
-                failed = corpus.parent / f".{corpus.name}.failed-{os.getpid()}"
-                if corpus.exists():
-                    os.replace(corpus, failed)
-                os.replace(backup, corpus)
-                shutil.rmtree(failed, ignore_errors=True)
+                _put_back(backup, corpus)
             else:
                 shutil.rmtree(corpus, ignore_errors=True)
             raise
         finally:
             shutil.rmtree(backup, ignore_errors=True)
+
+
+def _put_back(backup: Path, corpus: Path) -> None:
+    """Replace `corpus` with its `backup` (renames only; the replaced copy is deleted last)."""
+    failed = corpus.parent / f".{corpus.name}.failed-{os.getpid()}"
+    if corpus.exists():
+        os.replace(corpus, failed)
+    os.replace(backup, corpus)
+    shutil.rmtree(failed, ignore_errors=True)
 
 
 def _recover_prepare(corpus: Path, shards: Path) -> None:
@@ -146,11 +151,7 @@ def _recover_prepare(corpus: Path, shards: Path) -> None:
         except (ArtifactError, KeyError, IndexError):
             restore = False
         if restore:
-            failed = corpus.parent / f".{corpus.name}.failed-{pid}"
-            if corpus.exists():
-                os.replace(corpus, failed)
-            os.replace(backup, corpus)
-            shutil.rmtree(failed, ignore_errors=True)
+            _put_back(backup, corpus)
         else:
             shutil.rmtree(backup, ignore_errors=True)
 
