@@ -173,3 +173,13 @@ def test_a_killed_prepare_data_is_finished_by_the_next_one(tmp_path: Path, kille
     expected = old if killed == "between the publications" else new
     assert manifest_digest(read_manifest(corpus)) == expected
     assert read_manifest(shards)["inputs"][0]["digest"] == expected  # shards and corpus agree again
+
+
+def test_a_profile_that_pins_the_stdlib_corpus_says_that_the_files_in_data_are_not_used(tmp_path: Path, capsys) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.txt").write_text(LONG_TEXT)
+    build_corpus(tiny_config(tmp_path, "data.max_documents=2"))  # the tiny profile pins data.source=stdlib
+    err = capsys.readouterr().err
+    assert f"profile 'tiny' pins data.source=stdlib, so the 1 file(s) in {tmp_path / 'data'}/ are not used" in err
+    build_corpus(tiny_config(tmp_path, "data.source=folder"), force=True)  # the hint's fix uses them, silently
+    assert "not used" not in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,9 @@ def _select_source(cfg: Config) -> tuple[str, Path, list[Path]]:
     if source == "auto":
         source = "folder" if user_files else "stdlib"
     if source == "stdlib":
+        if user_files and cfg.data.source == "stdlib":  # pinned by the profile: say so rather than ignore data/
+            print(f"note: profile {cfg.profile!r} pins data.source=stdlib, so the {len(user_files):,} file(s) in "
+                  f"{folder}/ are not used; add data.source=folder (or auto) to train on them", file=sys.stderr)
         root = stdlib_root()
         return "stdlib", root, stdlib_files(root)
     if not folder.is_dir():
