@@ -69,8 +69,9 @@ def promote(cfg: Config, cycle_folder: Path) -> Path:
         raise GateError(f"{cycle_folder}: not evaluated; run `megacontext evaluate --checkpoint {cycle_folder}` first")
     reevaluate = f"re-evaluate it with `megacontext evaluate --checkpoint {cycle_folder}`"
     verify_artifact(report, kind="validation_report", repair=reevaluate)  # the verdict read is the one written
-    if stale_inputs(report):
-        raise GateError(f"{report}: evaluated before {cycle_folder.name} last changed ({stale_inputs(report)[0]}); "
+    stale = stale_inputs(report)
+    if stale:
+        raise GateError(f"{report}: evaluated before {cycle_folder.name} last changed ({stale[0]}); "
                         f"{reevaluate}")
     summary = json.loads((report / "summary.json").read_text())
     if not verdict:

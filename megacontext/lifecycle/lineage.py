@@ -99,11 +99,25 @@ def _in_flight(name: str) -> bool:
     return name.startswith(".") and (_STAGING_MARK in name or ".old-" in name)
 
 
+def file_entry(path: Path) -> dict[str, Any]:
+    """What a manifest records of one file: {"sha256", "bytes"}."""
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
 def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
-    entries = {}
-    for path in artifact_files(folder):
-        entries[path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    return entries
+    return {path.relative_to(folder).as_posix(): file_entry(path) for path in artifact_files(folder)}
+
+
+def recorded_problems(folder: Path, recorded: Mapping[str, Mapping[str, Any]], *, against: str = "the manifest") -> list[str]:
+    """Files of `recorded` (relative path -> file_entry) that are missing from `folder` or differ (size, then sha256)."""
+    problems = []
+    for rel, entry in recorded.items():
+        path = Path(folder) / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
+            problems.append(f"{path}: content differs from {against} (modified or corrupt)")
+    return problems
 
 
 def write_manifest(
@@ -150,27 +164,21 @@ def write_manifest(
     return manifest
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Path, *, repair: str | None = None) -> dict[str, Any]:
+    """The manifest of `folder`; ArtifactError (one line, ending in `repair` when given) if missing or corrupt."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise ArtifactError(f"{folder}: no {MANIFEST}; this is not a complete artifact, rebuild it")
+        raise ArtifactError(f"{folder}: no {MANIFEST}; {repair or 'this is not a complete artifact, rebuild it'}")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: corrupt manifest ({exc}); rebuild the artifact") from exc
+        raise ArtifactError(f"{path}: corrupt manifest ({exc}); {repair or 'rebuild the artifact'}") from exc
 
 
 def verify_files(folder: Path) -> list[str]:
     """Problems with the files of an artifact against its manifest (empty when intact)."""
-    manifest = read_manifest(folder)
-    recorded = manifest.get("files", {})
-    problems = []
-    for rel, entry in recorded.items():
-        path = Path(folder) / rel
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path}: content differs from the manifest (modified or corrupt)")
+    recorded = read_manifest(folder).get("files", {})
+    problems = recorded_problems(folder, recorded)
     for path in artifact_files(folder):
         if path.relative_to(folder).as_posix() not in recorded:
             problems.append(f"{path}: not in the manifest")
@@ -253,10 +261,7 @@ def verify_artifact(folder: Path, *, repair: str, kind: str | None = None) -> di
             and `repair`.
     """
     folder = Path(folder)
-    try:
-        manifest = read_manifest(folder)
-    except ArtifactError as exc:
-        raise ArtifactError(f"{str(exc).split(';')[0]}; {repair}") from exc
+    manifest = read_manifest(folder, repair=repair)
     if kind is not None and manifest.get("kind") != kind:
         raise ArtifactError(f"{folder}: not a {kind} artifact (its manifest says {manifest.get('kind')!r}); {repair}")
     problems = verify_files(folder)

@@ -27,7 +27,7 @@ from torch import nn
 
 from megacontext.config import PhaseConfig
 from megacontext.errors import ArtifactError
-from megacontext.lifecycle.lineage import sha256_file, sweep_leftovers
+from megacontext.lifecycle.lineage import file_entry, recorded_problems, sweep_leftovers
 from megacontext.progress import progress_bar
 
 CHECKPOINTS = "checkpoints"
@@ -133,7 +133,7 @@ def save_checkpoint(out: Path, step: int, params: dict[str, nn.Parameter], optim
         for key, value in optimizer.state.get(p, {}).items():
             state[f"{name}::{key}"] = torch.as_tensor(value).detach().clone().contiguous()
     save_file(state, staging / "optimizer.safetensors")
-    files = {name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size} for name in WEIGHTS}
+    files = {name: file_entry(staging / name) for name in WEIGHTS}
     (staging / STATE).write_text(json.dumps({"step": step, "telemetry": telemetry, "files": files}) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
@@ -180,8 +180,7 @@ def _verified_state(checkpoint: Path, earlier: Path | None) -> dict[str, Any]:
     if files is None:  # written before checkpoints recorded digests: resumable, but nothing to check against
         warnings.warn(f"{checkpoint}: an older checkpoint without file digests; resuming from it unverified", stacklevel=3)
         return meta
-    for name in WEIGHTS:
-        path, entry = checkpoint / name, files.get(name, {})
-        if not path.is_file() or path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
-            raise ArtifactError(f"{path}: missing or corrupt training checkpoint (differs from {STATE}); {advice}")
+    problems = recorded_problems(checkpoint, {name: files.get(name, {}) for name in WEIGHTS}, against=STATE)
+    if problems:
+        raise ArtifactError(f"{problems[0]} in a training checkpoint; {advice}")
     return meta
