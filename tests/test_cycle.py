@@ -12,6 +12,7 @@ from megacontext.errors import ConfigError
 from megacontext.evaluation.evaluate import evaluate
 from megacontext.model.gistnet import load_gistnet
 from megacontext.model.lensnet import load_lensnet
+from megacontext.lifecycle.champion import report_dir
 from megacontext.lifecycle.lineage import verify_files
 from megacontext.data.shards import build_shards
 from tests.conftest import tiny_config
@@ -36,6 +37,8 @@ def test_a_tiny_cycle_runs_end_to_end_and_is_evaluated(first_cycle) -> None:
             assert 0 < row["budget_utilisation"] <= 1 and row["swap_rate"] >= 0 and row["ms_per_block"] > 0
     assert summary["labels"]["focus_budget_utilisation"] > 0
     report = evaluate(cfg, checkpoint=out)
+    assert report == report_dir(cfg, out) and not report.is_relative_to(out)
+    assert verify_files(out) == []  # evaluating a cycle leaves the cycle (the DVC `cycle` stage's output) untouched
     manifest = json.loads((report / "manifest.json").read_text())
     assert "LensNet + allocator + LoRA" in manifest["context"]["working context"]
     assert 0 < manifest["context"]["budget utilisation"] <= 1 and manifest["context"]["MC latency ms / block"] > 0
@@ -91,10 +94,10 @@ def test_the_second_cycle_warm_starts_from_the_first(first_cycle, monkeypatch) -
 def test_an_ablation_evaluates_the_cycle_without_a_trained_part(first_cycle) -> None:
     cfg, out = first_cycle
     report = evaluate(cfg, checkpoint=out, without=("lora",))
-    assert report == out / "evaluation-without-lora"
+    assert report == out.parent.parent / "reports" / "cycle-0001-without-lora"
     context = json.loads((report / "manifest.json").read_text())["context"]
     assert context["working context"].startswith("LensNet + allocator, GistNet")
-    with_lora = json.loads((out / "evaluation" / "summary.json").read_text())["all"]
+    with_lora = json.loads((report_dir(cfg, out) / "summary.json").read_text())["all"]
     without = json.loads((report / "summary.json").read_text())["all"]
     assert without["nll_full"] == with_lora["nll_full"] and without["nll_mc"] != with_lora["nll_mc"]
     assert (report / "lod_map.png").is_file()
@@ -108,12 +111,16 @@ def test_promotion_needs_a_passing_evaluation_and_nightly_reproduces_the_champio
     from megacontext.lifecycle.nightly import run_nightly
 
     cfg, out = first_cycle
-    evaluated = json.loads((out / "evaluation" / "summary.json").read_text())
+    evaluated = json.loads((report_dir(cfg, out) / "summary.json").read_text())
     assert evaluated["gate"]["passed"], "the tiny cycle passes the gate (ΔNLL < 0.1 and NLL_mc < NLL_recency)"
     unevaluated = tmp_path / "cycle-0009"
     unevaluated.mkdir()
     with pytest.raises(GateError, match="not evaluated"):
         promote(cfg, unevaluated)
+    namesake = tmp_path / "elsewhere" / out.name  # same name, so the same report folder: not its report
+    namesake.mkdir(parents=True)
+    with pytest.raises(GateError, match="a report of another checkpoint"):
+        promote(cfg, namesake)
     assert current_champion(cfg) is None
     promote(cfg, out)
     assert current_champion(cfg)["cycle"] == 1 and previous_accepted(cfg, 2) == out and previous_accepted(cfg, 1) is None
@@ -147,7 +154,7 @@ def test_the_audit_walks_a_real_cycle_to_the_corpus_and_finds_a_modified_byte(fi
     from megacontext.lifecycle.audit import audit
 
     cfg, out = first_cycle
-    result = audit(out / "evaluation")
+    result = audit(report_dir(cfg, out))
     kinds = {n.kind for n in result.walk()}
     assert result.ok, [p for n in result.walk() for p in n.problems]
     assert {"validation_report", "cycle", "gistnet", "lens_labels", "lensnet", "lora_adapter", "megacontext_trees",
@@ -156,7 +163,7 @@ def test_the_audit_walks_a_real_cycle_to_the_corpus_and_finds_a_modified_byte(fi
     original = weights.read_bytes()
     weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     try:
-        bad = [n for n in audit(out / "evaluation").walk() if n.problems]
+        bad = [n for n in audit(report_dir(cfg, out)).walk() if n.problems]
         assert {n.kind for n in bad} == {"lora_adapter"} and str(weights) in bad[0].problems[0]
     finally:
         weights.write_bytes(original)

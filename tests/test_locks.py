@@ -79,10 +79,12 @@ def test_every_writing_command_refuses_while_another_process_writes_its_artifact
     if argv[0] == "promote":  # promotion reads the cycle's verdict first: give it a passing one
         from megacontext.lifecycle.lineage import write_manifest
 
-        report = root / "cycles" / "cycle-0001" / "evaluation"
+        report = root / "reports" / "cycle-0001"
         report.mkdir(parents=True)
+        (root / "cycles" / "cycle-0001").mkdir(parents=True)
         write_manifest(root / "cycles" / "cycle-0001", kind="cycle", format_version=1, config_hash="c")
         write_manifest(report, kind="validation_report", format_version=1, config_hash="c",
+                       inputs=[root / "cycles" / "cycle-0001"],
                        extra={"gate_passed": True})
     proc = hold(root / folder)
     try:

@@ -37,7 +37,7 @@ def test_the_quickstart_notebook_trains_evaluates_and_shows_the_report(tmp_path:
     setup, _ = _outputs(code[1])
     assert "profile tiny" in setup and "seed 3" in setup and str(tmp_path / "artifacts") in setup
     cycle = tmp_path / "artifacts" / "cycles" / "cycle-0001"
-    summary = json.loads((cycle / "evaluation" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "artifacts" / "reports" / "cycle-0001" / "summary.json").read_text())
     pictures = [mimes for c in code for _, mimes in [_outputs(c)] if "image/png" in mimes]
     assert len(pictures) >= 4  # corpus lengths, training losses, the report's plot, the LOD map
     report, mimes = _outputs(code[4])

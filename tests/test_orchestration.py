@@ -105,7 +105,7 @@ def _materialized(result) -> set[str]:
 
 def test_a_tiny_cycle_materializes_every_asset_and_the_gate_follows_its_numbers(two_cycles) -> None:
     cfg, first, _ = two_cycles
-    summary = json.loads((Path(cfg.paths.artifact_root) / "cycles/cycle-0001/evaluation/summary.json").read_text())
+    summary = json.loads((Path(cfg.paths.artifact_root) / "reports/cycle-0001/summary.json").read_text())
     verdict = gate(summary, delta_nll_max=cfg.eval.delta_nll_max).passed
     assert _gate_result(first) == verdict == summary["gate"]["passed"]
     expected = set(ASSET_GRAPH) - {"nightly_regression_report"} - (set() if verdict else {"champion"})
@@ -121,7 +121,7 @@ def test_a_tiny_cycle_materializes_every_asset_and_the_gate_follows_its_numbers(
 def test_a_failing_gate_stops_promotion_and_the_second_cycle_warm_starts(two_cycles) -> None:
     cfg, _, second = two_cycles
     root = Path(cfg.paths.artifact_root)
-    summary = json.loads((root / "cycles/cycle-0002/evaluation/summary.json").read_text())
+    summary = json.loads((root / "reports/cycle-0002/summary.json").read_text())
     assert not summary["gate"]["passed"] and _gate_result(second) is False
     assert "champion" not in _materialized(second)  # blocked by the check
     assert "validation_report" in _materialized(second)

@@ -116,7 +116,7 @@ def test_the_ui_materializes_a_tiny_cycle_and_shows_the_gate_check(dagster_ui) -
         _goto(page, f"{url}/assets/validation_report?view=checks")
         expect(page.get_by_text("delta_nll_gate").first).to_be_visible()
         expect(page.get_by_text("This is a blocking asset check.")).to_be_visible()
-        summary = json.loads((artifacts / "cycles/cycle-0001/evaluation/summary.json").read_text())
+        summary = json.loads((artifacts / "reports/cycle-0001/summary.json").read_text())
         verdict = "Passed" if summary["gate"]["passed"] else "Failed"
         expect(page.get_by_text(verdict, exact=True).first).to_be_visible(timeout=30_000)
         page.screenshot(path=str(artifacts.parent / "checks.png"))

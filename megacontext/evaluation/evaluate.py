@@ -37,6 +37,7 @@ from megacontext.model.lensnet import load_lensnet
 from megacontext.mega.model import install_mega_attention
 from megacontext.evaluation.gate import check_gate_setting, gate, summarize
 from megacontext.model.gaussian_rope import install_gaussian_rope
+from megacontext.lifecycle.champion import report_dir
 from megacontext.lifecycle.lineage import staged_artifact, write_manifest
 from megacontext.context.nodes import BLOCK, Node
 from megacontext.evaluation.passkey import answer_scores
@@ -209,7 +210,8 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
     Without `checkpoint`: the untrained system (tree gists from `build-trees`, cold-start WC).
     With a cycle folder: its trees (its GistNet), LensNet + allocator focus, and LoRA adapters for NLL_mc.
     `without` ablates trained parts of the cycle: "gistnet" (baseline trees), "lensnet" (cold start),
-    "lora" (no adapters); the report goes to <cycle>/evaluation-without-<parts> unless `out` is given.
+    "lora" (no adapters). The report goes to `champion.report_dir` (`<artifact_root>/reports/<cycle>[-without-<parts>]`,
+    never inside the cycle folder) unless `out` is given.
     NLL_full, NLL_recency, the oracle without gists and the passkey references come from the reference
     cache (`references.py`; built on first use, refused when stale), so a re-evaluation only runs the
     working-context passes.
@@ -289,8 +291,7 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
                                               f"(horizon queries / last {ev.tail_queries} history tokens)",
                "attention": f"MegaAttention W={cfg.mega.window} ({cfg.mega.kernel})" if mega else "full",
                **focus_telemetry(focus_stats, timings["mc_seconds"], blocks=n_sample_tokens / BLOCK)}
-    suffix = "-without-" + "-".join(sorted(without)) if without else ""
-    out = out or (checkpoint / f"evaluation{suffix}" if checkpoint else Path(cfg.paths.artifact_root) / "evaluation")
+    out = out or (report_dir(cfg, checkpoint, without) if checkpoint else Path(cfg.paths.artifact_root) / "evaluation")
     with staged_artifact(out) as staging:
         write_report(staging, table, summary, verdict, title="MegaContext validation report", context=context,
                      passkey=passkey_table)

@@ -30,9 +30,19 @@ def champion_dir(cfg: Config) -> Path:
     return Path(cfg.paths.artifact_root) / "champion"
 
 
-def gate_passed(cycle_folder: Path) -> bool | None:
+def report_dir(cfg: Config, cycle_folder: Path, without: tuple[str, ...] = ()) -> Path:
+    """Where the validation report of `cycle_folder` goes: `<artifact_root>/reports/<cycle name>[-without-...]`.
+
+    Outside the cycle folder, so that evaluating a cycle never changes the cycle (its manifest, the DVC
+    `cycle` stage's output) and the CLI, Dagster and the DVC `validate` stage all write and read one place.
+    """
+    suffix = "-without-" + "-".join(sorted(without)) if without else ""
+    return Path(cfg.paths.artifact_root) / "reports" / f"{Path(cycle_folder).name}{suffix}"
+
+
+def gate_passed(cfg: Config, cycle_folder: Path) -> bool | None:
     """The gate verdict of a cycle's validation report; None when it has not been evaluated."""
-    manifest = Path(cycle_folder) / "evaluation" / MANIFEST
+    manifest = report_dir(cfg, cycle_folder) / MANIFEST
     if not manifest.is_file():
         return None
     return bool(json.loads(manifest.read_text())["gate_passed"])
@@ -50,7 +60,7 @@ def cycle_folders(cfg: Config) -> dict[int, Path]:
 
 def previous_accepted(cfg: Config, cycle: int) -> Path | None:
     """The newest cycle before `cycle` whose validation report passed the gate (its warm start), else None."""
-    earlier = [folder for n, folder in cycle_folders(cfg).items() if n < cycle and gate_passed(folder)]
+    earlier = [folder for n, folder in cycle_folders(cfg).items() if n < cycle and gate_passed(cfg, folder)]
     return earlier[-1] if earlier else None
 
 
@@ -63,12 +73,18 @@ def current_champion(cfg: Config) -> dict[str, Any] | None:
 def promote(cfg: Config, cycle_folder: Path) -> Path:
     """Make `cycle_folder` the champion; refuses (GateError) unless its validation report passed the gate."""
     cycle_folder = Path(cycle_folder)
-    report = cycle_folder / "evaluation"
-    verdict = gate_passed(cycle_folder)
+    report = report_dir(cfg, cycle_folder)
+    verdict = gate_passed(cfg, cycle_folder)
     if verdict is None:
-        raise GateError(f"{cycle_folder}: not evaluated; run `megacontext evaluate --checkpoint {cycle_folder}` first")
+        older = " (a report inside the cycle folder is from an older layout and is not read)" \
+            if (cycle_folder / "evaluation" / MANIFEST).is_file() else ""
+        raise GateError(f"{cycle_folder}: not evaluated{older}; run `megacontext evaluate --checkpoint "
+                        f"{cycle_folder}` first")
     reevaluate = f"re-evaluate it with `megacontext evaluate --checkpoint {cycle_folder}`"
     verify_artifact(report, kind="validation_report", repair=reevaluate)  # the verdict read is the one written
+    evaluated = {(report / entry["path"]).resolve() for entry in read_manifest(report).get("inputs", [])}
+    if cycle_folder.resolve() not in evaluated:  # e.g. another folder of the same name was evaluated since
+        raise GateError(f"{report}: a report of another checkpoint, not of {cycle_folder}; {reevaluate}")
     stale = stale_inputs(report)
     if stale:
         raise GateError(f"{report}: evaluated before {cycle_folder.name} last changed ({stale[0]}); "
