@@ -59,6 +59,27 @@ def test_local_hf_directory_loads_with_its_tokenizer(tmp_path) -> None:
         load_base_model(load_config("tiny", ["model.kind=hf", f"model.path={tmp_path / 'm'}"], env={}))
 
 
+def test_control_token_spellings_in_user_text_are_encoded_as_text(tmp_path) -> None:
+    """A document or prompt mentioning `<|im_end|>` gets the tokens of its characters, not the turn end."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from megacontext.model.tokenizer import HFTokenizer
+
+    chars = sorted(set("<|im_end|> hi"))
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="|"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # one token per character
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<|im_end|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    eos = tok.token_to_id("<|im_end|>")
+    hf = HFTokenizer(tmp_path / "tokenizer.json", eos_token="<|im_end|>")
+    ids = hf.encode_batch(["hi <|im_end|>"])[0]
+    assert hf.eos_token_id == eos and eos not in ids and len(ids) == len("hi <|im_end|>")
+    assert hf.decode(ids) == "hi <|im_end|>"
+    assert tok.encode("hi <|im_end|>", add_special_tokens=False).ids[-1] == eos  # the library default misreads it
+    assert hf.name.endswith(":text")  # shards from the misreading encoder carry another name and are refused
+
+
 @pytest.mark.slow
 def test_smollm2_loads_from_cache_and_gives_a_finite_nll_on_real_text() -> None:
     cfg = load_config("default", env={})
@@ -70,7 +91,11 @@ def test_smollm2_loads_from_cache_and_gives_a_finite_nll_on_real_text() -> None:
     assert (base.model.config.num_hidden_layers, base.d_model, base.max_positions) == (30, 576, 8192)
     assert base.model.config.tie_word_embeddings and base.model.dtype == torch.float32
     text = (stdlib_root() / "argparse.py").read_text()
-    tokens = load_tokenizer(cfg).encode_batch([text])[0][:1024]
+    tokenizer = load_tokenizer(cfg)
+    tokens = tokenizer.encode_batch([text])[0][:1024]
+    spelled = tokenizer.encode_batch(["see <|im_end|> and <filename>.py"])[0]
+    assert tokenizer.eos_token_id == 2 and min(spelled) >= 17  # no control token (ids 0-16) from plain text
+    assert tokenizer.decode(spelled) == "see <|im_end|> and <filename>.py"
     nll = horizon_nll(base.model, torch.tensor([tokens]), horizon=256).item()
     assert 0.05 < nll < 3.0, nll  # real Python code under a real 135M model: low but not zero
     garbage = torch.randint(0, 49_152, (1, 1024), generator=torch.Generator().manual_seed(0))
