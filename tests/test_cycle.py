@@ -8,7 +8,7 @@ import torch
 
 from megacontext.data.corpus import build_corpus
 from megacontext.training.cycle import run_cycle
-from megacontext.errors import ConfigError
+from megacontext.errors import ArtifactError, ConfigError
 from megacontext.evaluation.evaluate import evaluate
 from megacontext.model.gistnet import load_gistnet
 from megacontext.model.lensnet import load_lensnet
@@ -105,6 +105,15 @@ def test_an_ablation_evaluates_the_cycle_without_a_trained_part(first_cycle) -> 
         evaluate(cfg, checkpoint=out, without=("lensnett",))
 
 
+def _reseal(folder: Path) -> None:
+    """Record `folder`'s current files in its manifest (a test standing in for a legitimate rewrite)."""
+    from megacontext.lifecycle.lineage import file_entries
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = file_entries(folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_promotion_needs_a_passing_evaluation_and_nightly_reproduces_the_champion(first_cycle, tmp_path) -> None:
     from megacontext.lifecycle.champion import current_champion, previous_accepted, promote
     from megacontext.errors import GateError
@@ -134,6 +143,9 @@ def test_promotion_needs_a_passing_evaluation_and_nightly_reproduces_the_champio
     record = json.loads(champion_json.read_text())
     record["recorded"]["nll_mc"]["value"] -= 1.0
     champion_json.write_text(json.dumps(record))
+    with pytest.raises(ArtifactError, match="champion.json: content differs from the manifest"):
+        run_nightly(cfg, day=dt.date(2026, 1, 3))  # an edited record is never compared against
+    _reseal(champion_json.parent)  # a record that really says so
     result = run_nightly(cfg, day=dt.date(2026, 1, 3))
     assert not result.passed and result.deltas["nll_mc"] == pytest.approx(1.0)
     assert "REGRESSION" in (result.report / "report.md").read_text()
@@ -146,6 +158,7 @@ def test_promotion_needs_a_passing_evaluation_and_nightly_reproduces_the_champio
     assert not (Path(cfg.paths.artifact_root) / "nightly" / "2026-01-04").exists()
     record["yardstick"] = None  # a champion recorded before the yardstick existed: refused too
     champion_json.write_text(json.dumps(record))
+    _reseal(champion_json.parent)
     with pytest.raises(GateError, match="not comparable"):
         run_nightly(cfg, day=dt.date(2026, 1, 5))
 

@@ -65,8 +65,19 @@ def previous_accepted(cfg: Config, cycle: int) -> Path | None:
 
 
 def current_champion(cfg: Config) -> dict[str, Any] | None:
-    path = champion_dir(cfg) / "champion.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The champion record (verified against its manifest first), or None when nothing was promoted.
+
+    Raises:
+        ArtifactError: the record or its history differs from the manifest: one line naming the file and
+            the repair (delete the folder and promote the champion cycle again; the history restarts).
+    """
+    folder = champion_dir(cfg)
+    path = folder / "champion.json"
+    if not path.is_file() and not (folder / MANIFEST).is_file():
+        return None
+    verify_artifact(folder, kind=KIND, repair=f"delete {folder} and promote the champion cycle again "
+                                               "(`megacontext promote --cycle N`; its history restarts)")
+    return json.loads(path.read_text())
 
 
 @locked(lambda cfg, cycle_folder: champion_dir(cfg))

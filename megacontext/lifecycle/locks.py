@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from filelock import FileLock, Timeout
 
 from megacontext.errors import ArtifactError
+from megacontext.lifecycle.lineage import sweep_leftovers
 
 F = TypeVar("F", bound=Callable[..., Any])
 _LOCKS: dict[Path, FileLock] = {}  # one FileLock object per path and process, so that nesting re-enters it
@@ -76,6 +77,7 @@ def artifact_lock(folder: Path, *, wait: float = 0.0) -> Iterator[None]:
                            "or stop that process, then rerun") from None
     try:
         if outermost:
+            sweep_leftovers(Path(folder).parent)  # a killed writer's staging folders: safe to go under the lock
             record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             path.with_suffix(".lock.json").write_text(json.dumps(record) + "\n")
