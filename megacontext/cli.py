@@ -32,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        _check_cycle_folder(getattr(args, "checkpoint", None))
         cfg = load_config(args.profile, args.overrides)
         return args.handler(cfg, args) or 0
     except MegaContextError as exc:
@@ -71,20 +72,26 @@ def _temperature(text: str) -> float:
     return value
 
 
-def _cycle_folder(text: str) -> Path:
-    """An argparse type: a finished cycle folder (its manifest says kind "cycle"), refused in one line otherwise."""
-    folder = Path(text)
+def _check_cycle_folder(folder: Path | None) -> None:
+    """`--checkpoint` must be a finished cycle folder (its manifest says kind "cycle"); checked before any work.
+
+    Raises:
+        ConfigError: one line naming the folder and the form to use.
+    """
+    from megacontext.errors import ConfigError
+
+    if folder is None:
+        return
     usage = "--checkpoint takes a cycle folder (artifacts/cycles/cycle-NNNN)"
     if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"{folder}: no such folder; {usage}")
+        raise ConfigError(f"{folder}: no such folder; {usage}")
     try:
         kind = json.loads((folder / "manifest.json").read_text()).get("kind")
     except (OSError, ValueError, AttributeError):
         kind = None
     if kind != "cycle":
-        raise argparse.ArgumentTypeError(f"{folder}: not a finished cycle (no cycle manifest.json); {usage}, "
-                                         "finished by `megacontext train-cycle --cycle N`")
-    return folder
+        raise ConfigError(f"{folder}: not a finished cycle (no cycle manifest.json); {usage}, "
+                          "finished by `megacontext train-cycle --cycle N`")
 
 
 CYCLE = _int_at_least(1)
@@ -117,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
                 "compute the cycle-independent references once: NLL_full, NLL_recency, attention mass, passkey")
     p.add_argument("--force", action="store_true", help="recompute even when a current, intact cache exists")
     p = command("evaluate", cmd_evaluate, "NLL_full / NLL_recency / NLL_mc, ΔNLL, gap recovery and the gate verdict")
-    p.add_argument("--checkpoint", type=_cycle_folder, help="a cycle folder (artifacts/cycles/cycle-NNNN); default: untrained")
+    p.add_argument("--checkpoint", type=Path, help="a cycle folder (artifacts/cycles/cycle-NNNN); default: untrained")
     p.add_argument("--out", type=Path, help="report folder (default: artifacts/evaluation or <checkpoint>/evaluation)")
     p.add_argument("--without", default="", metavar="PARTS",
                    help="ablate trained parts of the checkpoint, comma-separated: gistnet,lensnet,lora")
@@ -140,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
         ("inspect", cmd_inspect, "picture which spans of a document are at which LOD over time, with LensNet scores"),
     ):
         p = command(name, handler, help)
-        p.add_argument("--checkpoint", type=_cycle_folder, help="a cycle folder (artifacts/cycles/cycle-NNNN); default: untrained")
+        p.add_argument("--checkpoint", type=Path, help="a cycle folder (artifacts/cycles/cycle-NNNN); default: untrained")
         p.add_argument("--prompt-file", type=Path, required=True, help="UTF-8 text file: the document/prompt")
         p.add_argument("--max-new-tokens", type=COUNT, default=64 if name == "generate" else 0,
                        help="tokens to generate after the prompt")

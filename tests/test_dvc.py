@@ -58,7 +58,9 @@ def test_the_import_closure_follows_lazy_relative_and_from_imports(tmp_path: Pat
     pkg = tmp_path / "megacontext"
     files = {
         "__init__.py": "",
-        "cli.py": "import os\nfrom megacontext.a import x\ndef cmd_go(cfg, args):\n    helper()\n"
+        "cli.py": "import os\nfrom megacontext.a import x\ndef main():\n    _parser()\n    check()\n"
+                  "def check():\n    from megacontext import checked\ndef _parser():\n    return cmd_other\n"
+                  "def cmd_go(cfg, args):\n    helper()\n"
                   "def helper():\n    from megacontext.sub import lazy\ndef cmd_other(cfg, args):\n"
                   "    import megacontext.unused\n",
         "a.py": "x = 1\n",
@@ -67,15 +69,17 @@ def test_the_import_closure_follows_lazy_relative_and_from_imports(tmp_path: Pat
         "sub/lazy.py": "def f():\n    from . import sibling\n    from ..b import y\n",
         "sub/sibling.py": "import torch\n",
         "b.py": "y = 2\n",
+        "checked.py": "",
     }
     for name, body in files.items():
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(body)
     assert command_code("go", tmp_path) == ["megacontext/__init__.py", "megacontext/a.py", "megacontext/b.py",
-                                            "megacontext/cli.py", "megacontext/sub/__init__.py",
-                                            "megacontext/sub/lazy.py", "megacontext/sub/sibling.py"]
-    assert command_code("other", tmp_path) == ["megacontext/__init__.py", "megacontext/a.py", "megacontext/cli.py",
-                                               "megacontext/unused.py"]
+                                            "megacontext/checked.py", "megacontext/cli.py",
+                                            "megacontext/sub/__init__.py", "megacontext/sub/lazy.py",
+                                            "megacontext/sub/sibling.py"]
+    assert command_code("other", tmp_path) == ["megacontext/__init__.py", "megacontext/a.py",
+                                               "megacontext/checked.py", "megacontext/cli.py", "megacontext/unused.py"]
     assert import_closure({"megacontext.a.x"}, tmp_path) == {pkg / "__init__.py", pkg / "a.py"}
 
 

@@ -112,10 +112,12 @@ def command_code(subcommand: str, root: Path = ROOT) -> list[str]:
     cli = root / CLI
     top = [node for node in ast.parse(cli.read_text()).body if isinstance(node, (ast.Import, ast.ImportFrom))]
     entries = _imports(root, cli, top) - {PACKAGE + ".cli"}  # the CLI file itself counts, not its other handlers
-    called, todo = set(), [handler_name(subcommand)]
-    if todo[0] not in functions:
-        raise KeyError(f"{CLI} has no {todo[0]} for the subcommand {subcommand!r}")
-    while todo:  # the handler and every CLI helper it names, for their lazy imports
+    handler = handler_name(subcommand)
+    if handler not in functions:
+        raise KeyError(f"{CLI} has no {handler} for the subcommand {subcommand!r}")
+    # `main` runs before every handler; `_parser` only names the handlers (as values), it runs none of them
+    called, todo = {"_parser"}, ["main", handler]
+    while todo:  # the handler, `main` and every CLI helper they name, for their lazy imports
         name = todo.pop()
         if name in called or name not in functions:
             continue
