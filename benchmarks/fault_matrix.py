@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -96,11 +97,11 @@ class Matrix:
             os.environ.update(saved)
         return Result(code, out.getvalue(), err.getvalue())
 
-    def spawn(self, root: Path, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    def spawn(self, root: Path, *argv: str, env: dict[str, str] | None = None,
+              overrides: list[str] | None = None) -> Spawned:
         """`megacontext argv...` as its own process (one thread: runs compare bitwise)."""
-        return subprocess.Popen([sys.executable, "-m", "megacontext", *argv, "--profile", "tiny",
-                                 *self.overrides(root)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        args = [*argv, "--profile", "tiny", *(self.overrides(root) if overrides is None else overrides)]
+        return Spawned.start(args, self.base, {"OMP_NUM_THREADS": "1", **(env or {})})
 
     def add(self, family: str, case: str, expected: str, check: Callable[[], tuple[bool, str]]) -> None:
         try:
@@ -239,9 +240,8 @@ class Matrix:
         """Kill `train-cycle` inside each phase, resume, compare with an uninterrupted run of the same process kind."""
         straight = self.base / "straight"
         shutil.copytree(lifecycle / "artifacts" / "data", straight / "artifacts" / "data")
-        done = self.spawn(straight, "train-cycle", "--cycle", "1")
-        _, err = done.communicate(timeout=600)
-        if done.returncode != 0:
+        code, _, err = self.spawn(straight, "train-cycle", "--cycle", "1").finish()
+        if code != 0:
             raise RuntimeError(f"the uninterrupted reference cycle failed:\n{err[-3000:]}")
         reference = _weights(straight / "artifacts/cycles/cycle-0001")
         phases = {  # phase -> what must exist (and what must not yet) when the kill lands
@@ -269,22 +269,22 @@ class Matrix:
             shutil.copytree(straight / "artifacts" / "data", root / "artifacts" / "data")
             cycle = root / "artifacts/cycles/cycle-0001"
             proc = self.spawn(root, "train-cycle", "--cycle", "1")
-            landed = _kill_when(proc, lambda: inside(cycle) and not (cycle / final / "manifest.json").is_file())
-            if landed:
+            unfinished = lambda: not (cycle / final / "manifest.json").is_file()  # noqa: E731
+            if proc.kill_when(lambda: inside(cycle) and unfinished()) and unfinished():  # still inside after the kill
                 break
         else:
             return False, "the phase always finished before the kill landed"
-        resumed = self.spawn(root, "train-cycle", "--cycle", "1")
-        _, err = resumed.communicate(timeout=600)
-        if resumed.returncode != 0:
+        code, _, err = self.spawn(root, "train-cycle", "--cycle", "1").finish()
+        if code != 0:
             return False, f"resume failed: {err.strip().splitlines()[-1:]}"
         now = _weights(cycle)
         same = now.keys() == reference.keys() and all(now[k] == reference[k] for k in now)
         result = audit(cycle)
         problems = [p for n in result.walk() for p in n.problems]
-        return same and not problems, (f"killed (attempt {attempt + 1}); resumed weights "
-                                       f"{'identical' if same else 'DIFFER'}; audit "
-                                       f"{'clean' if not problems else problems[0]}")
+        leftovers = sorted(str(p.relative_to(cycle)) for p in cycle.rglob(".*") if LEFTOVER.match(p.name))
+        return same and not problems and not leftovers, (
+            f"killed (attempt {attempt + 1}); resumed weights {'identical' if same else 'DIFFER'}; audit "
+            f"{'clean' if not problems else problems[0]}; leftovers {leftovers or 'none'}")
 
     def _kill_prepare(self, straight: Path) -> tuple[bool, str]:
         from megacontext.lifecycle.audit import audit
@@ -294,15 +294,13 @@ class Matrix:
             shutil.copytree(straight / "artifacts" / "data", root / "artifacts" / "data")
             data = root / "artifacts" / "data"
             # a different corpus this time (more documents), so that the old and new ones differ
-            proc = subprocess.Popen([sys.executable, "-m", "megacontext", "prepare-data", "--profile", "tiny",
-                                     f"paths.artifact_root={root / 'artifacts'}", f"paths.corpus_dir={root / 'data'}",
-                                     "data.max_documents=6", "data.val_fraction=0.45", "data.test_fraction=0"],
-                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            if _kill_when(proc, lambda: any(data.glob(".corpus.prepare-*")) and any(data.glob(".shards.staging-*"))):
+            proc = self.spawn(root, "prepare-data", overrides=[*_prepare_args(root), "data.max_documents=6"])
+            if proc.kill_when(lambda: any(data.glob(".corpus.prepare-*")) and any(data.glob(".shards.staging-*"))):
                 break
         else:
             return False, "prepare-data always finished before the kill landed"
-        again = self.cli(root, "prepare-data")
+        again = self.spawn(root, "prepare-data", overrides=[*_prepare_args(root), "data.max_documents=6"]).finish()
+        again = Result(*again)
         result = audit(data / "shards")
         problems = [p for n in result.walk() for p in n.problems]
         leftovers = sorted(p.name for p in data.iterdir() if p.name.startswith(".") and ".lock" not in p.name)
@@ -315,7 +313,7 @@ class Matrix:
 
         def both(argv: list[str], seeds: tuple[str, str] = ("0", "0")) -> list[subprocess.CompletedProcess]:
             procs = [self.spawn(root, *argv, env={"MEGACONTEXT_SEED": s}) for s in seeds]
-            return [subprocess.CompletedProcess(p.args, p.wait(timeout=600), *p.communicate()) for p in procs]
+            return [subprocess.CompletedProcess(argv, *p.finish()) for p in procs]
 
         def judged(done: list[subprocess.CompletedProcess], folder: Path, *, one_refuses: bool) -> tuple[bool, str]:
             codes = [d.returncode for d in done]
@@ -326,22 +324,25 @@ class Matrix:
             fine = all(d.returncode == 0 or d in refused for d in done) and 0 in codes and not problems
             if one_refuses:
                 fine = fine and len(refused) == 1
-            holder = next((d.stderr.strip().splitlines()[-1] for d in refused), "none refused (one waited)")
+            waited = any("waiting (up to" in d.stderr for d in done)
+            holder = next((d.stderr.strip().splitlines()[-1] for d in refused),
+                          "one waited for the other" if waited else "none refused or waited (they did not overlap)")
             return fine, f"exits {codes}; {holder[:200]}; audit {'clean' if not problems else problems[0]}"
 
         cycle2 = root / "artifacts/cycles/cycle-0002"
         self.add("concurrent writers", "two `train-cycle --cycle 2` at once, seeds 0 and 1",
                  "one trains, the other refuses naming the holder; one config in the cycle (audit clean)",
                  lambda: judged(both(["train-cycle", "--cycle", "2"], ("0", "1")), cycle2, one_refuses=True))
-        self.add("concurrent writers", "two `eval-references` at once",
-                 "the second waits for the first and reuses its cache (audit clean)",
-                 lambda: judged(both(["eval-references"]), root / "artifacts/eval_references", one_refuses=False))
-        self.add("concurrent writers", "two `prepare-data` at once",
-                 "one publishes, the other refuses or reuses; corpus and shards agree (audit clean)",
-                 lambda: judged(both(["prepare-data"]), root / "artifacts/data/shards", one_refuses=False))
         self.add("concurrent writers", "two `promote --cycle 1` at once",
-                 "one writes the champion, the other refuses or follows; audit clean",
+                 "one writes the champion, the other refuses or follows; audit clean (before the forced rebuilds below, which make the report stale)",
                  lambda: judged(both(["promote", "--cycle", "1"]), root / "artifacts/champion", one_refuses=False))
+        self.add("concurrent writers", "two `eval-references --force` at once",
+                 "the second waits for the first, then rebuilds; one intact cache (audit clean)",
+                 lambda: judged(both(["eval-references", "--force"]), root / "artifacts/eval_references",
+                                one_refuses=False))
+        self.add("concurrent writers", "two `prepare-data --force` at once",
+                 "one publishes, the other refuses naming it (or runs after it); corpus and shards agree",
+                 lambda: judged(both(["prepare-data", "--force"]), root / "artifacts/data/shards", one_refuses=False))
 
     def bad_inputs(self, root: Path) -> None:
         prompt = root / "prompt.txt"
@@ -415,17 +416,46 @@ def _weights(cycle: Path) -> dict[str, bytes]:
     return out
 
 
-def _kill_when(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float = 300) -> bool:
-    """SIGKILL `proc` as soon as `condition()` holds; False when it exited first (nothing was killed)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if condition():
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.002)
-    proc.communicate()
-    return False
+LEFTOVER = re.compile(r"^\..+\.(?:staging|old|failed)-\d+$")
+
+
+def _prepare_args(root: Path) -> list[str]:
+    return [f"paths.artifact_root={root / 'artifacts'}", f"paths.corpus_dir={root / 'data'}", "data.val_fraction=0.45",
+            "data.test_fraction=0"]
+
+
+@dataclass
+class Spawned:
+    """A `megacontext` process in its own session, its output in files (no pipe can fill up and block it)."""
+
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+    @classmethod
+    def start(cls, args: list[str], logs: Path, env: dict[str, str]) -> "Spawned":
+        out = Path(tempfile.mkstemp(dir=logs, prefix="out-")[1])
+        err = Path(tempfile.mkstemp(dir=logs, prefix="err-")[1])
+        with out.open("w") as o, err.open("w") as e:
+            proc = subprocess.Popen([sys.executable, "-m", "megacontext", *args], cwd=ROOT, stdout=o, stderr=e,
+                                    env={**os.environ, **env}, start_new_session=True)
+        return cls(proc, out, err)
+
+    def finish(self, timeout: float = 600) -> tuple[int, str, str]:
+        code = self.proc.wait(timeout=timeout)
+        return code, self.out.read_text(), self.err.read_text()
+
+    def kill_when(self, condition: Callable[[], bool], timeout: float = 300) -> bool:
+        """SIGKILL the whole process group as soon as `condition()` holds; False when it exited first."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.proc.poll() is None:
+            if condition():
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                return True
+            time.sleep(0.002)
+        self.proc.wait()
+        return False
 
 
 @contextlib.contextmanager

@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute even when a current, intact cache exists")
     p = command("evaluate", cmd_evaluate, "NLL_full / NLL_recency / NLL_mc, ΔNLL, gap recovery and the gate verdict")
     p.add_argument("--checkpoint", type=Path, help="a cycle folder (artifacts/cycles/cycle-NNNN); default: untrained")
-    p.add_argument("--out", type=Path, help="report folder (default: artifacts/evaluation or <checkpoint>/evaluation)")
+    p.add_argument("--out", type=Path, help="report folder (default: artifacts/evaluation, or artifacts/reports/<cycle> with --checkpoint)")
     p.add_argument("--without", default="", metavar="PARTS",
                    help="ablate trained parts of the checkpoint, comma-separated: gistnet,lensnet,lora")
     p = command("train-cycle", cmd_train_cycle, "one JT1 -> JT2 -> JT3 cycle (resumes if killed), warm-started")

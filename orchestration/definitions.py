@@ -21,7 +21,7 @@ from dagster import (
     sensor,
 )
 
-from megacontext.lifecycle.champion import report_dir
+from megacontext.lifecycle.champion import gate_passed
 from megacontext.training.cycle import cycle_dir, cycle_name, parse_cycle_name
 from orchestration.assets.cycles import GROUP, champion, cycle_partitions, gistnet, lens_labels, lensnet, lora_adapter, \
     validation_report
@@ -55,7 +55,7 @@ def next_cycle_key(existing: list[str], evaluated: Callable[[int], bool]) -> str
 def next_cycle(context: SensorEvaluationContext) -> SensorResult | SkipReason:
     cfg = mc.resolve()
     existing = list(context.instance.get_dynamic_partitions(cycle_partitions.name))
-    key = next_cycle_key(existing, lambda n: (report_dir(cfg, cycle_dir(cfg, n)) / "manifest.json").is_file())
+    key = next_cycle_key(existing, lambda n: gate_passed(cfg, cycle_dir(cfg, n)) is not None)
     if key is None:
         return SkipReason("the latest cycle has no validation report yet")
     return SensorResult(run_requests=[RunRequest(partition_key=key, run_key=key)],

@@ -43,7 +43,7 @@ def test_a_tiny_cycle_runs_end_to_end_and_is_evaluated(first_cycle) -> None:
     assert "LensNet + allocator + LoRA" in manifest["context"]["working context"]
     assert 0 < manifest["context"]["budget utilisation"] <= 1 and manifest["context"]["MC latency ms / block"] > 0
     assert manifest["inputs"][1]["kind"] == "cycle"
-    assert verify_files(out) == []  # the evaluation is a nested artifact of its own
+    assert verify_files(out) == [] and not (out / "evaluation").exists()  # reports live outside the cycle
     import polars as pl
     passkey = pl.read_parquet(report / "passkey.parquet")  # recency through the cycle's LoRA, every trial
     assert passkey["logp_recency_adapted"].null_count() == 0
@@ -115,21 +115,42 @@ def _reseal(folder: Path) -> None:
 
 
 def test_promotion_needs_a_passing_evaluation_and_nightly_reproduces_the_champion(first_cycle, tmp_path) -> None:
-    from megacontext.lifecycle.champion import current_champion, previous_accepted, promote
+    import shutil
+
+    from megacontext.lifecycle.champion import current_champion, gate_passed, previous_accepted, promote
     from megacontext.errors import GateError
+    from megacontext.lifecycle.lineage import write_manifest
     from megacontext.lifecycle.nightly import run_nightly
 
     cfg, out = first_cycle
     evaluated = json.loads((report_dir(cfg, out) / "summary.json").read_text())
     assert evaluated["gate"]["passed"], "the tiny cycle passes the gate (ΔNLL < 0.1 and NLL_mc < NLL_recency)"
-    unevaluated = tmp_path / "cycle-0009"
+    unevaluated = out.parent / "cycle-0009"
     unevaluated.mkdir()
     with pytest.raises(GateError, match="not evaluated"):
         promote(cfg, unevaluated)
-    namesake = tmp_path / "elsewhere" / out.name  # same name, so the same report folder: not its report
-    namesake.mkdir(parents=True)
+    # one report folder per cycle of this artifact root: a namesake elsewhere, `..` or a bad name has none
+    for elsewhere in (tmp_path / "elsewhere" / out.name, out / "..", out.parent / "cycle-9"):
+        with pytest.raises(ConfigError, match="not a cycle folder of this artifact root"):
+            promote(cfg, elsewhere)
+    # a passing report written (with --out) for another checkpoint into cycle-0009's report folder
+    impostor = report_dir(cfg, unevaluated)
+    impostor.mkdir(parents=True)
+    write_manifest(impostor, kind="validation_report", format_version=1, config_hash="c", inputs=[out],
+                   extra={"gate_passed": True})
+    assert gate_passed(cfg, unevaluated) is None
     with pytest.raises(GateError, match="a report of another checkpoint"):
-        promote(cfg, namesake)
+        promote(cfg, unevaluated)
+    shutil.rmtree(impostor)
+    unevaluated.rmdir()
+    # a cycle changed after its evaluation (retrained, rebuilt) keeps no verdict until it is re-evaluated
+    manifest = out / "manifest.json"
+    sealed = manifest.read_text()
+    manifest.write_text(json.dumps({**json.loads(sealed), "config_hash": "retrained"}))
+    assert gate_passed(cfg, out) is None and previous_accepted(cfg, 2) is None
+    with pytest.raises(GateError, match="evaluated before cycle-0001 last changed"):
+        promote(cfg, out)
+    manifest.write_text(sealed)
     assert current_champion(cfg) is None
     promote(cfg, out)
     assert current_champion(cfg)["cycle"] == 1 and previous_accepted(cfg, 2) == out and previous_accepted(cfg, 1) is None
@@ -212,8 +233,8 @@ def test_a_flipped_byte_in_a_phase_output_stops_its_consumers_and_the_advice_rep
 
     cfg, original = first_cycle
     root = tmp_path / "artifacts"
-    # (a relocated root rewrites config.yaml with its paths, so the cycle is re-sealed: evaluations would go stale)
-    shutil.copytree(Path(cfg.paths.artifact_root), root, ignore=shutil.ignore_patterns("evaluation*", "wandb"))
+    # (a relocated root rewrites config.yaml with its paths, so the cycle is re-sealed: reports would go stale)
+    shutil.copytree(Path(cfg.paths.artifact_root), root, ignore=shutil.ignore_patterns("reports", "wandb"))
     cfg = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"artifact_root": str(root)})})
     out = cycle_dir(cfg, 1)
     target = out / phase / file

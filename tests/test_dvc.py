@@ -7,6 +7,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from megacontext.cli import _parser
@@ -108,3 +109,15 @@ def test_dvc_repro_runs_the_tiny_lifecycle_and_a_second_repro_does_nothing(tmp_p
     run(*cli, "evaluate", "--profile", "tiny", "--checkpoint", "artifacts/cycles/cycle-0001", "--without", "lora")
     run(*cli, "audit", "artifacts/champion")
     assert "up to date" in run(str(DVC), "status")
+
+
+def test_the_deps_rewrite_restores_a_stale_list_keeps_comments_and_refuses_layouts_it_cannot_edit() -> None:
+    text = (ROOT / "dvc.yaml").read_text()
+    commented = text.replace("  shards:\n", "# --- data ---\n  shards:\n").replace(
+        "      - artifacts/data/corpus\n", "      # the raw documents\n      - artifacts/data/corpus\n")
+    stale = commented.replace("      - megacontext/context/tree.py\n", "")  # an import nobody listed
+    assert stale != commented and synced(stale) == commented
+    for bad in (text.replace("    deps:\n      - data\n", "    deps: [data]\n", 1),
+                text.replace("  corpus:\n", "  corpus:\n    foreach: [a, b]\n", 1)):
+        with pytest.raises(ValueError, match="dvc.yaml: stage corpus"):
+            synced(bad)

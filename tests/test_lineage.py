@@ -119,3 +119,22 @@ def test_staging_folders_left_by_a_killed_process_are_swept_and_live_ones_kept(t
         write_manifest(staging, kind="t", format_version=1, config_hash="c")
     assert not any(d.exists() for d in dead) and live.is_dir() and unrelated.is_dir()
     assert sweep_leftovers(tmp_path) == [] and sweep_leftovers(tmp_path / "absent") == []
+    # killed between moving `shards` aside and publishing its successor: the old version is put back
+    assert (tmp_path / "shards" / "half-written.bin").is_file()
+    stale_old = tmp_path / f".trees.old-{_dead_pid()}"  # `trees` is in place: this copy is just garbage
+    stale_old.mkdir()
+    assert sweep_leftovers(tmp_path) == [stale_old] and not stale_old.exists()
+
+
+def test_taking_an_artifacts_lock_sweeps_only_that_artifacts_dead_leftovers(tmp_path: Path) -> None:
+    import os
+
+    from megacontext.lifecycle.locks import artifact_lock
+
+    mine = tmp_path / f".champion.staging-{_dead_pid()}"
+    sibling = tmp_path / f".corpus.staging-{_dead_pid()}"  # another artifact's: its own writer sweeps it
+    live = tmp_path / f".champion.staging-{os.getppid()}"
+    for folder in (mine, sibling, live):
+        folder.mkdir()
+    with artifact_lock(tmp_path / "champion"):
+        assert not mine.exists() and sibling.is_dir() and live.is_dir()

@@ -110,7 +110,9 @@ def test_the_ui_materializes_a_tiny_cycle_and_shows_the_gate_check(dagster_ui) -
         page.get_by_role("button", name="Add a partition").click()  # a new cycle partition, from the UI
         page.get_by_placeholder("name").fill("cycle-0001")
         page.get_by_role("button", name="Save").click()
-        page.get_by_role("button", name="Launch 1 run").click()
+        # adding the partition goes through the Dagster daemon's storage; on a loaded 2-core machine it has
+        # taken over 30 s (Playwright's default) before the launch button showed
+        page.get_by_role("button", name="Launch 1 run").click(timeout=120_000)
         _follow_launched_run(page, url)
 
         _goto(page, f"{url}/assets/validation_report?view=checks")

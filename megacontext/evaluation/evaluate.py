@@ -219,6 +219,8 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
     unknown = sorted(set(without) - set(ABLATABLE))
     if unknown or (without and not checkpoint):
         raise ConfigError(f"--without takes {', '.join(ABLATABLE)} and needs --checkpoint; got {', '.join(without)}")
+    # where the report goes, settled before any work (a checkpoint outside the artifact root needs `out`)
+    out = out or (report_dir(cfg, checkpoint, without) if checkpoint else Path(cfg.paths.artifact_root) / "evaluation")
     ev = cfg.eval
     base = load_base_model(cfg)
     check_gate_setting(history=ev.history, horizon=ev.horizon, w_max=cfg.wc.w_max, base_positions=base.max_positions)
@@ -291,7 +293,6 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
                                               f"(horizon queries / last {ev.tail_queries} history tokens)",
                "attention": f"MegaAttention W={cfg.mega.window} ({cfg.mega.kernel})" if mega else "full",
                **focus_telemetry(focus_stats, timings["mc_seconds"], blocks=n_sample_tokens / BLOCK)}
-    out = out or (report_dir(cfg, checkpoint, without) if checkpoint else Path(cfg.paths.artifact_root) / "evaluation")
     with staged_artifact(out) as staging:
         write_report(staging, table, summary, verdict, title="MegaContext validation report", context=context,
                      passkey=passkey_table)

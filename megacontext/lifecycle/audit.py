@@ -4,8 +4,8 @@ For each artifact (a folder with manifest.json): every file against its sha256
 (`verify_files`), every input's *current* manifest digest against the digest
 recorded when the artifact was built (a mismatch means the parent was replaced
 or edited afterwards), and a missing input folder or manifest is a missing
-parent. Nested artifacts (a cycle's phase outputs, its evaluation) are walked
-as children too. A path inside an artifact audits the nearest enclosing one.
+parent. Nested artifacts (a cycle's phase outputs and trees) are walked as children
+too; a cycle's validation report (`reports/<cycle>`) links to the cycle as an input. A path inside an artifact audits the nearest enclosing one.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ date"). Here each stage's code is derived, not listed: the CLI handler of the st
 import (function-level imports included, since the CLI imports lazily), and then every module those
 import, transitively, with the package `__init__.py` files Python runs on the way. It is a static
 over-approximation: a module imported on any code path counts, so nothing the command can run is missed.
+Not followed: `_parser` (it names every handler; keep imports out of it) and module-level statements
+of `cli.py` other than imports.
 
 `python -m megacontext.lifecycle.dvc_pipeline` rewrites the `megacontext/...` entries of every stage's
 `deps` in `dvc.yaml` (other deps, comments and layout untouched); `--check` only reports (exit 1 when a
@@ -147,7 +149,8 @@ def synced(text: str, root: Path = ROOT) -> str:
     Other deps (artifacts, `data`) keep their place and order; the code files follow them, sorted.
 
     Raises:
-        ValueError: a stage with deps but no `megacontext <subcommand>` cmd, or a deps list in another layout.
+        ValueError: a stage with deps but no `megacontext <subcommand>` cmd, a deps list in another layout
+            (inline, or not indented as `      - path`), or a `foreach`/`matrix` stage.
     """
     out: list[str] = []
     stage = cmd = None
@@ -165,7 +168,9 @@ def synced(text: str, root: Path = ROOT) -> str:
         in_deps = False
 
     for line in text.splitlines():
-        if line and not line.startswith(" "):  # a top-level key
+        if line.lstrip().startswith("#"):  # comments stay where they are and change nothing
+            pass
+        elif line and not line.startswith(" "):  # a top-level key
             close_deps()
             in_stages, stage = line.startswith("stages:"), None
         elif in_stages and (match := STAGE.match(line)):
@@ -173,9 +178,14 @@ def synced(text: str, root: Path = ROOT) -> str:
             stage, cmd = match["name"], None
         elif stage and (field := FIELD.match(line)):
             close_deps()
-            in_deps = field["key"] == "deps"
-            if field["key"] == "cmd":
-                cmd = line.split(":", 1)[1].strip()
+            key, value = field["key"], line.split(":", 1)[1].strip()
+            if key in ("foreach", "matrix", "do"):
+                raise ValueError(f"dvc.yaml: stage {stage} uses `{key}`; only plain stages are supported")
+            if key == "deps" and value:
+                raise ValueError(f"dvc.yaml: stage {stage} lists its deps inline ({value}); write one per line")
+            in_deps = key == "deps"
+            if key == "cmd":
+                cmd = value
         elif in_deps and line.strip():
             item = ITEM.match(line)
             if item is None:

@@ -76,8 +76,8 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
 def artifact_files(folder: Path) -> list[Path]:
     """The files an artifact's manifest covers: everything below it except nested artifacts.
 
-    A subfolder holding its own manifest.json (a cycle's phase outputs, its
-    evaluation report) is a separate artifact, linked as an input and verified
+    A subfolder holding its own manifest.json (a cycle's phase outputs and
+    trees) is a separate artifact, linked as an input and verified
     on its own, so it can be published after its parent without breaking it.
     """
     folder = Path(folder)
@@ -316,7 +316,7 @@ def _final_location(folder: Path) -> Path:
     return folder
 
 
-_LEFTOVER = re.compile(r"^\..+\.(?:staging|old|failed)-(\d+)$")  # (`.prepare-` backups: see data.shards)
+_LEFTOVER = re.compile(r"^\.(.+)\.(staging|old|failed)-(\d+)$")  # (`.prepare-` backups: see data.shards)
 
 
 def running(pid: int) -> bool:
@@ -329,22 +329,32 @@ def running(pid: int) -> bool:
     return True
 
 
-def sweep_leftovers(parent: Path) -> list[Path]:
-    """Remove the staging / old-copy folders in `parent` left by a killed process; return what went.
+def sweep_leftovers(parent: Path, name: str | None = None) -> list[Path]:
+    """Clean up the staging / old-copy folders in `parent` left by a killed process; return what went.
 
     Work in progress is named `.<name>.staging-<pid>` (also `.old-`, `.failed-`); one whose pid no
-    longer runs can never be published, so it is deleted. Live writers' folders stay. Assumes the
-    writers of one artifact root run on one host (pids are per host).
+    longer runs can never be published, so it is deleted. A dead writer's `.<name>.old-<pid>` whose
+    `<name>` is missing (killed between moving the old version aside and publishing the new one) is
+    the last good version: it is put back, not deleted. Live writers' folders stay. `name`: only the
+    leftovers of that artifact. Assumes the writers of one artifact root run on one host (pids are
+    per host).
     """
     parent = Path(parent)
     gone = []
     if not parent.is_dir():
         return gone
-    for path in parent.iterdir():
+    for path in sorted(parent.iterdir()):
         match = _LEFTOVER.match(path.name)
-        if match and path.is_dir() and not running(int(match.group(1))):
+        if not match or not path.is_dir() or (name is not None and match.group(1) != name):
+            continue
+        if running(int(match.group(3))):
+            continue
+        target = parent / match.group(1)
+        if match.group(2) == "old" and not target.exists():
+            os.replace(path, target)  # the previous version comes back
+        else:
             shutil.rmtree(path, ignore_errors=True)
-            gone.append(path)
+        gone.append(path)
     return gone
 
 

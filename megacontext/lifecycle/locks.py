@@ -77,7 +77,7 @@ def artifact_lock(folder: Path, *, wait: float = 0.0) -> Iterator[None]:
                            "or stop that process, then rerun") from None
     try:
         if outermost:
-            sweep_leftovers(Path(folder).parent)  # a killed writer's staging folders: safe to go under the lock
+            sweep_leftovers(Path(folder).parent, Path(folder).name)  # a killed writer's: safe under the lock
             record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             path.with_suffix(".lock.json").write_text(json.dumps(record) + "\n")

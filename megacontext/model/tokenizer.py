@@ -40,7 +40,7 @@ class HFTokenizer:
     def __init__(self, path: Path, eos_token: str | None = None):
         self.path = Path(path)
         self._tok = Tokenizer.from_file(str(self.path))
-        self._tok.encode_special_tokens = True  # user text is text: "<|im_end|>" is 7 characters, not a turn end
+        self._tok.encode_special_tokens = True  # user text is text: "<|im_end|>" is 10 characters, not a turn end
         self.name = "hf:" + hashlib.sha256(self.path.read_bytes()).hexdigest()[:16] + ":text"
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         eos = self._tok.token_to_id(eos_token) if eos_token else None
