@@ -164,6 +164,8 @@ def test_a_chunked_model_package_is_assembled_once_into_the_cache_and_a_bad_one_
         "from pathlib import Path\nCALLS = []\n"
         "def assemble(output_path):\n"
         "    CALLS.append(output_path)\n"
+        "    if Path(output_path).name.startswith('stale'):\n"
+        "        raise FileExistsError(f'{output_path} already exists with an unexpected sha256')\n"
         "    if Path(output_path).name.startswith('broken'):\n"
         "        raise ValueError('Assembled file sha256 did not match expected value')\n"
         "    Path(output_path).parent.mkdir(parents=True, exist_ok=True)\n"
@@ -181,6 +183,10 @@ def test_a_chunked_model_package_is_assembled_once_into_the_cache_and_a_bad_one_
     with pytest.raises(ConfigError, match=r"^fake-chunked: cannot assemble its GGUF \(Assembled file sha256 did not "
                                           r"match expected value\); reinstall it: pip install fake-chunked$"):
         find_gguf(broken, tmp_path / "cache")
+    stale = GGUFPackage(name="stale", distribution="fake-chunked", module="fake_chunked", filename=None,
+                        install_hint="pip install fake-chunked", assembled=True)
+    with pytest.raises(ConfigError, match=r"stale-1\.2\.gguf: not the file fake-chunked assembles .*; delete it and rerun$"):
+        find_gguf(stale, tmp_path / "cache")
     missing = GGUFPackage(name="x", distribution="not-installed", module="not_installed_anywhere", filename=None,
                           install_hint="pip install it", assembled=True)
     with pytest.raises(ConfigError, match="base model 'x' is not installed; run: pip install it"):

@@ -179,7 +179,10 @@ def find_gguf(package: GGUFPackage, cache_root: Path | None = None) -> Path:
         target = Path(cache_root) / "gguf" / f"{package.name}-{importlib.metadata.version(package.distribution)}.gguf"
         try:
             return Path(module.assemble(target))
-        except (FileNotFoundError, ValueError, FileExistsError) as exc:  # missing chunks, or a sha256 mismatch
+        except FileExistsError as exc:  # an earlier assembly left a file that fails the package's sha256
+            raise ConfigError(f"{target}: not the file {package.distribution} assembles ({exc}); delete it and "
+                              "rerun") from None
+        except (FileNotFoundError, ValueError) as exc:  # missing chunks, or the joined file fails the sha256
             raise ConfigError(f"{package.distribution}: cannot assemble its GGUF ({exc}); reinstall it: "
                               f"{package.install_hint}") from None
     candidates = [folder / package.filename] if package.filename else sorted(folder.rglob("*.gguf"))
