@@ -10,7 +10,7 @@ Four families, each row one fault and what the user must see:
   recorded digest, a truncated safetensors) and then used by the command that reads it: it must stop with one
   `error:` line naming the file and the command that repairs it, never use it and never print a traceback.
 - **concurrent writers**: two processes writing one artifact at once (two `train-cycle --cycle 2` with
-  different seeds, two `prepare-data`, two `eval-references`, two `promote`): one waits or refuses naming the
+  different seeds, two `promote`, two `evaluate --checkpoint`, two `eval-references`, two `prepare-data`): one waits or refuses naming the
   holder, and the audit of what is left passes.
 - **bad input**: the arguments, environment and files of the issue list: refused with one line, before any work.
 
@@ -336,6 +336,10 @@ class Matrix:
         self.add("concurrent writers", "two `promote --cycle 1` at once",
                  "one writes the champion, the other refuses or follows; audit clean (before the forced rebuilds below, which make the report stale)",
                  lambda: judged(both(["promote", "--cycle", "1"]), root / "artifacts/champion", one_refuses=False))
+        self.add("concurrent writers", "two `evaluate --checkpoint` of cycle 1 at once",
+                 "one writes the report, the other refuses naming it (or runs after it); audit clean",
+                 lambda: judged(both(["evaluate", "--checkpoint", str(root / "artifacts/cycles/cycle-0001")]),
+                                root / "artifacts/reports/cycle-0001", one_refuses=False))
         self.add("concurrent writers", "two `eval-references --force` at once",
                  "the second waits for the first, then rebuilds; one intact cache (audit clean)",
                  lambda: judged(both(["eval-references", "--force"]), root / "artifacts/eval_references",

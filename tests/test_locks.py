@@ -68,6 +68,8 @@ WRITERS = [  # (command line, the artifact folder it writes, relative to the art
     (["train-cycle", "--cycle", "1"], "cycles/cycle-0001"),
     (["train-phase", "--phase", "jt1", "--cycle", "1"], "cycles/cycle-0001"),
     (["promote", "--cycle", "1"], "champion"),
+    (["evaluate"], "evaluation"),
+    (["nightly"], "nightly"),
 ]
 
 

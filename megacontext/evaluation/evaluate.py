@@ -39,6 +39,7 @@ from megacontext.evaluation.gate import check_gate_setting, gate, summarize
 from megacontext.model.gaussian_rope import install_gaussian_rope
 from megacontext.lifecycle.champion import report_dir
 from megacontext.lifecycle.lineage import staged_artifact, write_manifest
+from megacontext.lifecycle.locks import artifact_lock
 from megacontext.context.nodes import BLOCK, Node
 from megacontext.evaluation.passkey import answer_scores
 from megacontext.evaluation.references import (References, entries_logits, focus_tail, load_references, passkey_dir,
@@ -205,6 +206,18 @@ def evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None = 
 
 def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None = None,
               without: tuple[str, ...] = ()) -> Path:
+    """`_evaluate_into` the report folder (settled first), holding its write lock: a second evaluation into
+    the same folder refuses at once, naming the first, instead of racing it to publish."""
+    unknown = sorted(set(without) - set(ABLATABLE))
+    if unknown or (without and not checkpoint):
+        raise ConfigError(f"--without takes {', '.join(ABLATABLE)} and needs --checkpoint; got {', '.join(without)}")
+    # where the report goes, settled before any work (a checkpoint outside the artifact root needs `out`)
+    out = out or (report_dir(cfg, checkpoint, without) if checkpoint else Path(cfg.paths.artifact_root) / "evaluation")
+    with artifact_lock(out):
+        return _evaluate_into(cfg, checkpoint=checkpoint, out=out, without=without)
+
+
+def _evaluate_into(cfg: Config, *, checkpoint: Path | None, out: Path, without: tuple[str, ...]) -> Path:
     """Score every cached sample and passkey trial, summarise, gate, and publish the report folder.
 
     Without `checkpoint`: the untrained system (tree gists from `build-trees`, cold-start WC).
@@ -216,11 +229,6 @@ def _evaluate(cfg: Config, *, checkpoint: Path | None = None, out: Path | None =
     cache (`references.py`; built on first use, refused when stale), so a re-evaluation only runs the
     working-context passes.
     """
-    unknown = sorted(set(without) - set(ABLATABLE))
-    if unknown or (without and not checkpoint):
-        raise ConfigError(f"--without takes {', '.join(ABLATABLE)} and needs --checkpoint; got {', '.join(without)}")
-    # where the report goes, settled before any work (a checkpoint outside the artifact root needs `out`)
-    out = out or (report_dir(cfg, checkpoint, without) if checkpoint else Path(cfg.paths.artifact_root) / "evaluation")
     ev = cfg.eval
     base = load_base_model(cfg)
     check_gate_setting(history=ev.history, horizon=ev.horizon, w_max=cfg.wc.w_max, base_positions=base.max_positions)

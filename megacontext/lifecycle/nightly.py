@@ -24,6 +24,7 @@ from megacontext.config import Config, config_hash
 from megacontext.errors import GateError
 from megacontext.evaluation.evaluate import evaluate, passkey_accuracy
 from megacontext.lifecycle.lineage import staged_artifact, write_manifest
+from megacontext.lifecycle.locks import locked
 from megacontext.evaluation.references import yardstick
 from megacontext.lifecycle.tracking import start_run
 
@@ -50,6 +51,7 @@ def compare(recorded: dict, now: dict, band: float) -> tuple[bool, dict[str, flo
     return all(deltas.get(k, 0.0) <= band for k in COMPARED), deltas
 
 
+@locked(lambda cfg, **_: nightly_root(cfg))  # one nightly at a time: each appends to the shared history
 def run_nightly(cfg: Config, *, day: dt.date | None = None) -> NightlyResult:
     champion = current_champion(cfg)
     if champion is None:
