@@ -123,8 +123,8 @@ def promote(cfg: Config, cycle_folder: Path) -> Path:
     if problem is not None:
         raise GateError(problem)
     reevaluate = f"re-evaluate it with `megacontext evaluate --checkpoint {cycle_folder}`"
-    verify_artifact(report, kind="validation_report", repair=reevaluate)  # the verdict read is the one written
-    verdict = gate_passed(cfg, cycle_folder)
+    manifest = verify_artifact(report, kind="validation_report", repair=reevaluate)  # the verdict as written
+    verdict = bool(manifest["gate_passed"])  # (report_problem above already vouched for this cycle)
     summary = json.loads((report / "summary.json").read_text())
     if not verdict:
         raise GateError(f"{cycle_folder.name} not promoted: {summary['gate']['message']}")

@@ -67,8 +67,7 @@ def _imports(root: Path, path: Path, nodes: list[ast.AST]) -> set[str]:
 def _with_packages(root: Path, dotted: str) -> set[Path]:
     """The module's file and every package `__init__.py` Python executes to import it."""
     parts = dotted.split(".")
-    files = {f for i in range(1, len(parts) + 1) if (f := _module_file(root, ".".join(parts[:i]))) is not None}
-    return files
+    return {f for i in range(1, len(parts) + 1) if (f := _module_file(root, ".".join(parts[:i]))) is not None}
 
 
 def import_closure(entries: set[str], root: Path = ROOT) -> set[Path]:
