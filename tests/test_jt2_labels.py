@@ -3,12 +3,14 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from megacontext.model.base_model import load_base_model
 from megacontext.config import load_config
 from megacontext.model.gaussian_rope import install_gaussian_rope
 from megacontext.model.gistnet import build_gistnet
 from megacontext.training.jt2_labels import candidates, label_snapshot, label_table, to_targets
+from megacontext.training.jt2_lensnet import entry_targets
 from megacontext.data.schemas import SchemaViolation
 from megacontext.data.windows import Window
 from megacontext.context.working_context import cold_start
@@ -61,3 +63,31 @@ def test_targets_and_schema(snapshot) -> None:
     rows[0]["utility"] = float("inf")
     with pytest.raises(SchemaViolation, match="finite_numbers"):
         label_table([("s0", window, wc, rows)])
+
+
+def _row(action: str, delta_nll: float, entry: int = 0) -> dict:
+    return {"action": action, "delta_nll": delta_nll, "cost": 31 if action == "expand" else -31, "entry_index": entry}
+
+
+def test_to_targets_known_answers() -> None:
+    # expands gain 0.001, 0.002, 0.003 nats per position: the exchange rate (median) is 0.002
+    rows = to_targets([_row("expand", -0.031), _row("expand", -0.062), _row("expand", -0.093),
+                       _row("collapse", 0.031),    # costs 0.001 per freed position < 0.002: collapse, tanh(0.5)
+                       _row("collapse", 0.093),    # costs 0.003 > 0.002: keep
+                       _row("collapse", -0.031),   # lowers NLL by 0.001 per position: tanh(1.5)
+                       _row("collapse", -0.062)])  # lowers NLL by 0.002 per position: tanh(2)
+    assert [r["utility"] for r in rows] == pytest.approx([0.001, 0.002, 0.003, -0.001, -0.003, 0.001, 0.002])
+    expected = [0.0, 0.0, np.tanh(0.5), -np.tanh(0.5), 0.0, -np.tanh(1.5), -np.tanh(2.0)]
+    assert [r["target"] for r in rows] == pytest.approx(expected, abs=1e-12)
+
+
+def test_entry_targets_collapse_first_then_positive_expands_override() -> None:
+    # rows listed expand-first on purpose: the result must not depend on the table's order
+    rows = pl.DataFrame([_row("expand", 0.0, 3) | {"target": 0.7}, _row("expand", 0.0, 5) | {"target": 0.0},
+                         _row("expand", 0.0, 35) | {"target": 0.0}, _row("collapse", 0.0, 0) | {"target": -0.5}])
+    target, labelled = entry_targets(rows, 40)
+    want = torch.zeros(40)
+    want[:32] = -0.5
+    want[3] = 0.7  # a positive expand overrides the collapse group it sits in
+    assert torch.equal(target, want)  # entry 5's zero expand leaves the collapse target; entry 35 is 0
+    assert labelled.tolist() == [True] * 32 + [False] * 3 + [True] + [False] * 4

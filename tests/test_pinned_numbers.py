@@ -2,7 +2,10 @@
 gave when they were recorded. A silent numeric change (a refactor that reorders a reduction, a changed
 initialisation, another seed stream) fails here; an intended one updates the pin in the same commit.
 
-The pins were recorded on CPU, float32, torch 2.13; tolerances are relative 1e-5.
+The pins were recorded on CPU, float32, torch 2.13; tolerances are relative 1e-5, except for the JT1
+KL: it is a sum of p·(log p − log q) over log-probs of magnitude ~5, so its float32 resolution is absolute
+(~1e-7), not relative to its small value (5.5e-4). CPUs with other vector units (AVX2 vs AVX-512/AMX) move
+it by 4e-8 (7e-5 relative); it is pinned to 1e-6 absolute (0.2 % of its value, 25x that spread).
 """
 
 from __future__ import annotations
@@ -71,4 +74,5 @@ def test_every_learned_module_and_loss_gives_its_pinned_numbers(tiny: Config) ->
     got = measure(tiny)
     assert set(got) == set(PINS)
     for name, want in PINS.items():
-        assert got[name] == pytest.approx(want, rel=1e-5), f"{name}: {got[name]!r} != pinned {want!r}"
+        tolerance = {"abs": 1e-6, "rel": 0.0} if name == "jt1_loss" else {"rel": 1e-5}
+        assert got[name] == pytest.approx(want, **tolerance), f"{name}: {got[name]!r} != pinned {want!r}"

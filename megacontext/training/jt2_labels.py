@@ -11,8 +11,9 @@ Utility = NLL gain per budget unit: expand u = (NLL_before − NLL_after)/31,
 collapse u = (NLL_before − NLL_after)/31 as well (negative: collapsing costs
 NLL but frees 31 positions). The exchange rate ū is the snapshot's median
 expand utility (what a position is worth here). Targets in [−1, 1]:
-expand → max(0, tanh((u − ū)/s)); collapse → −max(0, tanh((ū_c − |u|)/s)),
-ū_c = ū, i.e. collapse when freeing a position costs less than a position buys.
+expand → max(0, tanh((u − ū)/s)); collapse → −max(0, tanh((ū + u)/s)): −u is the NLL a
+collapse costs per freed position, so collapse when that is less than what a position buys
+(ū). A collapse that lowers NLL (u > 0) is the strongest collapse of all.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def to_targets(rows: list[dict]) -> list[dict]:
         if row["action"] == "expand":
             row["target"] = max(0.0, float(np.tanh((row["utility"] - rate) / UTILITY_SCALE)))
         else:
-            row["target"] = -max(0.0, float(np.tanh((rate - abs(row["utility"])) / UTILITY_SCALE)))
+            row["target"] = -max(0.0, float(np.tanh((rate + row["utility"]) / UTILITY_SCALE)))
     return rows
 
 

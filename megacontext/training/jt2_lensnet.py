@@ -68,7 +68,8 @@ def entry_targets(rows: pl.DataFrame, n_entries: int) -> tuple[torch.Tensor, tor
     """(targets [N], labelled [N]) for one snapshot from its label rows."""
     target = torch.zeros(n_entries)
     labelled = torch.zeros(n_entries, dtype=torch.bool)
-    for row in rows.sort("action", descending=True).iter_rows(named=True):  # collapse first, expand overrides
+    ordered = pl.concat([rows.filter(pl.col("action") == "collapse"), rows.filter(pl.col("action") == "expand")])
+    for row in ordered.iter_rows(named=True):  # collapse rows first; a positive expand target overrides them
         i = row["entry_index"]
         if row["action"] == "collapse":
             target[i : i + BLOCK] = row["target"]
