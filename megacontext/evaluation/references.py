@@ -54,6 +54,9 @@ from megacontext.context.working_context import assemble
 KIND = "eval_references"
 PASSKEY_KIND = "passkey_references"
 FORMAT_VERSION = 1
+# Full-context passes run the history before the first scored row into a K/V cache this many tokens at a
+# time (`attention_mass`): the same numbers, ~2.6x faster for Gemma-3 at 16k tokens (sliding-window layers).
+PREFILL_CHUNK = 2_048
 FILES = {"tokens": "tokens.parquet", "blocks": "blocks.parquet", "passkey": "passkey.parquet"}
 
 
@@ -216,7 +219,7 @@ def _score_window(base: BaseLM, window: RefWindow, cfg: Config) -> tuple[list[di
     rel = [c - window.start for c in window.cursors]
     groups = [torch.arange(r - 1, r + h - 1) for r in rel] + [torch.arange(r - ev.tail_queries, r) for r in rel]
     logits_at = torch.cat(groups[: len(rel)])
-    mass, logits = attention_mass(base.model, groups, logits_at=logits_at, input_ids=ids)
+    mass, logits = attention_mass(base.model, groups, logits_at=logits_at, prefill_chunk=PREFILL_CHUNK, input_ids=ids)
     token_rows, block_rows = [], []
     for j, (cursor, r) in enumerate(zip(window.cursors, rel)):
         horizon = doc_tokens[cursor : cursor + h]
@@ -252,7 +255,7 @@ def _score_trial(base: BaseLM, trial: PasskeyTrial, cfg: Config) -> dict:
     tokens = trial.tokens
     ids = torch.as_tensor(tokens.astype(np.int64))[None]
     groups = [torch.arange(n - 1, n + a - 1), torch.arange(n - q, n)]
-    mass, logits = attention_mass(base.model, groups, logits_at=groups[0], input_ids=ids)
+    mass, logits = attention_mass(base.model, groups, logits_at=groups[0], prefill_chunk=PREFILL_CHUNK, input_ids=ids)
     logp_full, exact_full = answer_scores(logits[0].float().numpy(), trial.answer)
     recent = torch.as_tensor(tokens[n - w :].astype(np.int64))[None]
     rec_logits = base.model(input_ids=recent, logits_to_keep=a + 1, use_cache=False).logits[0, :-1]
