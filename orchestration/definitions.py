@@ -26,11 +26,12 @@ from megacontext.training.cycle import cycle_dir, cycle_name, parse_cycle_name
 from orchestration.assets.cycles import GROUP, champion, cycle_partitions, gistnet, lens_labels, lensnet, lora_adapter, \
     validation_report
 from orchestration.assets.data import corpus, dataset_shards, eval_references, megacontext_trees
-from orchestration.assets.nightly import nightly_regression_report
-from orchestration.resources import MegaContextConfig, env_overrides
+from orchestration.assets.nightly import gate_8k_nightly_report, nightly_regression_report
+from orchestration.resources import MegaContextConfig, env_overrides, gate_8k_config
 
 mc = MegaContextConfig(profile=os.environ.get("MEGACONTEXT_PROFILE", "default"), overrides=env_overrides(),
                        nproc=int(os.environ.get("MEGACONTEXT_NPROC", "1")))
+mc_gate_8k = gate_8k_config()
 
 cycle_job = define_asset_job("cycle", selection=AssetSelection.groups(GROUP), partitions_def=cycle_partitions,
                              description="One training cycle: JT1 -> JT2 labels -> LensNet -> LoRA -> gate -> champion.")
@@ -40,6 +41,11 @@ nightly_job = define_asset_job("nightly_regression", selection=AssetSelection.as
                                description="Re-evaluate the champion and compare with its recorded numbers.")
 nightly_schedule = ScheduleDefinition(job=nightly_job, cron_schedule="0 3 * * *", execution_timezone="UTC",
                                       default_status=DefaultScheduleStatus.RUNNING)
+gate_8k_nightly_job = define_asset_job("nightly_gate_8k", selection=AssetSelection.assets(gate_8k_nightly_report),
+                                       description="Re-evaluate the gate-8k champion (W_max 8,192, 32k histories).")
+# Off until there is a gate-8k champion and the `gemma` extra is installed; ~1 h on 2 CPU cores (gate-8k-cpu).
+gate_8k_nightly_schedule = ScheduleDefinition(job=gate_8k_nightly_job, cron_schedule="0 1 * * *",
+                                              execution_timezone="UTC", default_status=DefaultScheduleStatus.STOPPED)
 
 
 def next_cycle_key(existing: list[str], evaluated: Callable[[int], bool]) -> str | None:
@@ -64,10 +70,10 @@ def next_cycle(context: SensorEvaluationContext) -> SensorResult | SkipReason:
 
 defs = Definitions(
     assets=[corpus, dataset_shards, megacontext_trees, eval_references, gistnet, lens_labels, lensnet, lora_adapter, validation_report,
-            champion, nightly_regression_report],
-    jobs=[cycle_job, data_job, nightly_job],
-    schedules=[nightly_schedule],
+            champion, nightly_regression_report, gate_8k_nightly_report],
+    jobs=[cycle_job, data_job, nightly_job, gate_8k_nightly_job],
+    schedules=[nightly_schedule, gate_8k_nightly_schedule],
     sensors=[next_cycle],
-    resources={"mc": mc, "pipes": PipesSubprocessClient()},
+    resources={"mc": mc, "mc_gate_8k": mc_gate_8k, "pipes": PipesSubprocessClient()},
     executor=in_process_executor,  # 2-core machines: the multiprocess executor re-imports torch per step
 )

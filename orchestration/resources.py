@@ -28,3 +28,17 @@ class MegaContextConfig(ConfigurableResource):
 
     def resolve(self) -> Config:
         return load_config(self.profile, self.overrides)
+
+
+GATE_8K_PROFILE = "gate-8k-cpu"
+GATE_8K_ROOT = "artifacts/gate-8k"
+
+
+def gate_8k_config(env: dict[str, str] | None = None) -> MegaContextConfig:
+    """The gate-8k lifecycle's config: profile MEGACONTEXT_GATE_8K_PROFILE (default gate-8k-cpu; gate-8k on an
+    accelerator) under its own artifact root MEGACONTEXT_GATE_8K_ROOT (default artifacts/gate-8k), so that its
+    cycles, champion and nightly history never mix with the default profile's."""
+    env = os.environ if env is None else env
+    root = env.get("MEGACONTEXT_GATE_8K_ROOT", GATE_8K_ROOT)
+    return MegaContextConfig(profile=env.get("MEGACONTEXT_GATE_8K_PROFILE", GATE_8K_PROFILE),
+                             overrides=[f"paths.artifact_root={root}"])

@@ -6,7 +6,7 @@ from megacontext.config import Config, config_hash, load_config, parse_override
 from megacontext.errors import ConfigError
 
 
-@pytest.mark.parametrize("profile", ["tiny", "default", "gate-8k"])
+@pytest.mark.parametrize("profile", ["tiny", "default", "gate-8k", "gate-8k-cpu"])
 def test_every_profile_resolves(profile: str) -> None:
     cfg = load_config(profile, env={})
     assert cfg.profile == profile
@@ -17,6 +17,16 @@ def test_profiles_differ_only_where_they_say() -> None:
     assert default == Config(profile="default")  # the defaults in code are the default profile
     assert tiny.model.kind == "tiny" and default.model.kind == "smollm2"
     assert tiny.data.min_doc_tokens == default.data.min_doc_tokens
+
+
+def test_the_cpu_gate_8k_recipe_is_gate_8k_on_fewer_samples_in_fp32() -> None:
+    full, cpu = load_config("gate-8k", env={}), load_config("gate-8k-cpu", env={})
+    assert (full.model.dtype, cpu.model.dtype) == ("bfloat16", "float32")
+    same = ("data", "wc", "gistnet", "lensnet", "allocator", "train", "mega")
+    assert all(getattr(full, s) == getattr(cpu, s) for s in same)  # same corpus, budget and cycle
+    assert cpu.eval.model_dump(exclude={"max_docs", "windows_per_doc", "cursors_per_window", "passkey"}) == \
+        full.eval.model_dump(exclude={"max_docs", "windows_per_doc", "cursors_per_window", "passkey"})
+    assert cpu.eval.passkey.lengths == full.eval.passkey.lengths == [32_704]
 
 
 def test_overrides_are_parsed_as_yaml_scalars() -> None:

@@ -11,7 +11,8 @@ from orchestration.assets.cycles import champion, cycle_number, gistnet, lens_la
     validation_report
 from orchestration.assets.data import corpus, dataset_shards, eval_references, megacontext_trees
 from orchestration.definitions import defs, next_cycle_key
-from orchestration.resources import MegaContextConfig
+from orchestration.assets.nightly import gate_8k_nightly_report
+from orchestration.resources import MegaContextConfig, gate_8k_config
 
 ASSET_GRAPH = {
     "corpus": [],
@@ -25,6 +26,7 @@ ASSET_GRAPH = {
     "validation_report": ["eval_references", "lora_adapter"],
     "champion": ["validation_report"],
     "nightly_regression_report": [],
+    "gate_8k_nightly_report": [],
 }
 CYCLE_ASSETS = [corpus, dataset_shards, megacontext_trees, eval_references, gistnet, lens_labels, lensnet, lora_adapter,
                 validation_report, champion]
@@ -43,6 +45,9 @@ def test_definitions_load_and_the_asset_graph_matches_the_snapshot() -> None:
     assert {k.to_user_string() for k in data_job.asset_layer.selected_asset_keys} == {
         "corpus", "dataset_shards", "megacontext_trees", "eval_references"}
     assert defs.resolve_schedule_def("nightly_regression_schedule").cron_schedule == "0 3 * * *"
+    gate_job = defs.resolve_job_def("nightly_gate_8k")
+    assert {k.to_user_string() for k in gate_job.asset_layer.selected_asset_keys} == {"gate_8k_nightly_report"}
+    assert defs.resolve_schedule_def("nightly_gate_8k_schedule").default_status.value == "STOPPED"
     assert {(spec.name, spec.blocking) for spec in validation_report.check_specs} == {("delta_nll_gate", True)}
 
 
@@ -108,7 +113,8 @@ def test_a_tiny_cycle_materializes_every_asset_and_the_gate_follows_its_numbers(
     summary = json.loads((Path(cfg.paths.artifact_root) / "reports/cycle-0001/summary.json").read_text())
     verdict = gate(summary, delta_nll_max=cfg.eval.delta_nll_max).passed
     assert _gate_result(first) == verdict == summary["gate"]["passed"]
-    expected = set(ASSET_GRAPH) - {"nightly_regression_report"} - (set() if verdict else {"champion"})
+    expected = set(ASSET_GRAPH) - {"nightly_regression_report", "gate_8k_nightly_report"} - (
+        set() if verdict else {"champion"})
     assert _materialized(first) == expected
     report = first.asset_materializations_for_node("validation_report")[0].metadata
     assert report["nll_mc"].value == summary["all"]["nll_mc"]["value"]
@@ -130,6 +136,28 @@ def test_a_failing_gate_stops_promotion_and_the_second_cycle_warm_starts(two_cyc
     assert meta["parent_cycle"].value == "cycle-0001"
     warm = {i["path"] for i in json.loads((root / "cycles/cycle-0002/jt1/final/manifest.json").read_text())["inputs"]}
     assert "../../../cycle-0001/jt1/final" in warm
+
+
+def test_the_gate_8k_config_is_its_own_lifecycle() -> None:
+    cfg = gate_8k_config(env={}).resolve()
+    assert (cfg.profile, cfg.model.kind, cfg.wc.w_max, cfg.eval.history) == ("gate-8k-cpu", "gemma3-270m", 8_192, 32_704)
+    assert cfg.paths.artifact_root == "artifacts/gate-8k"  # never the default profile's cycles and champion
+    other = gate_8k_config(env={"MEGACONTEXT_GATE_8K_PROFILE": "gate-8k", "MEGACONTEXT_GATE_8K_ROOT": "/x"}).resolve()
+    assert (other.profile, other.model.dtype, other.paths.artifact_root) == ("gate-8k", "bfloat16", "/x")
+
+
+def test_the_gate_8k_nightly_asset_re_evaluates_the_champion_of_its_own_root(two_cycles) -> None:
+    cfg, _, _ = two_cycles  # a tiny lifecycle whose champion is cycle 1, standing in for the gate-8k one
+    root = Path(cfg.paths.artifact_root)
+    mc_gate = MegaContextConfig(profile="tiny", overrides=[f"paths.artifact_root={root}",
+                                                            f"paths.corpus_dir={root / 'none'}", *TINY])
+    with DagsterInstance.ephemeral() as instance:
+        result = materialize([gate_8k_nightly_report], instance=instance, resources={"mc_gate_8k": mc_gate})
+    assert result.success
+    [check] = result.get_asset_check_evaluations()
+    assert check.passed and check.metadata["champion_cycle"].text == "1"
+    record = json.loads(next((root / "nightly").glob("*/nightly.json")).read_text())
+    assert record["cycle"] == 1 and record["passed"]
 
 
 def test_a_phase_runs_as_a_torchrun_subprocess_through_dagster_pipes(tmp_path: Path) -> None:
