@@ -115,11 +115,18 @@ class WorkingContextConfig(Section):
     w_max: int = Field(2_048, ge=64)  # budget in positions; every entry costs 1
     protected_tail: int = Field(256, ge=0)  # R: the last R tokens are always LOD0
     levels: int = Field(2, ge=1, le=4)  # highest gist level in the tree (POR: 2)
+    # Gaussian-RoPE positions (docs/architecture.md §2.7): absolute token positions, or compressed slots
+    # (a token advances the position by 1, a level-k gist by slot_widths[k]) that stay in the base's range
+    positions: Literal["absolute", "compressed"] = "absolute"
+    slot_widths: list[int] = Field([1, 2, 4], min_length=2)  # per level 0, 1, 2, ...; level 0 is always 1
 
     @model_validator(mode="after")
     def _tail_fits(self) -> "WorkingContextConfig":
         if self.protected_tail + 32 > self.w_max:
             raise ValueError("protected_tail must leave room for at least one block under w_max")
+        widths = self.slot_widths
+        if widths[0] != 1 or any(w < 1 for w in widths) or len(widths) < self.levels + 1:
+            raise ValueError(f"slot_widths must start with 1 (a token), be >= 1 and name every level 0..{self.levels}")
         return self
 
 

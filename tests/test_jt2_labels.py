@@ -13,7 +13,7 @@ from megacontext.training.jt2_labels import candidates, label_snapshot, label_ta
 from megacontext.training.jt2_lensnet import entry_targets
 from megacontext.data.schemas import SchemaViolation
 from megacontext.data.windows import Window
-from megacontext.context.working_context import cold_start
+from megacontext.context.working_context import ABSOLUTE, PositionScheme, cold_start
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,12 @@ def test_candidates_cover_every_legal_action(snapshot) -> None:
     assert len(candidates(wc, limit=5, rng=np.random.default_rng(0))) == 5
 
 
-def test_prefix_reuse_gives_the_same_labels_as_naive_recompute(snapshot) -> None:
+@pytest.mark.parametrize("positions", [ABSOLUTE, PositionScheme("compressed", (1, 2, 4))])
+def test_prefix_reuse_gives_the_same_labels_as_naive_recompute(snapshot, positions) -> None:
     base, gistnet, window, wc = snapshot
     cands = candidates(wc, limit=12, rng=np.random.default_rng(1))
-    reused = label_snapshot(base, gistnet, window, wc, cands)
-    naive = label_snapshot(base, gistnet, window, wc, cands, naive=True)
+    reused = label_snapshot(base, gistnet, window, wc, cands, positions=positions)
+    naive = label_snapshot(base, gistnet, window, wc, cands, naive=True, positions=positions)
     assert [r["action"] for r in reused] == [c.action for c in cands]
     assert np.allclose([r["delta_nll"] for r in reused], [r["delta_nll"] for r in naive], atol=2e-5)
     assert any(abs(r["delta_nll"]) > 1e-4 for r in reused)  # the edits do change the prediction

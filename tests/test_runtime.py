@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -55,7 +57,7 @@ def text_tokens(n: int, seed: int = 0) -> np.ndarray:
 
 
 def recomputed(base, rt: Runtime) -> torch.Tensor:
-    return WCKVCache(base, recompute=True).next_logits(rt.wc.entries, rt.source)
+    return WCKVCache(base, recompute=True, positions=rt.positions).next_logits(rt.wc.entries, rt.source)
 
 
 # --- the cache ------------------------------------------------------------------------------
@@ -92,6 +94,49 @@ def test_cached_logits_equal_full_recompute_after_any_edits(cfg, base, tmp_path_
         assert torch.allclose(cached, recomputed(base, rt), atol=1e-4, rtol=1e-4), action
         assert rt.cache.stats.computed - before <= len(rt.wc)
     rt.close()
+
+
+def test_with_compressed_positions_the_cache_equals_recompute_after_edits_that_shift_positions(base, tmp_path):
+    cfg = tiny_config(tmp_path, "wc.positions=compressed")
+    rt = runtime(cfg, base, tmp_path / "t", lens=False)
+    rt.feed(text_tokens(2_500))
+    assert rt.positions.kind == "compressed"
+    assert torch.allclose(rt.next_logits(), recomputed(base, rt), atol=1e-4, rtol=1e-4)
+    last = rt.positions.place(rt.wc.entries)[0][-1].item()
+    rt.wc.expand(next(i for i, n in enumerate(rt.wc.entries) if n.level > 0))  # the oldest gist: +31 entries ...
+    shifted = rt.positions.place(rt.wc.entries)[0][-1].item()
+    assert shifted > last  # ... so every later entry moves right (absolute positions would not move)
+    assert torch.allclose(rt.next_logits(), recomputed(base, rt), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(rt.next_logits(), WCKVCache(base, recompute=True).next_logits(rt.wc.entries, rt.source),
+                              atol=1e-4, rtol=1e-4)  # the scheme is in effect: absolute positions read differently
+    rt.wc.collapse(rt.allocator.collapsible(rt.wc)[0][0])
+    rt.feed(text_tokens(40, 1))
+    list(rt.generate(2))
+    assert torch.allclose(rt.next_logits(), recomputed(base, rt), atol=1e-4, rtol=1e-4)
+    rt.close()
+
+
+def test_a_history_past_the_base_positions_streams_in_range_only_with_compressed_positions(tmp_path):
+    short = ("model.tiny.max_positions=2048",)
+    absolute = tiny_config(tmp_path / "a", *short)
+    base = load_base_model(absolute)
+    rt = runtime(absolute, base, tmp_path / "a" / "t", lens=False)
+    with pytest.warns(UserWarning, match="past the base model's 2,048 trained positions"):
+        rt.feed(text_tokens(6_000))
+    rt.close()
+    compressed = tiny_config(tmp_path / "c", *short, "wc.positions=compressed")
+    rt = runtime(compressed, base, tmp_path / "c" / "t", lens=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no out-of-range warning
+        rt.feed(text_tokens(6_000))
+        list(rt.generate(4))
+    assert rt.positions.place(rt.wc.entries)[2] + compressed.train.horizon < 2_048 and rt.wc.cursor == 6_004
+    assert len(rt.wc) <= compressed.wc.w_max
+    rt.close()
+    with pytest.raises(ConfigError, match="compressed positions of a 256-entry working context reach 1,216"):
+        runtime(tiny_config(tmp_path / "x", "model.tiny.max_positions=1024", "wc.positions=compressed",
+                            "wc.slot_widths=[1,2,6]"), load_base_model(tiny_config(tmp_path / "x",
+                            "model.tiny.max_positions=1024")), tmp_path / "x" / "t")
 
 
 def test_an_append_runs_only_the_new_entries_and_an_edit_only_its_suffix(cfg, base, tmp_path):

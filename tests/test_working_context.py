@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 from megacontext.context.nodes import Node
 from megacontext.context.working_context import (
+    ABSOLUTE,
     BudgetExceeded,
+    PositionScheme,
     InvariantViolation,
     assemble,
     check_invariants,
@@ -161,3 +163,57 @@ def test_live_assembly_equals_assembly_from_a_tree_built_by_the_same_gistnet(tmp
     assert torch.equal(live.mu, stored.mu) and torch.equal(live.sigma, stored.sigma)
     live.inputs_embeds.sum().backward()
     assert net.bodies[0].out_proj.weight.grad is not None and net.bodies[0].out_proj.weight.grad.abs().sum() > 0
+
+
+# --- compressed positions (slots) ---------------------------------------------------------------
+
+COMPRESSED = PositionScheme("compressed", (1, 2, 4))
+
+
+def test_compressed_positions_known_answer() -> None:
+    entries = [Node(0, 2), Node(1_024, 1), Node(1_056, 1)] + [Node(t, 0) for t in range(1_088, 1_092)]
+    mu, sigma, after = COMPRESSED.place(entries)
+    # LOD2 fills slots [0, 4), the LOD1s [4, 6) and [6, 8), the tokens 8..11
+    assert mu.tolist() == [1.5, 4.5, 6.5, 8.0, 9.0, 10.0, 11.0] and after == 12.0
+    assert sigma.tolist() == pytest.approx([4 / 12**0.5, 2 / 12**0.5, 2 / 12**0.5, 0, 0, 0, 0])
+    mu_suffix, _, _ = COMPRESSED.place(entries[3:], first=COMPRESSED.place(entries[:3])[2])
+    assert torch.equal(mu_suffix, mu[3:])  # a suffix continues its prefix's slots
+    out = assemble(entries, ArraySource(np.arange(2_000, dtype=np.uint32) % 50), torch.nn.Embedding(50, 8),
+                   horizon=np.array([7, 8], np.uint32), positions=COMPRESSED)
+    assert out.mu[0, -2:].tolist() == [12.0, 13.0] and torch.equal(out.mu[0, :-2], mu)
+    with pytest.raises(ValueError, match="slot width"):
+        PositionScheme("compressed", (1, 2)).place([Node(0, 2)])
+
+
+def test_with_no_gists_compressed_positions_are_the_absolute_ones() -> None:
+    entries = cold_start(500, w_max=600, protected_tail=64).entries  # history within budget: all tokens
+    tokens, embedding = np.arange(500, dtype=np.uint32) % 50, torch.nn.Embedding(50, 8)
+    a = assemble(entries, ArraySource(tokens), embedding, horizon=np.array([1, 2], np.uint32))
+    c = assemble(entries, ArraySource(tokens), embedding, horizon=np.array([1, 2], np.uint32), positions=COMPRESSED)
+    assert torch.equal(a.mu, c.mu) and torch.equal(a.sigma, c.sigma) and torch.equal(a.inputs_embeds, c.inputs_embeds)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 250_000), ops=st.lists(st.tuples(st.booleans(), st.floats(0, 1)), max_size=40))
+def test_compressed_positions_of_any_reachable_working_context_stay_in_the_base_range(n, ops) -> None:
+    w_max, tail, horizon, trained = 2_048, 256, 64, 8_192  # the default profile on SmolLM2
+    wc = cold_start(n, w_max=w_max, protected_tail=tail)
+    for do_expand, where in [(True, 0.5), *ops]:
+        if do_expand:
+            gists = [i for i, e in enumerate(wc.entries) if e.level > 0]
+            if gists:
+                try:
+                    wc.expand(gists[int(where * len(gists)) % len(gists)])
+                except BudgetExceeded:
+                    pass
+        else:
+            starts = [i for i, e in enumerate(wc.entries) if e.level < 2 and e.start == e.parent().start
+                      and wc.entries[i : i + 32] == e.siblings() and e.parent().end <= n - tail]
+            if starts:
+                wc.collapse(starts[int(where * len(starts)) % len(starts)])
+        mu, sigma, after = COMPRESSED.place(wc.entries)
+        assert after <= COMPRESSED.limit(w_max, tail) < trained - horizon  # every position, the horizon's too
+        levels = np.array([e.level for e in wc.entries])
+        runs = (levels[1:] == 0) & (levels[:-1] == 0)
+        assert np.all(np.diff(mu.numpy())[runs] == 1.0)  # raw runs keep contiguous positions
+    assert ABSOLUTE.limit(w_max, tail) == float("inf")

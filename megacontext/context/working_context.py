@@ -159,6 +159,64 @@ def _cover(lo: int, n: int, budget: int, tail: int, allowed: tuple[int, ...]) ->
 
 
 @dataclass(frozen=True)
+class PositionScheme:
+    """Where each working-context entry sits for Gaussian RoPE (docs/architecture.md §2.7).
+
+    `absolute`: μ is the centre of the entry's token span and σ = span/√12 for a gist (0 for a
+    token): positions grow with the history and pass the base's trained range once it does.
+    `compressed`: positions count slots: entry i fills `widths[level]` slots right after entry
+    i − 1 (a token 1, a 32-token gist e.g. 2, a 1,024-token gist 4), μ is the centre of its slots
+    and σ = width/√12 for a gist. Raw runs stay contiguous, skipped spans take no slots, and a
+    working context of W entries with an R-token raw tail never reaches `limit(W, R)`, whatever the
+    history (cf. StreamingLLM's positions within the cache, Xiao et al. 2023; InfLLM, Xiao et al. 2024;
+    Self-Extend's grouped positions, Jin et al. 2024).
+    """
+
+    kind: str = "absolute"
+    widths: tuple[int, ...] = (1, 2, 4)
+
+    @classmethod
+    def of(cls, wc: "WorkingContextConfigLike") -> "PositionScheme":
+        return cls(wc.positions, tuple(wc.slot_widths))
+
+    def place(self, entries: Sequence[Node], first: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(μ [N], σ [N]) float64 of `entries` and the position of whatever follows them.
+
+        `first` (compressed only): the slot where entries[0] starts; a suffix of a working context
+        continues its prefix with `first = place(prefix)[2]`. Absolute positions ignore it.
+        """
+        if self.kind == "absolute":
+            mu = torch.tensor([n.mu for n in entries], dtype=torch.float64)
+            sigma = torch.tensor([n.sigma for n in entries], dtype=torch.float64)
+            return mu, sigma, float(entries[-1].end) if entries else float(first)
+        if self.kind != "compressed":
+            raise ValueError(f"unknown position scheme {self.kind!r}: absolute or compressed")
+        levels = np.fromiter((n.level for n in entries), dtype=np.int64, count=len(entries))
+        if len(levels) and levels.max() >= len(self.widths):
+            raise ValueError(f"a level-{int(levels.max())} entry has no slot width (slot_widths {list(self.widths)})")
+        width = np.asarray(self.widths, dtype=np.float64)[levels]  # [N]
+        ends = first + np.cumsum(width)
+        mu = ends - width + (width - 1) / 2
+        sigma = np.where(levels > 0, width / np.sqrt(12), 0.0)
+        return torch.from_numpy(mu), torch.from_numpy(sigma), float(ends[-1]) if len(ends) else float(first)
+
+    def limit(self, w_max: int, raw_tail: int) -> float:
+        """An upper bound on every position of a working context of <= `w_max` entries whose last `raw_tail`
+        are tokens (compressed: the widest slots everywhere else; absolute: unbounded)."""
+        if self.kind == "absolute":
+            return float("inf")
+        return float((w_max - raw_tail) * max(self.widths) + raw_tail)
+
+
+ABSOLUTE = PositionScheme()
+
+
+class WorkingContextConfigLike(Protocol):
+    positions: str
+    slot_widths: list[int]
+
+
+@dataclass(frozen=True)
 class WCInputs:
     """What the base model reads: embeddings and Gaussian-RoPE positions for each entry."""
 
@@ -174,13 +232,16 @@ def assemble(
     *,
     offset: int = 0,
     horizon: np.ndarray | None = None,
+    positions: PositionScheme = ABSOLUTE,
+    first: float = 0.0,
 ) -> WCInputs:
     """Gather each entry's vector (token embedding or stored gist) and its (μ, σ) in one call.
 
     `offset` maps window-relative node starts to the source's coordinates (a
     window starting at a multiple of the top span reuses a whole-document tree).
-    `horizon` appends teacher-forced tokens after the entries at positions
-    cursor, cursor+1, ... (σ = 0).
+    `horizon` appends teacher-forced tokens after the entries at the next positions (σ = 0).
+    `positions`: the position scheme; `first`: where entries[0] starts under a compressed one
+    (a suffix of a working context: the position after its prefix).
     """
     d = embedding.weight.shape[1]
     vectors = torch.empty(len(entries), d, dtype=embedding.weight.dtype)  # [N, d]
@@ -195,19 +256,17 @@ def assemble(
             token_rows.extend(range(i, j + 1))
             token_ids.append(source.tokens(offset + node.start, offset + entries[j].end))
         else:
-            first = (offset + node.start) // node.span
-            gists = source.gists(node.level, first, first + j - i + 1)  # [j - i + 1, d]
+            index = (offset + node.start) // node.span
+            gists = source.gists(node.level, index, index + j - i + 1)  # [j - i + 1, d]
             vectors[i : j + 1] = torch.as_tensor(np.asarray(gists, dtype=np.float32)).to(vectors.dtype)
         i = j + 1
     if token_rows:
         ids = torch.as_tensor(np.concatenate(token_ids).astype(np.int64))
         vectors[token_rows] = embedding(ids)
-    mu = torch.tensor([n.mu for n in entries], dtype=torch.float64)
-    sigma = torch.tensor([n.sigma for n in entries], dtype=torch.float64)
+    mu, sigma, after = positions.place(entries, first)
     if horizon is not None and len(horizon):
-        cursor = entries[-1].end if entries else 0
         vectors = torch.cat([vectors, embedding(torch.as_tensor(horizon.astype(np.int64)))])
-        mu = torch.cat([mu, torch.arange(cursor, cursor + len(horizon), dtype=torch.float64)])
+        mu = torch.cat([mu, after + torch.arange(len(horizon), dtype=torch.float64)])
         sigma = torch.cat([sigma, torch.zeros(len(horizon), dtype=torch.float64)])
     return WCInputs(vectors[None], mu[None], sigma[None])
 
@@ -221,6 +280,8 @@ def assemble_live(
     horizon: int = 0,
     gist_embedding: nn.Module | None = None,
     cursor: int | None = None,
+    positions: PositionScheme = ABSOLUTE,
+    first: float = 0.0,
 ) -> WCInputs:
     """Like `assemble`, but gists are computed now by `gistnet` from the window's tokens (differentiable).
 
@@ -230,7 +291,7 @@ def assemble_live(
     `gist_embedding` (default: `embedding`) is what GistNet reads: the plain base
     embedding when `embedding` carries a LoRA adapter, as the trees were built.
     `entries` may be a suffix of a working context; `cursor` (default: the end of
-    the last entry) is where the horizon starts.
+    the last entry) is where the horizon starts in the tokens; `positions` and `first` as in `assemble`.
     """
     cursor = cursor if cursor is not None else entries[-1].end
     parts: list[torch.Tensor] = []
@@ -250,10 +311,11 @@ def assemble_live(
         order[rows] = torch.arange(offset, offset + len(rows))
         offset += len(rows)
     vectors = torch.cat(parts)[order] if parts else embedding(tokens[:0])  # [N, d]
-    mu = torch.tensor([n.mu for n in entries], dtype=torch.float64)
-    sigma = torch.tensor([n.sigma for n in entries], dtype=torch.float64)
+    mu, sigma, after = positions.place(entries, first)
+    if positions.kind == "absolute":
+        after = float(cursor)  # the horizon follows the history even when `entries` stop short of it
     if horizon:
         vectors = torch.cat([vectors, embedding(tokens[cursor : cursor + horizon])])
-        mu = torch.cat([mu, torch.arange(cursor, cursor + horizon, dtype=torch.float64)])
+        mu = torch.cat([mu, after + torch.arange(horizon, dtype=torch.float64)])
         sigma = torch.cat([sigma, torch.zeros(horizon, dtype=torch.float64)])
     return WCInputs(vectors[None], mu[None], sigma[None])

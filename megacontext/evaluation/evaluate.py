@@ -52,7 +52,7 @@ from megacontext.data.shards import TokenizedDocument, read_split, shards_dir
 from megacontext.context.tree import MegaContextTree
 from megacontext.context.tree_build import load_tree_gistnet, open_tree, trees_dir
 from megacontext.data.windows import Window
-from megacontext.context.working_context import BudgetExceeded, NodeSource, single_level_start
+from megacontext.context.working_context import ABSOLUTE, BudgetExceeded, NodeSource, PositionScheme, single_level_start
 
 KIND = "validation_report"
 FORMAT_VERSION = 1
@@ -70,12 +70,13 @@ class Sample:
 
 
 def wc_token_nll(base: BaseLM, entries: Sequence[Node], tree: NodeSource, window_start: int, horizon: np.ndarray,
-                 mega: tuple[nn.Module, MegaConfig] | None = None) -> np.ndarray:
+                 mega: tuple[nn.Module, MegaConfig] | None = None, positions: PositionScheme = ABSOLUTE) -> np.ndarray:
     """Per-token NLL [H] of the horizon read after the working context's `entries` (Gaussian RoPE positions).
 
     `mega` = (GistNet, settings): read the WC + horizon through MegaAttention (`install_mega_attention` first).
     """
-    return token_nll(entries_logits(base, entries, tree, offset=window_start, horizon=horizon, mega=mega), horizon)
+    return token_nll(entries_logits(base, entries, tree, offset=window_start, horizon=horizon, mega=mega,
+                                    positions=positions), horizon)
 
 
 @dataclass
@@ -100,6 +101,7 @@ def score_sample(base: BaseLM, tree: NodeSource, sample: Sample, refs: Reference
     cfg = rows.cfg
     ev, wcc = cfg.eval, cfg.wc
     c, h, w, n = sample.cursor, ev.horizon, wcc.w_max, sample.history
+    pos = PositionScheme.of(wcc)
     horizon = sample.doc.tokens[c : c + h]
     cached = refs.tokens.filter((pl.col("doc_id") == sample.doc.doc_id) & (pl.col("cursor") == c)).sort("t")
     columns = {name: cached[name].to_numpy() for name in ("nll_full", "nll_recency")}
@@ -108,13 +110,13 @@ def score_sample(base: BaseLM, tree: NodeSource, sample: Sample, refs: Reference
     def score(entries: Sequence[Node]) -> np.ndarray:
         key = tuple(entries)
         if key not in scored:
-            scored[key] = wc_token_nll(base, entries, tree, sample.window_start, horizon)
+            scored[key] = wc_token_nll(base, entries, tree, sample.window_start, horizon, positions=pos)
         return scored[key]
 
     window = Window(sample.doc.doc_id, sample.window_start, sample.doc.tokens[sample.window_start : c + h], n)
     tick = time.perf_counter()
     wc = rows.policy(window)
-    columns["nll_mc"] = (wc_token_nll(base, wc.entries, tree, sample.window_start, horizon, rows.mega)
+    columns["nll_mc"] = (wc_token_nll(base, wc.entries, tree, sample.window_start, horizon, rows.mega, pos)
                          if rows.mega else score(wc.entries))
     if timings is not None:
         timings["mc_seconds"] = timings.get("mc_seconds", 0.0) + time.perf_counter() - tick
@@ -142,12 +144,12 @@ def score_sample(base: BaseLM, tree: NodeSource, sample: Sample, refs: Reference
                 entries = select_blocks(n, w, tail, mass, levels=wcc.levels)
             except BudgetExceeded:  # the tail and the coarsest gists do not fit: recorded as null, like a level
                 continue
-            columns[f"nll_{name}"] = (wc_token_nll(base, entries, tree, sample.window_start, horizon, rows.mega)
+            columns[f"nll_{name}"] = (wc_token_nll(base, entries, tree, sample.window_start, horizon, rows.mega, pos)
                                       if rows.mega else score(entries))
             _health(rows, name, entries, n)
         if rows.adapted or rows.mega:  # the value of gists: the same raw oracle through this read path
             raw = select_blocks(n, w, tail, by_horizon, levels=wcc.levels, gists=False)
-            columns["nll_oracle_raw"] = wc_token_nll(base, raw, tree, sample.window_start, horizon, rows.mega)
+            columns["nll_oracle_raw"] = wc_token_nll(base, raw, tree, sample.window_start, horizon, rows.mega, pos)
     return columns
 
 
@@ -377,7 +379,8 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
                                                               levels=wcc.levels, gists=False), rows.mega)
             for name in ("oracle_raw",) if "oracle_raw" in candidates else ():
                 entries, mega = candidates[name]
-                logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega)
+                logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega,
+                                        positions=PositionScheme.of(wcc))
                 record[f"logp_{name}"], record[f"exact_{name}"] = answer_scores(logits.numpy(), trial.answer)
             scored: dict[tuple, tuple[float, bool]] = {}  # identical working contexts are read once
             for name in ("mc", "lod1", "oracle", "training_free"):
@@ -386,7 +389,8 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
                     entries, mega = candidates[name]
                     key = (tuple(entries), mega is not None)
                     if key not in scored:
-                        logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega)
+                        logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega,
+                                                positions=PositionScheme.of(wcc))
                         scored[key] = answer_scores(logits.numpy(), trial.answer)
                     record[f"logp_{name}"], record[f"exact_{name}"] = scored[key]
             out.append(record)

@@ -49,7 +49,7 @@ from megacontext.progress import progress_bar
 from megacontext.data.schemas import (BLOCK_MASS_DTYPES, BLOCK_MASS_SCHEMA, PASSKEY_REFERENCE_DTYPES,
                                  PASSKEY_REFERENCE_SCHEMA, REFERENCE_DTYPES, REFERENCE_SCHEMA, validate)
 from megacontext.data.shards import TokenizedDocument, read_split, shards_dir
-from megacontext.context.working_context import assemble
+from megacontext.context.working_context import ABSOLUTE, PositionScheme, assemble
 
 KIND = "eval_references"
 PASSKEY_KIND = "passkey_references"
@@ -104,6 +104,9 @@ def reference_settings(cfg: Config) -> dict[str, Any]:
                      "cursors_per_window": ev.cursors_per_window, "cursor_stride": ev.cursor_stride},
         "focus": {"tail": focus_tail(cfg), "tail_queries": ev.tail_queries},
         "seed": cfg.seed,
+        # the oracle-without-gists row is read at these positions (absolute: the key of every earlier cache)
+        **({"positions": {"kind": cfg.wc.positions, "widths": list(cfg.wc.slot_widths)}}
+           if cfg.wc.positions != "absolute" else {}),
     }
 
 
@@ -188,14 +191,15 @@ class _Tokens:
 
 @torch.no_grad()
 def entries_logits(base: BaseLM, entries: Sequence[Node], source: Any, *, offset: int, horizon: np.ndarray,
-                   mega: tuple[nn.Module, MegaConfig] | None = None) -> torch.Tensor:
+                   mega: tuple[nn.Module, MegaConfig] | None = None, positions: PositionScheme = ABSOLUTE) -> torch.Tensor:
     """Logits [H, V] predicting `horizon` after the entries (read from `source`, Gaussian-RoPE positions).
 
     The entries need not tile the history (the oracle without gists skips spans): each keeps its
     own position, and the horizon follows the last entry. `install_gaussian_rope` first.
     `mega` = (GistNet, settings): read through MegaAttention (`install_mega_attention` first).
     """
-    inputs = assemble(entries, source, base.model.get_input_embeddings(), offset=offset, horizon=horizon)
+    inputs = assemble(entries, source, base.model.get_input_embeddings(), offset=offset, horizon=horizon,
+                      positions=positions)
     h = len(horizon)
     if mega is not None:
         gistnet, settings = mega
@@ -231,8 +235,8 @@ def _score_window(base: BaseLM, window: RefWindow, cfg: Config) -> tuple[list[di
         by_horizon = block_sums(mass[j], 0, n_blocks * BLOCK, BLOCK).numpy()
         by_tail = block_sums(mass[len(rel) + j], 0, n_blocks * BLOCK, BLOCK).numpy()
         entries = select_blocks(r, w, tail, by_horizon, levels=cfg.wc.levels, gists=False)
-        nll_raw = token_nll(entries_logits(base, entries, _Tokens(doc_tokens), offset=window.start, horizon=horizon),
-                            horizon)
+        nll_raw = token_nll(entries_logits(base, entries, _Tokens(doc_tokens), offset=window.start, horizon=horizon,
+                                           positions=PositionScheme.of(cfg.wc)), horizon)
         token_rows.append({"doc_id": [window.doc.doc_id] * h, "window_start": [window.start] * h, "cursor": [cursor] * h,
                            "t": list(range(h)), "token": horizon.tolist(), "nll_full": nll_full.tolist(),
                            "nll_recency": nll_recency.tolist(), "nll_oracle_raw": nll_raw.tolist()})
@@ -264,7 +268,8 @@ def _score_trial(base: BaseLM, trial: PasskeyTrial, cfg: Config) -> dict:
     by_horizon = block_sums(mass[0], 0, n_blocks * BLOCK, BLOCK).numpy()
     by_tail = block_sums(mass[1], 0, n_blocks * BLOCK, BLOCK).numpy()
     entries = select_blocks(n, w, tail, by_horizon, levels=cfg.wc.levels, gists=False)
-    raw_logits = entries_logits(base, entries, _Tokens(tokens), offset=0, horizon=trial.answer)
+    raw_logits = entries_logits(base, entries, _Tokens(tokens), offset=0, horizon=trial.answer,
+                                positions=PositionScheme.of(cfg.wc))
     logp_raw, exact_raw = answer_scores(raw_logits.numpy(), trial.answer)
     return {"trial_id": trial.trial_id, "doc_id": trial.doc_id, "length": n, "placement": trial.placement,
             "key": trial.key, "depth": trial.depth, "distance": trial.distance, "needle_tokens": trial.needle_tokens,

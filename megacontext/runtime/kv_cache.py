@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from megacontext.model.base_model import BaseLM
 from megacontext.model.gaussian_rope import gaussian_positions
 from megacontext.context.nodes import Node
-from megacontext.context.working_context import NodeSource, assemble
+from megacontext.context.working_context import ABSOLUTE, NodeSource, PositionScheme, assemble
 
 
 def common_prefix(a: Sequence[Node], b: Sequence[Node]) -> int:
@@ -50,8 +50,8 @@ class CacheStats:
 class WCKVCache:
     """Logits of the next token after a working context, reusing K/V of its unchanged prefix."""
 
-    def __init__(self, base: BaseLM, *, recompute: bool = False):
-        self.base, self.recompute = base, recompute
+    def __init__(self, base: BaseLM, *, recompute: bool = False, positions: PositionScheme = ABSOLUTE):
+        self.base, self.recompute, self.positions = base, recompute, positions
         self.entries: list[Node] = []
         self.cache = DynamicCache(config=base.model.config)
         self.logits: torch.Tensor | None = None  # [V] after self.entries
@@ -76,7 +76,8 @@ class WCKVCache:
         if dropped:
             self.cache.crop(-dropped)
         suffix = list(entries[keep:])
-        inputs = assemble(suffix, source, self.base.model.get_input_embeddings())
+        first = self.positions.place(entries[:keep])[2]  # compressed: the suffix continues its prefix's slots
+        inputs = assemble(suffix, source, self.base.model.get_input_embeddings(), positions=self.positions, first=first)
         with gaussian_positions(self.base.model, inputs.mu, inputs.sigma):
             out = self.base.model(inputs_embeds=inputs.inputs_embeds, past_key_values=self.cache, use_cache=True,
                                   logits_to_keep=1)

@@ -40,7 +40,7 @@ from megacontext.mega.model import install_mega_attention
 from megacontext.mega.prediction import next_block_prediction, tied_weight
 from megacontext.context.nodes import BLOCK, Node
 from megacontext.context.tree import MegaContextTree
-from megacontext.context.working_context import BudgetExceeded, WorkingContext, assemble
+from megacontext.context.working_context import BudgetExceeded, PositionScheme, WorkingContext, assemble
 
 
 INGEST_CHUNK = 8_192  # tokens per tree append when a long feed is ingested ahead of the refocus loop
@@ -124,7 +124,12 @@ class Runtime:
                                            levels=cfg.wc.levels, gist_dtype=cfg.gistnet.gist_dtype)
         self.wc = WorkingContext([], 0, cfg.wc.w_max, cfg.wc.protected_tail, cfg.wc.levels)
         self.allocator = FocusAllocator(cfg.allocator)
-        self.cache = WCKVCache(base, recompute=recompute)
+        self.positions = PositionScheme.of(cfg.wc)
+        reach = self.positions.limit(cfg.wc.w_max, cfg.wc.protected_tail)
+        if self.positions.kind == "compressed" and reach > base.max_positions:
+            raise ConfigError(f"compressed positions of a {cfg.wc.w_max}-entry working context reach {reach:,.0f}, past "
+                              f"the base model's {base.max_positions:,} positions; lower wc.slot_widths or wc.w_max")
+        self.cache = WCKVCache(base, recompute=recompute, positions=self.positions)
         self.source = _Source(self)
         self._buffer = np.zeros(4096, dtype=np.uint32)
         self.telemetry = Telemetry()
@@ -171,10 +176,11 @@ class Runtime:
                 self.refocus()
             if on_progress:
                 on_progress(n)
-        if self.wc.cursor > self.base.max_positions and not self._warned_positions:
+        if self.positions.kind == "absolute" and self.wc.cursor > self.base.max_positions and not self._warned_positions:
             self._warned_positions = True
             warnings.warn(f"the history ({self.wc.cursor:,} tokens) is past the base model's "
-                          f"{self.base.max_positions:,} trained positions; Gaussian-RoPE positions are absolute")
+                          f"{self.base.max_positions:,} trained positions; Gaussian-RoPE positions are absolute "
+                          "(wc.positions=compressed keeps them in range)")
 
     def _ingest_ahead(self, ids: np.ndarray) -> None:
         """A long feed goes into the tree in a few big appends (one commit each), not one per block.
@@ -307,7 +313,8 @@ class Runtime:
         predicted = None
         if self.mega is not None:
             predicted = next_block_prediction(self.base, self.encoder.gistnet,
-                                              assemble(entries, self.source, self.embedding), self.mega.window,
+                                              assemble(entries, self.source, self.embedding, positions=self.positions),
+                                              self.mega.window,
                                               kernel=self.mega.kernel)
         self.telemetry.wlod1_readouts += predicted is not None
         if predicted is None:

@@ -23,14 +23,16 @@ from megacontext.model.gistnet import GistNet, save_gistnet
 from megacontext.context.nodes import BLOCK, span
 from megacontext.data.shards import TokenizedDocument
 from megacontext.data.windows import SeedOffset, Window, eligible, sample_window
-from megacontext.context.working_context import WorkingContext, assemble_live
+from megacontext.context.working_context import ABSOLUTE, PositionScheme, WorkingContext, assemble_live
 
 
-def wc_logprobs(base: BaseLM, gistnet: GistNet, wc: WorkingContext, window: Window) -> torch.Tensor:
+def wc_logprobs(base: BaseLM, gistnet: GistNet, wc: WorkingContext, window: Window,
+                positions: PositionScheme = ABSOLUTE) -> torch.Tensor:
     """log P of the horizon read through the working context, gists computed live (differentiable) -> [1, H, V]."""
     h = len(window.horizon)
     tokens = torch.as_tensor(window.tokens.astype(np.int64))
-    inputs = assemble_live(wc.entries, tokens, base.model.get_input_embeddings(), gistnet, horizon=h)
+    inputs = assemble_live(wc.entries, tokens, base.model.get_input_embeddings(), gistnet, horizon=h,
+                           positions=positions)
     with gaussian_positions(base.model, inputs.mu, inputs.sigma):
         return horizon_logprobs(base, h, inputs_embeds=inputs.inputs_embeds)
 
@@ -64,7 +66,7 @@ class JT1GistNet:
             with torch.no_grad():
                 full = horizon_logprobs(self.base, len(window.horizon), input_ids=ids)  # [1, H, V]
             wc = self.policy(window)
-            student = wc_logprobs(self.base, self.gistnet, wc, window)
+            student = wc_logprobs(self.base, self.gistnet, wc, window, PositionScheme.of(self.cfg.wc))
             kl = teacher_kl(student, full)  # KL(P_full ‖ P_WC)
             total = total + kl / global_batch
             kl_sum += kl.item()

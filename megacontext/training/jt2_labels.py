@@ -32,7 +32,7 @@ from megacontext.model.gistnet import GistNet
 from megacontext.context.nodes import BLOCK, Node
 from megacontext.data.schemas import LABEL_SCHEMA, validate
 from megacontext.data.windows import Window
-from megacontext.context.working_context import WCInputs, WorkingContext, assemble_live
+from megacontext.context.working_context import ABSOLUTE, PositionScheme, WCInputs, WorkingContext, assemble_live
 
 UTILITY_SCALE = 0.002  # s: nats per position; |u - ū| of this size maps to tanh(1) ≈ 0.76
 
@@ -74,15 +74,17 @@ def _horizon_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 @torch.no_grad()
 def label_snapshot(base: BaseLM, gistnet: GistNet, window: Window, wc: WorkingContext, cands: list[Candidate],
-                   *, naive: bool = False) -> list[dict]:
-    """ΔNLL@H of each candidate against the unedited snapshot."""
+                   *, naive: bool = False, positions: PositionScheme = ABSOLUTE) -> list[dict]:
+    """ΔNLL@H of each candidate against the unedited snapshot (entries placed by `positions`)."""
     embedding = base.model.get_input_embeddings()
     tokens = torch.as_tensor(window.tokens.astype(np.int64))
     horizon = len(window.horizon)
     targets = tokens[window.history :]
 
     def score(entries: list[Node], start: int, cache: DynamicCache | None) -> float:
-        suffix = assemble_live(entries[start:], tokens, embedding, gistnet, horizon=horizon, cursor=window.history)
+        first = positions.place(entries[:start])[2]  # an edit shifts compressed positions after it, not before
+        suffix = assemble_live(entries[start:], tokens, embedding, gistnet, horizon=horizon, cursor=window.history,
+                               positions=positions, first=first)
         # the last H+1 positions predict the horizon: [last entry, horizon tokens except the final one]
         return _horizon_nll(_forward(base, suffix, cache, keep=horizon + 1).logits[:, :-1], targets)
 
@@ -92,7 +94,7 @@ def label_snapshot(base: BaseLM, gistnet: GistNet, window: Window, wc: WorkingCo
 
     prefix = None
     if not naive:
-        full = assemble_live(wc.entries, tokens, embedding, gistnet)
+        full = assemble_live(wc.entries, tokens, embedding, gistnet, positions=positions)
         prefix = _forward(base, full, DynamicCache(config=base.model.config)).past_key_values
     last = len(wc.entries) - 1  # the last entry's logits predict the first horizon token
     before = score(wc.entries, 0, None) if naive else score(wc.entries, last, reuse(last))
@@ -136,7 +138,7 @@ def label_table(snapshots: list[tuple[str, Window, WorkingContext, list[dict]]])
 
 
 def timed_labels(base: BaseLM, gistnet: GistNet, window: Window, wc: WorkingContext, cands: list[Candidate],
-                 naive: bool) -> tuple[list[dict], float]:
+                 naive: bool, positions: PositionScheme = ABSOLUTE) -> tuple[list[dict], float]:
     start = time.perf_counter()
-    rows = label_snapshot(base, gistnet, window, wc, cands, naive=naive)
+    rows = label_snapshot(base, gistnet, window, wc, cands, naive=naive, positions=positions)
     return rows, time.perf_counter() - start

@@ -22,6 +22,7 @@ from megacontext.config import Config
 from megacontext.context.focus_policy import Policy, lens_inputs_for
 from megacontext.model.gaussian_rope import install_gaussian_rope
 from megacontext.model.gistnet import GistNet
+from megacontext.context.working_context import PositionScheme
 from megacontext.training.jt2_labels import candidates, label_snapshot, label_table, to_targets
 from megacontext.model.lensnet import LensNet, collate, legality_mask, lensnet_loss, pad_batch, save_lensnet
 from megacontext.context.nodes import BLOCK, span
@@ -52,7 +53,7 @@ def generate_labels(cfg: Config, base: BaseLM, gistnet: GistNet, docs: list[Toke
             window = snapshot_window(cfg, docs, index)
             wc = policy(window)
             cands = candidates(wc, cfg.train.label_candidates, np.random.default_rng([cfg.seed, index]))
-            rows = to_targets(label_snapshot(base, gistnet, window, wc, cands))
+            rows = to_targets(label_snapshot(base, gistnet, window, wc, cands, positions=PositionScheme.of(cfg.wc)))
             snapshots.append((f"s{index:05d}", window, wc, rows))
             advance(1)
     table = label_table(snapshots)

@@ -23,7 +23,7 @@ from peft import PeftModel
 from megacontext.config import Config
 from megacontext.context.focus_policy import Policy, cold_start_policy
 from megacontext.context.nodes import BLOCK, span
-from megacontext.context.working_context import assemble_live
+from megacontext.context.working_context import PositionScheme, assemble_live
 from megacontext.data.shards import TokenizedDocument
 from megacontext.data.windows import SeedOffset, Window, eligible, sample_window
 from megacontext.mega.attention import TOP
@@ -89,7 +89,7 @@ class JT3LoRA:
             wc = self.policy(window)
             # tokens read the adapted embedding; gists come from the frozen GistNet over the plain one
             inputs = assemble_live(wc.entries, ids, self.peft.get_input_embeddings(), self.gistnet, horizon=h,
-                                   gist_embedding=self.plain_embedding)
+                                   gist_embedding=self.plain_embedding, positions=PositionScheme.of(self.cfg.wc))
             gist_terms = torch.zeros(())
             if self.mega.attention:
                 out = mega_prediction_loss(self.base, self.gistnet, inputs, targets[0], self.mega.window,
