@@ -7,12 +7,12 @@ from hypothesis import strategies as st
 from megacontext.config import AllocatorConfig
 from megacontext.context.focus_allocator import FocusAllocator
 from megacontext.context.nodes import Node
-from megacontext.context.working_context import BudgetExceeded, cold_start
+from megacontext.context.working_context import BudgetExceeded, cold_start, single_level_start
 
 
 def _roomy():
-    """A cold start at 600 with the budget then raised to 700: room for three expands."""
-    wc = cold_start(2_000, w_max=600, protected_tail=64)
+    """46 LOD1 gists and a 528-token tail at 600, the budget then raised to 700: room for three expands."""
+    wc = single_level_start(2_000, w_max=600, protected_tail=64, level=1)
     wc.w_max = 700
     return wc
 
@@ -46,7 +46,7 @@ def test_a_weak_sibling_group_collapses_and_the_tail_never_does() -> None:
 
 
 def test_expands_are_ordered_by_score_and_make_room_by_collapsing() -> None:
-    wc = cold_start(8_128, w_max=2_048, protected_tail=256)  # 2,021 entries: no room for an expand
+    wc = single_level_start(8_128, w_max=2_048, protected_tail=256, level=1)  # 197 LOD1 + 1,824: no room to expand
     scores = _scores(wc, -0.9)
     scores[:197] = 0.0
     scores[5], scores[9] = 0.5, 0.95

@@ -24,7 +24,7 @@ from megacontext.model.lensnet import (
     tail_nodes,
 )
 from megacontext.context.nodes import Node
-from megacontext.context.working_context import cold_start
+from megacontext.context.working_context import WorkingContext, cold_start
 
 D = 64
 TINY = LensNetConfig(width=32, heads=2, mlp_hidden=32)
@@ -121,7 +121,10 @@ def test_entry_features_and_tail_nodes() -> None:
 
 
 def test_legality_on_a_cold_start_working_context() -> None:
-    wc = cold_start(40_000, w_max=256, protected_tail=64)
+    entries = ([Node(s, 2) for s in range(0, 35_840, 1_024)] + [Node(s, 1) for s in range(35_840, 39_936, 32)]
+               + [Node(t, 0) for t in range(39_936, 40_000)])
+    wc = WorkingContext(entries, 40_000, 256, 64, 2)  # LOD2, then four complete LOD1 runs, then the tail
+    wc.check()
     assert wc.levels_used == {2: 35, 1: 128, 0: 64}
     can_expand, can_collapse = legality_mask(wc.entries, 2, wc.cursor, 64)
     levels = torch.tensor([n.level for n in wc.entries])

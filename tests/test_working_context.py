@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megacontext.context.nodes import Node
+from megacontext.context.nodes import Node, span
 from megacontext.context.working_context import (
     ABSOLUTE,
     BudgetExceeded,
@@ -37,10 +37,10 @@ class ArraySource:
 
 def test_cold_start_keeps_the_most_recent_detail_and_summarises_the_rest() -> None:
     wc = cold_start(8_128, w_max=2_048, protected_tail=256)
-    assert wc.levels_used == {1: 197, 0: 1_824} and len(wc) == 2_021
-    assert wc.entries[197] == Node(6_304, 0)  # first LOD0 token: the boundary is block aligned
-    # one more LOD0 block would not fit: 1,856 tokens + 196 gists = 2,052 > 2,048
-    assert 1_824 + 32 + 196 > 2_048
+    # [0, 6,144) = 6 LOD2 + a 1,984-token raw tail = 1,990; a raw tail from 6,112 would cost
+    # 5 LOD2 + 31 LOD1 + 2,016 = 2,052 > 2,048. The 58 left refine the newest LOD2 into 32 LOD1 (+31).
+    assert wc.levels_used == {2: 5, 1: 32, 0: 1_984} and len(wc) == 2_021
+    assert wc.entries[4] == Node(4_096, 2) and wc.entries[5] == Node(5_120, 1) and wc.entries[37] == Node(6_144, 0)
 
 
 def test_history_within_budget_is_all_tokens() -> None:
@@ -48,12 +48,31 @@ def test_history_within_budget_is_all_tokens() -> None:
     assert wc.entries == [Node(t, 0) for t in range(2_000)]
 
 
-def test_lod2_is_used_only_when_lod1_cannot_fit() -> None:
-    assert 2 not in cold_start(55_000, w_max=2_048, protected_tail=256).levels_used
-    far = cold_start(200_000, w_max=2_048, protected_tail=256)
-    assert far.levels_used[2] > 0 and far.levels_used[0] == 256
+def test_at_long_histories_the_cold_start_keeps_the_longest_raw_tail_the_budget_allows() -> None:
+    far = cold_start(100_000, w_max=2_048, protected_tail=256)
+    # 95 LOD2 + 25 LOD1 tile [0, 98,080); a tail from 98,048 would cost 95 + 24 + 1,952 = 2,071 > 2,048
+    assert far.levels_used == {2: 95, 1: 25, 0: 1_920} and far.entries[120] == Node(98_080, 0)
+    assert cold_start(200_000, w_max=2_048, protected_tail=256).levels_used[0] == 1_824  # not the 256 minimum
     with pytest.raises(BudgetExceeded, match="cannot fit W_max 300"):
         cold_start(2_000_000, w_max=300, protected_tail=256)
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(0, 300_000), w_max=st.integers(300, 9_000), tail=st.integers(0, 256), levels=st.integers(2, 3))
+def test_no_longer_raw_tail_would_fit_and_the_newest_gists_are_the_finest(n, w_max, tail, levels) -> None:
+    try:
+        wc = cold_start(n, w_max=w_max, protected_tail=tail, levels=levels)
+    except BudgetExceeded:
+        return
+    wc.check()
+    raw = wc.levels_used.get(0, 0)
+    if raw < n:  # one more raw block, with everything older as coarse as it gets, is over budget
+        start = n - raw - 32
+        coarsest = sum((start % span(k + 1)) // span(k) for k in range(1, levels)) + start // span(levels)
+        assert coarsest + raw + 32 > w_max
+        gist_levels = [e.level for e in wc.entries if e.level > 0]
+        assert gist_levels == sorted(gist_levels, reverse=True)  # coarser older, finer newer
+        assert w_max - len(wc) < 31 or all(g == 1 for g in gist_levels)  # what is left was spent refining
 
 
 def test_single_level_starts_for_per_level_evaluation() -> None:
@@ -62,18 +81,18 @@ def test_single_level_starts_for_per_level_evaluation() -> None:
 
 
 def test_expand_and_collapse_edit_in_place_with_budget_accounting() -> None:
-    wc = cold_start(8_128, w_max=2_048, protected_tail=256)
+    wc = cold_start(8_128, w_max=2_048, protected_tail=256)  # 5 LOD2, 32 LOD1 (children of Node(5,120, 2)), tokens
     with pytest.raises(BudgetExceeded):
         wc.expand(0)  # 2,021 + 31 > 2,048
-    wc.collapse(0)  # LOD1 gists 0..31 -> their LOD2 parent
-    assert wc.entries[0] == Node(0, 2) and len(wc) == 2_021 - 31
-    wc.expand(0)
-    assert wc.entries[:32] == Node(0, 2).children() and len(wc) == 2_021
+    wc.collapse(5)  # LOD1 gists 5..36 -> their LOD2 parent
+    assert wc.entries[5] == Node(5_120, 2) and len(wc) == 2_021 - 31
+    wc.expand(5)
+    assert wc.entries[5:37] == Node(5_120, 2).children() and len(wc) == 2_021
     wc.check()
     with pytest.raises(ValueError, match="only gists expand"):
         wc.expand(len(wc) - 1)
     with pytest.raises(ValueError, match="not 32 aligned siblings"):
-        wc.collapse(1)
+        wc.collapse(6)
     with pytest.raises(ValueError, match="protected tail"):
         wc.collapse(len(wc) - 32)
 
@@ -124,19 +143,21 @@ def test_every_reachable_working_context_satisfies_the_invariants(n, w_max, tail
 def test_assemble_gathers_tokens_and_gists_with_gaussian_positions() -> None:
     tokens = np.arange(2_000, dtype=np.uint32) % 50
     embedding = torch.nn.Embedding(50, 8)
-    wc = cold_start(2_000, w_max=400, protected_tail=64)
+    wc = cold_start(2_000, w_max=400, protected_tail=64)  # 1 LOD2, 19 LOD1 [1,024, 1,632), 368 tokens
     out = assemble(wc.entries, ArraySource(tokens), embedding, horizon=np.array([7, 8], np.uint32))
     n = len(wc)
     assert out.inputs_embeds.shape == (1, n + 2, 8)
-    first_token = wc.levels_used[1]
+    first_token = wc.levels_used[1] + wc.levels_used[2]
     assert torch.equal(out.inputs_embeds[0, first_token], embedding.weight[tokens[wc.entries[first_token].start]])
-    assert out.inputs_embeds[0, 3, 0] == 1 and out.inputs_embeds[0, 3, 1] == 3  # the 4th LOD1 gist
-    assert out.mu[0, 0] == 15.5 and out.sigma[0, 0] == pytest.approx(32 / 12**0.5)
+    assert out.inputs_embeds[0, 0, 0] == 2 and out.inputs_embeds[0, 0, 1] == 0  # the LOD2 gist of [0, 1,024)
+    assert out.inputs_embeds[0, 3, 0] == 1 and out.inputs_embeds[0, 3, 1] == 34  # LOD1 gist of [1,088, 1,120)
+    assert out.mu[0, 0] == 511.5 and out.sigma[0, 0] == pytest.approx(1_024 / 12**0.5)
+    assert out.mu[0, 1] == 1_039.5 and out.sigma[0, 1] == pytest.approx(32 / 12**0.5)
     assert out.mu[0, -2:].tolist() == [2_000.0, 2_001.0] and out.sigma[0, first_token:].abs().sum() == 0
     shifted = assemble(wc.entries, ArraySource(np.concatenate([np.zeros(1_024, np.uint32), tokens])), embedding,
                        offset=1_024)
     assert torch.equal(shifted.inputs_embeds[0, first_token:], out.inputs_embeds[0, first_token:n])
-    assert shifted.inputs_embeds[0, 0, 1] == 32  # gist index shifted by 1,024 / 32
+    assert shifted.inputs_embeds[0, 0, 1] == 1 and shifted.inputs_embeds[0, 1, 1] == 64  # indices shifted by 1,024
 
 
 def test_live_assembly_equals_assembly_from_a_tree_built_by_the_same_gistnet(tmp_path, tiny_base) -> None:

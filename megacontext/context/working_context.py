@@ -112,8 +112,64 @@ def check_invariants(
 
 
 def cold_start(n_tokens: int, w_max: int, protected_tail: int, levels: int = 2) -> WorkingContext:
-    """Most recent tokens at LOD0, older spans as gists, coarser only where finer would not fit."""
-    return _start(n_tokens, w_max, protected_tail, levels, allowed=tuple(range(levels, 0, -1)))
+    """The longest raw (LOD0) tail the budget allows, older spans as gists, the most recent of them refined.
+
+    The raw tail starts at the earliest block boundary s for which [0, s), tiled by the coarsest
+    aligned gists (LOD2 for whole 1,024-token spans, LOD1 for the rest), plus the tail fit `w_max`;
+    what is left then refines the most recent coarse gists one level (LOD2 -> 32 LOD1, +31 each).
+    So the cold start keeps nearly the recency baseline's detail plus a summary of everything older
+    at any history length: at 100k tokens and W_max 2,048 a 1,920-token raw tail (docs/architecture.md §2.4).
+    BudgetExceeded when even the coarsest gists and the protected tail do not fit.
+    """
+    if n_tokens < 0:
+        raise ValueError("n_tokens must be >= 0")
+    if n_tokens <= w_max:
+        entries = [Node(t, 0) for t in range(n_tokens)]
+    else:
+        latest = (n_tokens - min(protected_tail, n_tokens)) // BLOCK * BLOCK  # the tail starts at a block boundary
+        if _coarse_count(latest, levels) + n_tokens - latest > w_max:
+            raise BudgetExceeded(f"{n_tokens} tokens cannot fit W_max {w_max} with a {protected_tail}-token protected "
+                                 f"tail using gist levels {list(range(1, levels + 1))}; raise wc.w_max or add a level")
+        lo, hi = 0, latest // BLOCK  # binary search over block boundaries: the cost falls as the tail shrinks
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _coarse_count(mid * BLOCK, levels) + n_tokens - mid * BLOCK <= w_max:
+                hi = mid
+            else:
+                lo = mid + 1
+        start = lo * BLOCK
+        entries = _coarse(start, levels) + [Node(t, 0) for t in range(start, n_tokens)]
+        room = w_max - len(entries)
+        i = len(entries)
+        while room >= BLOCK - 1:  # refine the most recent gists above LOD1, newest first
+            i = next((j for j in range(min(i, len(entries)) - 1, -1, -1) if entries[j].level >= 2), -1)
+            if i < 0:
+                break
+            entries[i : i + 1] = entries[i].children()
+            room -= BLOCK - 1
+            i += BLOCK  # continue the search before the new children (a LOD3 child may refine next)
+    wc = WorkingContext(entries, n_tokens, w_max, protected_tail, levels)
+    wc.check()
+    return wc
+
+
+def _coarse_count(end: int, levels: int) -> int:
+    """How many gists tile [0, end) coarsest-first (`end` a multiple of BLOCK)."""
+    count = 0
+    for level in range(levels, 0, -1):
+        count += end // span(level)
+        end %= span(level)
+    return count
+
+
+def _coarse(end: int, levels: int) -> list[Node]:
+    """[0, end) tiled by aligned gists, coarsest first (the oldest part at the top level)."""
+    out, lo = [], 0
+    for level in range(levels, 0, -1):
+        stop = lo + (end - lo) // span(level) * span(level)
+        out += [Node(s, level) for s in range(lo, stop, span(level))]
+        lo = stop
+    return out
 
 
 def single_level_start(n_tokens: int, w_max: int, protected_tail: int, level: int, levels: int = 2) -> WorkingContext:
