@@ -20,11 +20,11 @@ from megacontext.errors import ArtifactError
 from megacontext.evaluation.gate import gate, key_token_masks, summarize
 from megacontext.context.nodes import Node
 from megacontext.evaluation.passkey import PLACEMENTS, answer_scores, make_trials
-from megacontext.evaluation.references import (StaleReferences, build_references, load_references, passkey_dir, plan_windows,
+from megacontext.evaluation.references import (StaleReferences, _Tokens, build_references, load_references, passkey_dir, plan_windows,
                                     references_dir)
 from megacontext.data.shards import TokenizedDocument, build_shards, read_split, shards_dir
 from megacontext.model.tokenizer import ByteTokenizer
-from megacontext.context.working_context import check_invariants
+from megacontext.context.working_context import assemble, check_invariants
 from tests.conftest import EVAL_ARGS, eval_corpus, tiny_config
 from tests.test_gate import BOOT, make_table
 
@@ -97,6 +97,30 @@ def test_attention_mass_with_a_cached_prefill_equals_one_pass(tmp_path: Path, ki
     assert one[:, :200].abs().sum() > 1.0  # the prefilled part does receive mass (it is not merely zero)
     with pytest.raises(ValueError, match="prefill_chunk"):
         attention_mass(model, groups, prefill_chunk=64, input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def test_last_logits_with_a_chunked_prefill_equal_one_forward(tmp_path: Path) -> None:
+    from megacontext.model.base_model import last_logits
+    from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
+
+    model = load_base_model(tiny_config(tmp_path, "model.tiny.n_kv_heads=2")).model
+    install_gaussian_rope(model)
+    entries = [Node(0, 2), *[Node(s, 1) for s in range(1_024, 2_048, 32)], *[Node(t, 0) for t in range(2_048, 2_200)]]
+    class Source(_Tokens):  # tokens, and a fixed random vector per gist
+        def gists(self, level: int, start_index: int, end_index: int) -> np.ndarray:
+            rng = np.random.default_rng(level)
+            return rng.normal(0, 0.1, (end_index, 64)).astype(np.float32)[start_index:]
+
+    inputs = assemble(entries, Source(np.arange(2_200, dtype=np.uint32) % 250), model.get_input_embeddings())
+    with gaussian_positions(model, inputs.mu, inputs.sigma):
+        one = model(inputs_embeds=inputs.inputs_embeds, logits_to_keep=9, use_cache=False).logits
+    chunked = last_logits(model, 9, chunk=64, mu=inputs.mu, sigma=inputs.sigma, inputs_embeds=inputs.inputs_embeds)
+    assert torch.allclose(chunked, one, atol=1e-4) and inputs.inputs_embeds.shape[1] > 2 * 64  # 3 prefill chunks
+    sliding = _sliding_window_model()
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(3))
+    one = sliding(input_ids=ids, logits_to_keep=5, use_cache=False).logits
+    assert torch.allclose(last_logits(sliding, 5, chunk=64, input_ids=ids), one, atol=1e-5)
+    assert torch.equal(last_logits(sliding, 5, chunk=None, input_ids=ids), one)
 
 
 # --- block selection --------------------------------------------------------------------------

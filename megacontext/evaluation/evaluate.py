@@ -25,7 +25,7 @@ import polars as pl
 import torch
 from torch import nn
 
-from megacontext.model.base_model import BaseLM, horizon_token_nll, load_base_model
+from megacontext.model.base_model import BaseLM, last_logits, load_base_model
 from megacontext.config import Config, MegaConfig, config_hash
 from megacontext.errors import ConfigError
 from megacontext.evaluation.report import write_report
@@ -133,7 +133,8 @@ def score_sample(base: BaseLM, tree: NodeSource, sample: Sample, refs: Reference
     columns["nll_recency_adapted"] = nan
     if rows.adapted:
         recent = torch.as_tensor(sample.doc.tokens[c - w : c + h].astype(np.int64))[None]
-        columns["nll_recency_adapted"] = horizon_token_nll(base.model, h, input_ids=recent)[0].numpy()
+        columns["nll_recency_adapted"] = token_nll(last_logits(base.model, h + 1, input_ids=recent)[0, :-1],
+                                                   sample.doc.tokens[c : c + h])
     columns["nll_oracle"] = columns["nll_training_free"] = nan
     columns["nll_oracle_raw"] = cached["nll_oracle_raw"].to_numpy()  # the base alone reads the raw oracle
     if ev.baselines:  # read exactly like NLL_mc (same adapters, same attention), so only the focus differs
@@ -360,7 +361,7 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
             record["logp_recency_adapted"], record["exact_recency_adapted"] = None, None
             if rows.adapted:
                 recent = torch.as_tensor(trial.tokens[trial.length - wcc.w_max :].astype(np.int64))[None]
-                logits = base.model(input_ids=recent, logits_to_keep=len(trial.answer) + 1, use_cache=False).logits
+                logits = last_logits(base.model, len(trial.answer) + 1, input_ids=recent)
                 record["logp_recency_adapted"], record["exact_recency_adapted"] = answer_scores(
                     logits[0, :-1].float().numpy(), trial.answer)
             wc = rows.policy(Window(trial.doc_id, 0, trial.tokens, trial.length))

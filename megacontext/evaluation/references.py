@@ -33,12 +33,12 @@ import torch
 from torch import nn
 
 from megacontext.model.attention_mass import attention_mass, block_sums
-from megacontext.model.base_model import BaseLM, load_base_model
+from megacontext.model.base_model import BaseLM, last_logits, load_base_model
 from megacontext.model.base_model import token_nll as base_token_nll
 from megacontext.context.block_selection import select_blocks
 from megacontext.config import Config, MegaConfig
 from megacontext.errors import ArtifactError, InputDataError
-from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
+from megacontext.model.gaussian_rope import install_gaussian_rope
 from megacontext.mega.model import mega_forward
 from megacontext.lifecycle.locks import locked
 from megacontext.lifecycle.lineage import (is_reusable, manifest_digest, read_manifest, sha256_json, staged_artifact,
@@ -204,8 +204,7 @@ def entries_logits(base: BaseLM, entries: Sequence[Node], source: Any, *, offset
     if mega is not None:
         gistnet, settings = mega
         return mega_forward(base, gistnet, inputs, settings.window, kernel=settings.kernel)[0, -h - 1 : -1].float()
-    with gaussian_positions(base.model, inputs.mu, inputs.sigma):
-        logits = base.model(inputs_embeds=inputs.inputs_embeds, logits_to_keep=h + 1, use_cache=False).logits
+    logits = last_logits(base.model, h + 1, mu=inputs.mu, sigma=inputs.sigma, inputs_embeds=inputs.inputs_embeds)
     return logits[0, :-1].float()
 
 
@@ -229,8 +228,7 @@ def _score_window(base: BaseLM, window: RefWindow, cfg: Config) -> tuple[list[di
         horizon = doc_tokens[cursor : cursor + h]
         nll_full = token_nll(logits[0, j * h : (j + 1) * h], horizon)
         recent = torch.as_tensor(doc_tokens[cursor - w : cursor + h].astype(np.int64))[None]
-        nll_recency = token_nll(base.model(input_ids=recent, logits_to_keep=h + 1, use_cache=False).logits[0, :-1],
-                                horizon)
+        nll_recency = token_nll(last_logits(base.model, h + 1, input_ids=recent)[0, :-1], horizon)
         n_blocks = r // BLOCK
         by_horizon = block_sums(mass[j], 0, n_blocks * BLOCK, BLOCK).numpy()
         by_tail = block_sums(mass[len(rel) + j], 0, n_blocks * BLOCK, BLOCK).numpy()
@@ -262,7 +260,7 @@ def _score_trial(base: BaseLM, trial: PasskeyTrial, cfg: Config) -> dict:
     mass, logits = attention_mass(base.model, groups, logits_at=groups[0], prefill_chunk=PREFILL_CHUNK, input_ids=ids)
     logp_full, exact_full = answer_scores(logits[0].float().numpy(), trial.answer)
     recent = torch.as_tensor(tokens[n - w :].astype(np.int64))[None]
-    rec_logits = base.model(input_ids=recent, logits_to_keep=a + 1, use_cache=False).logits[0, :-1]
+    rec_logits = last_logits(base.model, a + 1, input_ids=recent)[0, :-1]
     logp_recency, exact_recency = answer_scores(rec_logits.float().numpy(), trial.answer)
     n_blocks = n // BLOCK
     by_horizon = block_sums(mass[0], 0, n_blocks * BLOCK, BLOCK).numpy()

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from megacontext.config import Config, ModelConfig
 from megacontext.errors import ConfigError
+from megacontext.model.gaussian_rope import gaussian_positions
 from megacontext.lifecycle.lineage import sha256_file
 from megacontext.model.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 
@@ -296,3 +297,37 @@ def horizon_token_nll(model: PreTrainedModel, horizon: int, **inputs: torch.Tens
 def horizon_nll(model: PreTrainedModel, input_ids: torch.Tensor, horizon: int) -> torch.Tensor:
     """Mean NLL (nats/token) of the last `horizon` tokens of each row of `input_ids` [B, T] -> [B]."""
     return horizon_token_nll(model, horizon, input_ids=input_ids).mean(dim=1)
+
+
+PREFILL_CHUNK = 2_048  # tokens per cached prefill step of `last_logits`
+
+
+@torch.no_grad()
+def last_logits(model: PreTrainedModel, keep: int, *, chunk: int | None = PREFILL_CHUNK,
+                mu: torch.Tensor | None = None, sigma: torch.Tensor | None = None, **inputs: torch.Tensor) -> torch.Tensor:
+    """Logits [1, keep, V] of the last `keep` positions of one sequence (`input_ids` [1, T] or `inputs_embeds`
+    [1, T, d]), inference only.
+
+    Everything before the last `keep` positions, rounded down to whole `chunk`s, first runs into a K/V
+    cache `chunk` tokens at a time; the rest then runs once. The same logits up to float rounding as
+    one forward, but sliding-window layers (Gemma 3: 15 of 18) attend within their window only and
+    no T×T mask is built, so long sequences run faster on CPU. `mu`, `sigma` [1, T]: Gaussian-RoPE
+    positions (`install_gaussian_rope` first), applied per chunk. `chunk=None`: one forward.
+    """
+    (name, seq), = inputs.items()
+    length = seq.shape[1]
+    if not 0 < keep <= length:
+        raise ValueError(f"keep {keep} must be in [1, {length}]")
+    split = (length - keep) // chunk * chunk if chunk else 0
+    cache = DynamicCache(config=model.config) if split else None
+
+    def run(lo: int, hi: int, logits: int):
+        part = {name: seq[:, lo:hi], "cache": cache, "use_cache": cache is not None, "logits_to_keep": logits}
+        if mu is None:
+            return model(**part)
+        with gaussian_positions(model, mu[:, lo:hi], sigma[:, lo:hi]):
+            return model(**part)
+
+    for lo in range(0, split, chunk or 1):
+        run(lo, lo + chunk, 1)
+    return run(split, length, keep).logits
