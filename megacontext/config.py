@@ -125,8 +125,10 @@ class WorkingContextConfig(Section):
         if self.protected_tail + 32 > self.w_max:
             raise ValueError("protected_tail must leave room for at least one block under w_max")
         widths = self.slot_widths
-        if widths[0] != 1 or any(w < 1 for w in widths) or len(widths) < self.levels + 1:
-            raise ValueError(f"slot_widths must start with 1 (a token), be >= 1 and name every level 0..{self.levels}")
+        if widths[0] != 1 or any(w < 1 for w in widths):
+            raise ValueError("slot_widths must start with 1 (a token) and be >= 1")
+        if self.positions == "compressed" and len(widths) < self.levels + 1:
+            raise ValueError(f"compressed positions need slot_widths for every level 0..{self.levels}")
         return self
 
 

@@ -36,9 +36,10 @@ GATE_8K_ROOT = "artifacts/gate-8k"
 
 def gate_8k_config(env: dict[str, str] | None = None) -> MegaContextConfig:
     """The gate-8k lifecycle's config: profile MEGACONTEXT_GATE_8K_PROFILE (default gate-8k-cpu; gate-8k on an
-    accelerator) under its own artifact root MEGACONTEXT_GATE_8K_ROOT (default artifacts/gate-8k), so that its
-    cycles, champion and nightly history never mix with the default profile's."""
+    accelerator) under its own artifact root MEGACONTEXT_GATE_8K_ROOT (default artifacts/gate-8k), data included
+    (a MEGACONTEXT_DATA_ROOT meant for the default profile is not used), so that its corpus, cycles, champion
+    and nightly history never mix with the default profile's."""
     env = os.environ if env is None else env
     root = env.get("MEGACONTEXT_GATE_8K_ROOT", GATE_8K_ROOT)
-    return MegaContextConfig(profile=env.get("MEGACONTEXT_GATE_8K_PROFILE", GATE_8K_PROFILE),
-                             overrides=[f"paths.artifact_root={root}"])
+    return MegaContextConfig(profile=env.get("MEGACONTEXT_GATE_8K_PROFILE", GATE_8K_PROFILE),  # its own data too:
+                             overrides=[f"paths.artifact_root={root}", f"paths.data_root={root}/data"])

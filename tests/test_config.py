@@ -29,6 +29,15 @@ def test_the_cpu_gate_8k_recipe_is_gate_8k_on_fewer_samples_in_fp32() -> None:
     assert cpu.eval.passkey.lengths == full.eval.passkey.lengths == [32_704]
 
 
+def test_slot_widths_are_checked_only_where_they_are_used() -> None:
+    assert load_config("tiny", ["wc.levels=3"], env={}).wc.levels == 3  # absolute positions: widths unused
+    with pytest.raises(ConfigError, match="compressed positions need slot_widths for every level 0..3"):
+        load_config("tiny", ["wc.levels=3", "wc.positions=compressed"], env={})
+    assert load_config("tiny", ["wc.levels=3", "wc.positions=compressed", "wc.slot_widths=[1,2,4,8]"], env={})
+    with pytest.raises(ConfigError, match="start with 1"):
+        load_config("tiny", ["wc.slot_widths=[2,2,4]"], env={})
+
+
 def test_overrides_are_parsed_as_yaml_scalars() -> None:
     assert parse_override("data.val_fraction=0.2") == ("data.val_fraction", 0.2)
     assert parse_override("data.max_documents=null") == ("data.max_documents", None)

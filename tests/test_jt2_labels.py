@@ -92,3 +92,37 @@ def test_entry_targets_collapse_first_then_positive_expands_override() -> None:
     want[3] = 0.7  # a positive expand overrides the collapse group it sits in
     assert torch.equal(target, want)  # entry 5's zero expand leaves the collapse target; entry 35 is 0
     assert labelled.tolist() == [True] * 32 + [False] * 3 + [True] + [False] * 4
+
+
+def test_on_a_sliding_window_base_labels_and_the_kv_cache_never_reuse_a_windowed_cache() -> None:
+    """Gemma 3's local layers keep only their window: slicing or cropping that cache is not the prefix's K/V."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from megacontext.config import GistNetConfig
+    from megacontext.model.base_model import BaseLM, has_sliding_window_layers
+    from megacontext.runtime.kv_cache import WCKVCache
+    from tests.test_working_context import ArraySource
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=48,
+                                             max_position_embeddings=4_096)).eval()
+    install_gaussian_rope(model)
+    base = BaseLM(model, None, "mistral-sliding")
+    assert has_sliding_window_layers(model)
+    gistnet = build_gistnet(GistNetConfig(width=32, layers=1, heads=2), model.get_input_embeddings(), seed=0)
+    tokens = np.random.default_rng(0).integers(0, 256, 1_024 + 32).astype(np.uint32)
+    window = Window("0123456789abcdef", 0, tokens, 1_024)
+    wc = cold_start(1_024, w_max=192, protected_tail=64)
+    cands = candidates(wc, limit=6, rng=np.random.default_rng(1))
+    reused = label_snapshot(base, gistnet, window, wc, cands)
+    naive = label_snapshot(base, gistnet, window, wc, cands, naive=True)
+    assert np.allclose([r["delta_nll"] for r in reused], [r["delta_nll"] for r in naive], atol=2e-5)
+    source = ArraySource(tokens, d=32)
+    cache = WCKVCache(base)
+    cache.next_logits(wc.entries, source)
+    edited = list(wc.entries)
+    gist = next(i for i, n in enumerate(edited) if n.level > 0)
+    edited[gist : gist + 1] = edited[gist].children()  # an edit early in a WC longer than the window
+    fresh = WCKVCache(base, recompute=True).next_logits(edited, source)
+    assert torch.allclose(cache.next_logits(edited, source), fresh, atol=1e-5)

@@ -142,6 +142,7 @@ def test_the_gate_8k_config_is_its_own_lifecycle() -> None:
     cfg = gate_8k_config(env={}).resolve()
     assert (cfg.profile, cfg.model.kind, cfg.wc.w_max, cfg.eval.history) == ("gate-8k-cpu", "gemma3-270m", 8_192, 32_704)
     assert cfg.paths.artifact_root == "artifacts/gate-8k"  # never the default profile's cycles and champion
+    assert cfg.paths.data_root == "artifacts/gate-8k/data"  # nor its corpus and shards
     other = gate_8k_config(env={"MEGACONTEXT_GATE_8K_PROFILE": "gate-8k", "MEGACONTEXT_GATE_8K_ROOT": "/x"}).resolve()
     assert (other.profile, other.model.dtype, other.paths.artifact_root) == ("gate-8k", "bfloat16", "/x")
 

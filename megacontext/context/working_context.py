@@ -147,7 +147,7 @@ def cold_start(n_tokens: int, w_max: int, protected_tail: int, levels: int = 2) 
                 break
             entries[i : i + 1] = entries[i].children()
             room -= BLOCK - 1
-            i += BLOCK  # continue the search before the new children (a LOD3 child may refine next)
+            i += BLOCK  # search again from the new children's end (a LOD2 child of a LOD3 may refine next)
     wc = WorkingContext(entries, n_tokens, w_max, protected_tail, levels)
     wc.check()
     return wc

@@ -299,6 +299,15 @@ def horizon_nll(model: PreTrainedModel, input_ids: torch.Tensor, horizon: int) -
     return horizon_token_nll(model, horizon, input_ids=input_ids).mean(dim=1)
 
 
+def has_sliding_window_layers(model: PreTrainedModel) -> bool:
+    """True when some attention layers see only a recent window (Gemma 3, Mistral): their K/V cache keeps only
+    that window, so it cannot be cropped back to an earlier prefix or sliced to reuse one."""
+    types = getattr(model.config, "layer_types", None)
+    if types:
+        return any(t != "full_attention" for t in types)
+    return bool(getattr(model.config, "sliding_window", None))
+
+
 PREFILL_CHUNK = 2_048  # tokens per cached prefill step of `last_logits`
 
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from megacontext.model.base_model import BaseLM
+from megacontext.model.base_model import BaseLM, has_sliding_window_layers
 from megacontext.model.gaussian_rope import gaussian_positions
 from megacontext.context.nodes import Node
 from megacontext.context.working_context import ABSOLUTE, NodeSource, PositionScheme, assemble
@@ -52,6 +52,7 @@ class WCKVCache:
 
     def __init__(self, base: BaseLM, *, recompute: bool = False, positions: PositionScheme = ABSOLUTE):
         self.base, self.recompute, self.positions = base, recompute, positions
+        self.sliding = has_sliding_window_layers(base.model)
         self.entries: list[Node] = []
         self.cache = DynamicCache(config=base.model.config)
         self.logits: torch.Tensor | None = None  # [V] after self.entries
@@ -66,8 +67,8 @@ class WCKVCache:
         """[V] float32 logits for the token after `entries` (the WC tiling [0, cursor))."""
         if not entries:
             raise ValueError("the working context is empty: feed at least one token first")
-        if self.recompute:
-            self.invalidate()
+        if self.recompute or (self.sliding and common_prefix(self.entries, entries) < len(self.entries)):
+            self.invalidate()  # a sliding-window cache keeps only its window: it cannot crop back to a prefix
         keep = common_prefix(self.entries, entries)
         if keep == len(entries) == len(self.entries) and self.logits is not None:
             return self.logits

@@ -26,7 +26,7 @@ import polars as pl
 import torch
 from transformers import DynamicCache
 
-from megacontext.model.base_model import BaseLM, token_nll
+from megacontext.model.base_model import BaseLM, has_sliding_window_layers, token_nll
 from megacontext.model.gaussian_rope import gaussian_positions
 from megacontext.model.gistnet import GistNet
 from megacontext.context.nodes import BLOCK, Node
@@ -79,6 +79,7 @@ def label_snapshot(base: BaseLM, gistnet: GistNet, window: Window, wc: WorkingCo
     embedding = base.model.get_input_embeddings()
     tokens = torch.as_tensor(window.tokens.astype(np.int64))
     horizon = len(window.horizon)
+    naive = naive or has_sliding_window_layers(base.model)  # a sliding-window cache holds no reusable prefix
     targets = tokens[window.history :]
 
     def score(entries: list[Node], start: int, cache: DynamicCache | None) -> float:
