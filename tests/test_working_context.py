@@ -111,6 +111,22 @@ def test_invariant_checks_catch_each_violation() -> None:
                          protected_tail=16, levels=2)
 
 
+def _random_edit(wc, do_expand: bool, where: float) -> None:
+    """Expand the gist, or collapse the legal sibling group, at fraction `where` of the candidates (if any)."""
+    if do_expand:
+        gists = [i for i, e in enumerate(wc.entries) if e.level > 0]
+        if gists:
+            try:
+                wc.expand(gists[int(where * len(gists)) % len(gists)])
+            except BudgetExceeded:
+                pass
+    else:
+        starts = [i for i, e in enumerate(wc.entries) if e.level < 2 and e.start == e.parent().start
+                  and wc.entries[i : i + 32] == e.siblings() and e.parent().end <= wc.cursor - wc.protected_tail]
+        if starts:
+            wc.collapse(starts[int(where * len(starts)) % len(starts)])
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(0, 40_000),
@@ -125,18 +141,7 @@ def test_every_reachable_working_context_satisfies_the_invariants(n, w_max, tail
         return
     wc.check()
     for do_expand, where in ops:
-        if do_expand:
-            gists = [i for i, e in enumerate(wc.entries) if e.level > 0]
-            if gists:
-                try:
-                    wc.expand(gists[int(where * len(gists)) % len(gists)])
-                except BudgetExceeded:
-                    pass
-        else:
-            starts = [i for i, e in enumerate(wc.entries) if e.level < 2 and e.start == e.parent().start
-                      and wc.entries[i : i + 32] == e.siblings() and e.parent().end <= n - tail]
-            if starts:
-                wc.collapse(starts[int(where * len(starts)) % len(starts)])
+        _random_edit(wc, do_expand, where)
         wc.check()  # coverage, alignment, budget and protected tail after every edit
 
 
@@ -220,18 +225,7 @@ def test_compressed_positions_of_any_reachable_working_context_stay_in_the_base_
     w_max, tail, horizon, trained = 2_048, 256, 64, 8_192  # the default profile on SmolLM2
     wc = cold_start(n, w_max=w_max, protected_tail=tail)
     for do_expand, where in [(True, 0.5), *ops]:
-        if do_expand:
-            gists = [i for i, e in enumerate(wc.entries) if e.level > 0]
-            if gists:
-                try:
-                    wc.expand(gists[int(where * len(gists)) % len(gists)])
-                except BudgetExceeded:
-                    pass
-        else:
-            starts = [i for i, e in enumerate(wc.entries) if e.level < 2 and e.start == e.parent().start
-                      and wc.entries[i : i + 32] == e.siblings() and e.parent().end <= n - tail]
-            if starts:
-                wc.collapse(starts[int(where * len(starts)) % len(starts)])
+        _random_edit(wc, do_expand, where)
         mu, sigma, after = COMPRESSED.place(wc.entries)
         assert after <= COMPRESSED.limit(w_max, tail) < trained - horizon  # every position, the horizon's too
         levels = np.array([e.level for e in wc.entries])

@@ -256,6 +256,12 @@ class PositionScheme:
         sigma = np.where(levels > 0, width / np.sqrt(12), 0.0)
         return torch.from_numpy(mu), torch.from_numpy(sigma), float(ends[-1]) if len(ends) else float(first)
 
+    def after(self, entries: Sequence[Node], first: float = 0.0) -> float:
+        """The position after `entries` (`place(entries, first)[2]` without building μ and σ)."""
+        if self.kind == "absolute":
+            return float(entries[-1].end) if entries else float(first)
+        return float(first + sum(self.widths[n.level] for n in entries))
+
     def limit(self, w_max: int, raw_tail: int) -> float:
         """An upper bound on every position of a working context of <= `w_max` entries whose last `raw_tail`
         are tokens (compressed: the widest slots everywhere else; absolute: unbounded)."""

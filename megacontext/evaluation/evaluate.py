@@ -344,6 +344,7 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
     """
     cfg = rows.cfg
     wcc, tail = cfg.wc, focus_tail(cfg)
+    pos = PositionScheme.of(wcc)
     embedding = base.model.get_input_embeddings()
     out = []
     with tempfile.TemporaryDirectory(prefix="passkey-trees-") as tmp, \
@@ -380,8 +381,7 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
                                                               levels=wcc.levels, gists=False), rows.mega)
             for name in ("oracle_raw",) if "oracle_raw" in candidates else ():
                 entries, mega = candidates[name]
-                logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega,
-                                        positions=PositionScheme.of(wcc))
+                logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega, positions=pos)
                 record[f"logp_{name}"], record[f"exact_{name}"] = answer_scores(logits.numpy(), trial.answer)
             scored: dict[tuple, tuple[float, bool]] = {}  # identical working contexts are read once
             for name in ("mc", "lod1", "oracle", "training_free"):
@@ -391,7 +391,7 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
                     key = (tuple(entries), mega is not None)
                     if key not in scored:
                         logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega,
-                                                positions=PositionScheme.of(wcc))
+                                                positions=pos)
                         scored[key] = answer_scores(logits.numpy(), trial.answer)
                     record[f"logp_{name}"], record[f"exact_{name}"] = scored[key]
             out.append(record)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from megacontext.model.attention_mass import attention_mass, block_sums
-from megacontext.model.base_model import BaseLM, last_logits, load_base_model
+from megacontext.model.base_model import PREFILL_CHUNK, BaseLM, last_logits, load_base_model
 from megacontext.model.base_model import token_nll as base_token_nll
 from megacontext.context.block_selection import select_blocks
 from megacontext.config import Config, MegaConfig
@@ -54,9 +54,6 @@ from megacontext.context.working_context import ABSOLUTE, PositionScheme, assemb
 KIND = "eval_references"
 PASSKEY_KIND = "passkey_references"
 FORMAT_VERSION = 1
-# Full-context passes run the history before the first scored row into a K/V cache this many tokens at a
-# time (`attention_mass`): the same numbers, ~2.6x faster for Gemma-3 at 16k tokens (sliding-window layers).
-PREFILL_CHUNK = 2_048
 FILES = {"tokens": "tokens.parquet", "blocks": "blocks.parquet", "passkey": "passkey.parquet"}
 
 

@@ -30,6 +30,8 @@ from transformers import AttentionInterface, AttentionMaskInterface, DynamicCach
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from megacontext.model.base_model import prefill
+
 IMPLEMENTATION = "megacontext_mass"
 ROW_CHUNK = 256  # query rows whose scores are materialised at once: [chunk, T] per head
 
@@ -140,8 +142,8 @@ def attention_mass(model: nn.Module, groups: Sequence[torch.Tensor], *, logits_a
     cache = DynamicCache(config=model.config) if split else None
     with _implementation(model, IMPLEMENTATION):
         name = next(iter(inputs))
-        for lo in range(0, split, prefill_chunk or 1):
-            model(**{name: seq[:, lo : min(lo + prefill_chunk, split)]}, cache=cache, use_cache=True, logits_to_keep=1)
+        if split:
+            prefill(model, cache, name, seq, split, prefill_chunk)
         capture.query_start = split
         rest = {name: seq[:, split:]} if split else inputs
         _active.append(capture)

@@ -308,7 +308,20 @@ def has_sliding_window_layers(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config, "sliding_window", None))
 
 
-PREFILL_CHUNK = 2_048  # tokens per cached prefill step of `last_logits`
+PREFILL_CHUNK = 2_048  # tokens per cached prefill step of `last_logits` and the references' `attention_mass`
+
+
+def prefill(model: PreTrainedModel, cache: DynamicCache, name: str, seq: torch.Tensor, end: int, chunk: int, *,
+            mu: torch.Tensor | None = None, sigma: torch.Tensor | None = None) -> None:
+    """Run `seq[:, :end]` (`name` = "input_ids" or "inputs_embeds") into `cache`, `chunk` positions at a time;
+    `mu`, `sigma` [1, T]: Gaussian-RoPE positions, applied per chunk."""
+    for lo in range(0, end, chunk):
+        part = {name: seq[:, lo : min(lo + chunk, end)], "cache": cache, "use_cache": True, "logits_to_keep": 1}
+        if mu is None:
+            model(**part)
+        else:
+            with gaussian_positions(model, mu[:, lo : lo + chunk], sigma[:, lo : lo + chunk]):
+                model(**part)
 
 
 @torch.no_grad()
@@ -330,13 +343,10 @@ def last_logits(model: PreTrainedModel, keep: int, *, chunk: int | None = PREFIL
     split = (length - keep) // chunk * chunk if chunk else 0
     cache = DynamicCache(config=model.config) if split else None
 
-    def run(lo: int, hi: int, logits: int):
-        part = {name: seq[:, lo:hi], "cache": cache, "use_cache": cache is not None, "logits_to_keep": logits}
-        if mu is None:
-            return model(**part)
-        with gaussian_positions(model, mu[:, lo:hi], sigma[:, lo:hi]):
-            return model(**part)
-
-    for lo in range(0, split, chunk or 1):
-        run(lo, lo + chunk, 1)
-    return run(split, length, keep).logits
+    if split:
+        prefill(model, cache, name, seq, split, chunk, mu=mu, sigma=sigma)
+    rest = {name: seq[:, split:], "cache": cache, "use_cache": cache is not None, "logits_to_keep": keep}
+    if mu is None:
+        return model(**rest).logits
+    with gaussian_positions(model, mu[:, split:], sigma[:, split:]):
+        return model(**rest).logits

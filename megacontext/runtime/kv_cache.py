@@ -67,9 +67,10 @@ class WCKVCache:
         """[V] float32 logits for the token after `entries` (the WC tiling [0, cursor))."""
         if not entries:
             raise ValueError("the working context is empty: feed at least one token first")
-        if self.recompute or (self.sliding and common_prefix(self.entries, entries) < len(self.entries)):
-            self.invalidate()  # a sliding-window cache keeps only its window: it cannot crop back to a prefix
         keep = common_prefix(self.entries, entries)
+        if self.recompute or (self.sliding and keep < len(self.entries)):
+            self.invalidate()  # a sliding-window cache keeps only its window: it cannot crop back to a prefix
+            keep = 0
         if keep == len(entries) == len(self.entries) and self.logits is not None:
             return self.logits
         keep = min(keep, len(entries) - 1)  # the last entry's logits are needed: run at least it
@@ -77,7 +78,7 @@ class WCKVCache:
         if dropped:
             self.cache.crop(-dropped)
         suffix = list(entries[keep:])
-        first = self.positions.place(entries[:keep])[2]  # compressed: the suffix continues its prefix's slots
+        first = self.positions.after(entries[:keep])  # compressed: the suffix continues its prefix's slots
         inputs = assemble(suffix, source, self.base.model.get_input_embeddings(), positions=self.positions, first=first)
         with gaussian_positions(self.base.model, inputs.mu, inputs.sigma):
             out = self.base.model(inputs_embeds=inputs.inputs_embeds, past_key_values=self.cache, use_cache=True,

@@ -83,7 +83,7 @@ def label_snapshot(base: BaseLM, gistnet: GistNet, window: Window, wc: WorkingCo
     targets = tokens[window.history :]
 
     def score(entries: list[Node], start: int, cache: DynamicCache | None) -> float:
-        first = positions.place(entries[:start])[2]  # an edit shifts compressed positions after it, not before
+        first = positions.after(entries[:start])  # an edit shifts compressed positions after it, not before
         suffix = assemble_live(entries[start:], tokens, embedding, gistnet, horizon=horizon, cursor=window.history,
                                positions=positions, first=first)
         # the last H+1 positions predict the horizon: [last entry, horizon tokens except the final one]
