@@ -181,6 +181,11 @@ class LoraSettings(Section):
     last_blocks: int = Field(2, ge=0)  # ... and of the last N
     projections: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     keepalive_weight: float = Field(0.1, ge=0)  # weak substitutability term: KL(P_full ‖ P_WC)
+    # The plain-reading guard (docs/lifecycle.md §3): after JT3, adapters are kept only if, on this many
+    # unseen training windows, they lower the working context's NLL@H and raise the recency window's by
+    # at most guard_tolerance nats/token; otherwise the warm start's adapters are exported. 0 = off.
+    guard_windows: int = Field(8, ge=0)
+    guard_tolerance: float = Field(0.0, ge=0)
 
 
 class TrainConfig(Section):

@@ -36,6 +36,9 @@ def test_a_tiny_cycle_runs_end_to_end_and_is_evaluated(first_cycle) -> None:
         for row in summary["telemetry"][phase]:
             assert 0 < row["budget_utilisation"] <= 1 and row["swap_rate"] >= 0 and row["ms_per_block"] > 0
     assert summary["labels"]["focus_budget_utilisation"] > 0
+    guard = summary["lora_guard"]  # the plain-reading guard ran on JT3's adapters and its record is sealed
+    assert guard["windows"] == cfg.train.lora.guard_windows and guard["tokens"] == guard["windows"] * cfg.train.horizon
+    assert "guard.json" in json.loads((out / "jt3/final/manifest.json").read_text())["files"]
     report = evaluate(cfg, checkpoint=out)
     assert report == report_dir(cfg, out) and not report.is_relative_to(out)
     assert verify_files(out) == []  # evaluating a cycle leaves the cycle (the DVC `cycle` stage's output) untouched

@@ -227,3 +227,15 @@ def test_an_empty_table_is_refused() -> None:
     empty = make_table(np.zeros((0, 4)), np.zeros((0, 4)), np.zeros((0, 4)))
     with pytest.raises(MegaContextError, match="table is empty"):
         summarize(empty, **BOOT)
+
+
+def test_cluster_mean_ci_is_the_token_weighted_mean_with_a_cluster_bootstrap() -> None:
+    from megacontext.evaluation.gate import cluster_mean_ci
+
+    kw = {"bootstrap_samples": 500, "confidence": 0.95, "seed": 0}
+    one = cluster_mean_ci(np.array([3.0]), np.array([4.0]), **kw)
+    assert one == {"value": 0.75, "ci": None}  # one cluster: no interval
+    same = cluster_mean_ci(np.array([2.0, 4.0]), np.array([4.0, 8.0]), **kw)  # both clusters at 0.5 per token
+    assert same["value"] == 0.5 and same["ci"] == [0.5, 0.5]
+    spread = cluster_mean_ci(np.array([0.0, 10.0]), np.array([10.0, 10.0]), **kw)
+    assert spread["value"] == 0.5 and spread["ci"][0] == 0.0 and spread["ci"][1] == 1.0  # all-0 and all-1 resamples

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -162,3 +163,74 @@ def test_a_killed_runs_half_written_checkpoint_and_output_are_swept(tiny: Config
     fit(_phase(tiny), PhaseConfig(steps=2, batch=2), tmp_path, checkpoint_every=2)
     assert not any(f.exists() for f in leftovers)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
+
+
+def _jt3(cfg: Config):
+    from megacontext.training.jt3_lora import JT3LoRA
+
+    base = load_base_model(cfg)
+    gistnet = build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=0)
+    return JT3LoRA(cfg, base, gistnet, read_split(shards_dir(cfg), "train"))
+
+
+def test_the_plain_reading_guard_measures_each_reading_and_refuses_adapters_that_change_nothing(tiny: Config) -> None:
+    import numpy as np
+
+    from megacontext.context.nodes import span
+    from megacontext.data.windows import SeedOffset, sample_window
+    from megacontext.model.base_model import horizon_token_nll
+    from megacontext.training.jt3_lora import plain_reading_guard
+
+    phase = _jt3(tiny)
+    fresh = plain_reading_guard(phase, windows=2, tolerance=0.0)  # LoRA starts with B = 0: the plain base
+    assert fresh["wc_delta"]["value"] == 0.0 and fresh["recency_delta"]["value"] == 0.0
+    assert not fresh["accepted"]  # adapters that do not lower the working context's NLL are not kept
+    with torch.no_grad():
+        for name, p in phase.trainable().items():
+            if "_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    guard = plain_reading_guard(phase, windows=2, tolerance=0.0)
+    t = tiny.train
+    assert guard["windows"] == 2 and guard["tokens"] == 2 * t.horizon
+    # known answer: the recency rows equal the base's own NLL of the last train.budget history tokens + horizon
+    adapted, plain = [], []
+    for item in range(2):
+        w = sample_window(phase.docs, history=t.history, horizon=t.horizon, align=span(tiny.wc.levels),
+                          seed=tiny.seed + SeedOffset.JT3_GUARD, step=0, item=item)
+        ids = torch.as_tensor(w.tokens[w.history - t.budget :].astype(np.int64))[None]
+        adapted.append(horizon_token_nll(phase.peft, t.horizon, input_ids=ids).sum().item())
+        with phase.peft.disable_adapter():
+            plain.append(horizon_token_nll(phase.peft, t.horizon, input_ids=ids).sum().item())
+    tokens = 2 * t.horizon
+    assert guard["recency_nll"]["adapted"] == pytest.approx(sum(adapted) / tokens, rel=1e-5)
+    assert guard["recency_nll"]["plain"] == pytest.approx(sum(plain) / tokens, rel=1e-5)
+    assert guard["recency_delta"]["value"] == pytest.approx((sum(adapted) - sum(plain)) / tokens, rel=1e-4)
+    assert guard["recency_nll"]["adapted"] != guard["recency_nll"]["plain"]  # the adapters do read differently
+    lo, hi = guard["recency_delta"]["ci"]
+    assert lo <= guard["recency_delta"]["value"] <= hi
+    assert guard["accepted"] == (guard["wc_delta"]["value"] < 0 and guard["recency_delta"]["value"] <= 0.0)
+    loose = plain_reading_guard(phase, windows=2, tolerance=1e9)  # the tolerance bounds only the recency harm
+    assert loose["accepted"] == (loose["wc_delta"]["value"] < 0)
+    with pytest.raises(ValueError, match="at least 1 window"):
+        plain_reading_guard(phase, windows=0, tolerance=0.0)
+
+
+def test_adapters_the_guard_rejects_are_replaced_by_the_warm_start(tiny: Config, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from megacontext.training.cycle import _guard_adapters
+
+    phase = _jt3(tiny)
+    warm = {k: v.detach().clone() for k, v in phase.trainable().items()}
+    with torch.no_grad():  # adapters that wreck reading: large random B on every adapted projection
+        for name, p in phase.trainable().items():
+            if "_B" in name:
+                p.normal_(0, 5.0, generator=torch.Generator().manual_seed(2))
+    phase.export(tmp_path)
+    guard = _guard_adapters(tiny, phase, warm, tmp_path)
+    assert not guard["accepted"] and guard["recency_delta"]["value"] > 0
+    assert json.loads((tmp_path / "guard.json").read_text())["accepted"] is False
+    exported = load_file(tmp_path / "adapter_model.safetensors")
+    plain = {k.replace(".default", ""): v for k, v in warm.items()}  # peft saves names without the adapter's
+    assert exported and set(exported) == set(plain) and all(torch.equal(v, plain[k]) for k, v in exported.items())
+    assert all(torch.equal(p, warm[k]) for k, p in phase.trainable().items())

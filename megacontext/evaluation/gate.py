@@ -141,6 +141,21 @@ def _with_ci(point: np.ndarray, draws: np.ndarray, confidence: float) -> dict[st
     return {"value": float(point), "ci": [float(lo), float(hi)]}
 
 
+def cluster_mean_ci(sums: np.ndarray, counts: np.ndarray, *, bootstrap_samples: int, confidence: float,
+                    seed: int) -> dict[str, Any]:
+    """Token-weighted mean sum(sums)/sum(counts) over clusters (windows, samples), with a cluster-bootstrap CI.
+
+    `sums` and `counts` are [S] per cluster (e.g. a window's summed per-token NLL difference and its
+    token count). Returns {"value", "ci": [lo, hi]} like the report's metrics (CI None for one cluster).
+    """
+    sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    point = sums.sum() / counts.sum()
+    if len(sums) < 2:
+        return {"value": float(point), "ci": None}
+    draws = _resample_counts(len(sums), bootstrap_samples, seed)  # (B, S)
+    return _with_ci(point, (draws @ sums) / (draws @ counts), confidence)
+
+
 def _summarize_subset(sums: np.ndarray, counts: np.ndarray, confidence: float, best_recency: str) -> dict[str, Any]:
     point = _metrics(sums.sum(axis=0), best_recency)  # (K,) -> scalars
     draws = _metrics(counts @ sums, best_recency)  # (B, S) @ (S, K) -> (B, K) -> (B,) per metric

@@ -35,7 +35,7 @@ from megacontext.model.lora import attach_lora, load_lora
 from megacontext.plots import plot_telemetry
 from megacontext.training.jt1_gistnet import JT1GistNet
 from megacontext.training.jt2_lensnet import JT2LensNet, generate_labels
-from megacontext.training.jt3_lora import JT3LoRA
+from megacontext.training.jt3_lora import JT3LoRA, plain_reading_guard
 from megacontext.training.loop import FitResult, fit, world
 
 KIND = "cycle"
@@ -222,13 +222,40 @@ def run_jt3(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
         policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet)
         peft = load_lora(base, previous / "jt3" / "final", trainable=True) if previous \
             else attach_lora(base, cfg.train.lora, seed=cfg.seed)
+        phase = JT3LoRA(cfg, base, gistnet, docs, policy, peft_model=peft)
+        warm = {name: p.detach().clone() for name, p in phase.trainable().items()}  # before fit resumes anything
         with _tracked(cfg, cycle, "jt3") as run:
-            _log_fit(run, fit(JT3LoRA(cfg, base, gistnet, docs, policy, peft_model=peft), cfg.train.jt3, out / "jt3",
-                              checkpoint_every=cfg.train.checkpoint_every))
+            _log_fit(run, fit(phase, cfg.train.jt3, out / "jt3", checkpoint_every=cfg.train.checkpoint_every))
+            if _rank0() and cfg.train.lora.guard_windows:
+                guard = _guard_adapters(cfg, phase, warm, out / "jt3" / "final")
+                run.summary({f"guard_{k}": v for k, v in guard.items() if not isinstance(v, dict)}
+                            | {"guard_wc_delta": guard["wc_delta"]["value"],
+                               "guard_recency_delta": guard["recency_delta"]["value"]})
             _seal(cfg, out / "jt3" / "final", PHASE_KINDS["jt3"], cycle, previous, out / "jt1" / "final",
                   out / "jt2" / "final", _warm(previous, "jt3"))
     _barrier()  # every rank sees the sealed output before going on
     return out / "jt3" / "final"
+
+
+def _guard_adapters(cfg: Config, phase: JT3LoRA, warm: dict[str, torch.Tensor], final: Path) -> dict[str, Any]:
+    """The plain-reading guard on JT3's trained adapters: keep them, or export the warm start instead.
+
+    Writes `final/guard.json` (the measurement and the decision). A rejected cycle's adapters are the
+    warm start's: the previous cycle's, or at cycle 1 LoRA's initialisation (B = 0: the plain base).
+    """
+    lora = cfg.train.lora
+    guard = plain_reading_guard(phase, windows=lora.guard_windows, tolerance=lora.guard_tolerance)
+    if not guard["accepted"]:
+        with torch.no_grad():
+            for name, p in phase.trainable().items():
+                p.copy_(warm[name])
+        phase.export(final)
+    verdict = "kept" if guard["accepted"] else "REJECTED (the warm start's adapters are exported)"
+    print(f"jt3 plain-reading guard on {guard['windows']} windows: adapters {verdict}; "
+          f"WC NLL@H {guard['wc_delta']['value']:+.4f}, recency NLL@H {guard['recency_delta']['value']:+.4f} "
+          f"nats/token (adapted - plain)", flush=True)
+    (final / "guard.json").write_text(json.dumps(guard, indent=1) + "\n")
+    return guard
 
 
 @_cycle_locked
@@ -259,8 +286,10 @@ def _finish(cfg: Config, cycle: int, previous: Path | None) -> Path:
     seconds = {p: sum(r["seconds"] for r in rows) for p, rows in telemetry.items()}
     seconds.update({"jt2_labels": labels["seconds"], "trees": time.perf_counter() - tick})
     seconds["total"] = sum(seconds.values())
+    guard = out / "jt3" / "final" / "guard.json"
     summary = {"cycle": cycle, "previous": str(previous) if previous else None, "seconds": seconds,
-               "labels": labels, "telemetry": telemetry}
+               "labels": labels, "telemetry": telemetry,
+               "lora_guard": json.loads(guard.read_text()) if guard.is_file() else None}
     (out / "cycle.json").write_text(json.dumps(summary, indent=1) + "\n")
     inputs = _artifacts(shards_dir(cfg), *(out / p / "final" for p in PHASES), out / "jt2" / "labels", out / "trees",
                         previous)
