@@ -12,6 +12,14 @@ own K/V (bounded by W_max). Needs `megacontext prepare-data` first.
 
     .venv/bin/python benchmarks/bench_runtime.py --profile default [--checkpoint artifacts/cycles/cycle-0001]
 
+A book-length history (far past the base's own positions): the prompt is that many tokens of the
+split's documents joined end to end (a concatenation, reported as such), read with compressed
+positions; `--decode-recompute 0` skips the slow recompute runtime. Every run records peak RSS, the
+largest working context seen at any step (the budget check) and the out-of-range-position warnings:
+
+    .venv/bin/python benchmarks/bench_runtime.py --prompt-tokens 100000 --decode-recompute 0 \
+        --set wc.positions=compressed --out artifacts/benchmarks/runtime-100k.json
+
 Without `--checkpoint` the LensNet is untrained with a random head (so it edits):
 its cost per refocus does not depend on its weights.
 """
@@ -20,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -71,30 +81,47 @@ def main() -> int:
     parser.add_argument("--decode", type=int, default=96, help="tokens decoded with the cache (3 refocus blocks)")
     parser.add_argument("--decode-recompute", type=int, default=12, help="tokens decoded with full recompute")
     parser.add_argument("--out", default="artifacts/benchmarks/runtime.json")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override, e.g. wc.positions=compressed (repeatable)")
     args = parser.parse_args()
-    cfg = load_config(args.profile)
+    cfg = load_config(args.profile, args.overrides)
     torch.set_grad_enabled(False)
     base = load_base_model(cfg)
     docs = read_split(shards_dir(cfg), "val", base.tokenizer.name) + read_split(shards_dir(cfg), "train", base.tokenizer.name)
-    prompt = np.concatenate([d.tokens for d in docs])[: args.prompt_tokens].astype(np.int64)
-    results: dict = {"profile": args.profile, "model_id": base.model_id, "threads": torch.get_num_threads(),
-                     "w_max": cfg.wc.w_max, "prompt_tokens": len(prompt),
+    joined, used = [], 0
+    for d in docs:  # whole documents end to end until the prompt is long enough
+        if used >= args.prompt_tokens:
+            break
+        joined.append(d.tokens)
+        used += len(d.tokens)
+    prompt = np.concatenate(joined)[: args.prompt_tokens].astype(np.int64)
+    results: dict = {"profile": args.profile, "overrides": args.overrides, "model_id": base.model_id,
+                     "threads": torch.get_num_threads(), "w_max": cfg.wc.w_max, "prompt_tokens": len(prompt),
+                     "documents_joined": len(joined), "positions": cfg.wc.positions,
+                     "base_positions": base.max_positions,
                      "lensnet": str(args.checkpoint) if args.checkpoint else "untrained (random head)"}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
-        for name, recompute, n in (("cached", False, args.decode), ("recompute", True, args.decode_recompute)):
+        plan = [("cached", False, args.decode)] + ([("recompute", True, args.decode_recompute)]
+                                                     if args.decode_recompute else [])
+        for name, recompute, n in plan:
             rt = make_runtime(cfg, base, args.checkpoint, Path(tmp) / name, recompute)
             start = time.perf_counter()
-            rt.feed(prompt)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                rt.feed(prompt)
             ingest_s = time.perf_counter() - start
             refocuses = rt.telemetry.refocuses
             runs[name] = {"ingest_s": ingest_s, "ingest_tokens_per_s": len(prompt) / ingest_s,
                           "prompt_focus_ms_per_refocus": 1000 * rt.telemetry.focus_seconds / refocuses,
                           "prompt_tree_s": rt.telemetry.tree_seconds,
-                          "wc_entries": len(rt.wc), "wc_levels": {str(k): v for k, v in rt.wc.levels_used.items()}}
+                          "wc_entries": len(rt.wc), "wc_levels": {str(k): v for k, v in rt.wc.levels_used.items()},
+                          "position_warnings": [str(w.message) for w in caught if "positions" in str(w.message)]}
             rt.next_logits()  # the prompt's WC forward (prefill), not part of the per-token figure
             runs[name]["decode"] = decode(rt, n)
             runs[name]["summary"] = rt.summary()
+            runs[name]["largest_position"] = rt.positions.after(rt.wc.entries) - 1  # of the final working context
+            runs[name]["budget_respected"] = rt.telemetry.max_entries <= cfg.wc.w_max  # at every step
             if name == "cached":
                 tree_bytes = sum(p.stat().st_size for p in (Path(tmp) / name).iterdir() if p.is_file())
                 runs[name]["tree_bytes_per_token"] = tree_bytes / rt.cursor
@@ -102,34 +129,45 @@ def main() -> int:
                                                 for layer in rt.cache.cache.layers) * 4
             rt.close()
         results["runs"] = runs
-    cached, full = runs["cached"]["decode"], runs["recompute"]["decode"]
-    n_prefix = min(len(full["generated"]), len(cached["generated"]))
-    results["same_tokens"] = cached["generated"][:n_prefix] == full["generated"][:n_prefix]
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    cached = runs["cached"]["decode"]
+    full = runs["recompute"]["decode"] if "recompute" in runs else None
+    if full is not None:
+        n_prefix = min(len(full["generated"]), len(cached["generated"]))
+        results["same_tokens"] = cached["generated"][:n_prefix] == full["generated"][:n_prefix]
     block = cfg.allocator.refocus_every
     focus_ms = 1000 * cached["focus_s"] / max(cached["refocuses"], 1)
     block_ms = cached["forward_ms_per_token"] * block
     kv16 = kv_bytes_per_token(base.model, 2)
     results["summary"] = {
-        "decode_ms_per_token_cached": cached["ms_per_token"], "decode_ms_per_token_recompute": full["ms_per_token"],
-        "speedup": full["ms_per_token"] / cached["ms_per_token"],
+        "ingest_tokens_per_s": runs["cached"]["ingest_tokens_per_s"],
+        "decode_ms_per_token_cached": cached["ms_per_token"],
+        "decode_ms_per_token_recompute": full["ms_per_token"] if full else None,
+        "speedup": full["ms_per_token"] / cached["ms_per_token"] if full else None,
         "focus_ms_per_refocus": focus_ms, "base_forward_ms_per_block": block_ms,
         "refocus_overhead_fraction": focus_ms / block_ms,
         "tree_mb_per_million_tokens": runs["cached"]["tree_bytes_per_token"],
         "kv_cache_mb_per_million_tokens_fp16": kv16,
         "tree_vs_kv_ratio": kv16 / runs["cached"]["tree_bytes_per_token"],
         "wc_kv_mb_fp32": runs["cached"]["wc_kv_bytes"] / 2**20,
+        "peak_rss_mb": results["peak_rss_mb"],
+        "max_wc_entries": max(r["summary"]["max_entries"] for r in runs.values()),
+        "budget_respected": all(r["budget_respected"] for r in runs.values()),
+        "largest_position": runs["cached"]["largest_position"],
+        "position_warnings": sum(len(r["position_warnings"]) for r in runs.values()),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     s = results["summary"]
-    print(f"{base.model_id}, W_max {cfg.wc.w_max:,}, prompt {len(prompt):,} tokens, LensNet: {results['lensnet']}, "
-          f"{results['threads']} threads")
+    print(f"{base.model_id}, W_max {cfg.wc.w_max:,}, prompt {len(prompt):,} tokens ({len(joined)} documents joined), "
+          f"{cfg.wc.positions} positions, LensNet: {results['lensnet']}, {results['threads']} threads")
     print("| measure | value |\n|---|---:|")
     print(f"| prompt ingest (tree + LensNet/allocator every {block}) | {runs['cached']['ingest_tokens_per_s']:,.0f} tokens/s |")
     print(f"| decode, K/V cache across edits | {s['decode_ms_per_token_cached']:.1f} ms/token |")
-    print(f"| decode, full recompute of the WC | {s['decode_ms_per_token_recompute']:.1f} ms/token |")
-    print(f"| cache speed-up | {s['speedup']:.1f}x (same tokens: {results['same_tokens']}) |")
+    if full:
+        print(f"| decode, full recompute of the WC | {s['decode_ms_per_token_recompute']:.1f} ms/token |")
+        print(f"| cache speed-up | {s['speedup']:.1f}x (same tokens: {results['same_tokens']}) |")
     print(f"| refocus (LensNet + allocator) per {block}-token block | {s['focus_ms_per_refocus']:.1f} ms |")
     print(f"| base forwards decoding that block (cached) | {s['base_forward_ms_per_block']:.0f} ms |")
     print(f"| refocus overhead | {100 * s['refocus_overhead_fraction']:.1f}% (target <= 10%) |")
@@ -137,6 +175,12 @@ def main() -> int:
     print(f"| base KV cache per 1M tokens (fp16) | {s['kv_cache_mb_per_million_tokens_fp16']:,.0f} MB "
           f"({s['tree_vs_kv_ratio']:.0f}x the tree) |")
     print(f"| the WC's own K/V (fp32, <= W_max entries) | {s['wc_kv_mb_fp32']:.1f} MB |")
+    print(f"| peak RSS | {s['peak_rss_mb']:,.0f} MB |")
+    print(f"| largest WC at any step / W_max | {s['max_wc_entries']:,} / {cfg.wc.w_max:,} "
+          f"({'respected' if s['budget_respected'] else 'EXCEEDED'}) |")
+    print(f"| largest position of the final WC / base positions | {s['largest_position']:,.0f} / "
+          f"{base.max_positions:,} |")
+    print(f"| out-of-range position warnings | {s['position_warnings']} |")
     print(f"\nwritten: {out}")
     return 0
 
