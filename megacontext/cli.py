@@ -34,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_cycle_folder(getattr(args, "checkpoint", None))
         cfg = load_config(args.profile, args.overrides)
+        if cfg.model.device != "cpu":  # model.device=cuda: everything the command builds lives there
+            from megacontext.model.device import use_device
+
+            use_device(cfg)
         return args.handler(cfg, args) or 0
     except MegaContextError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)

@@ -66,6 +66,8 @@ class ModelConfig(Section):
     kind: Literal["smollm2", "hf", "tiny", "gemma3-270m"] = "smollm2"
     path: str | None = None  # a local Hugging Face model directory, for kind=hf
     dtype: Literal["float32", "bfloat16"] = "float32"  # fp32 on CPU; bf16 is ~3x slower there
+    # where the base and every module and tensor live: cpu, or cuda[:N] on a machine with an accelerator
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     tiny: TinyModelConfig = TinyModelConfig()
 
     @model_validator(mode="after")
@@ -312,10 +314,13 @@ class Config(Section):
 
 
 def config_hash(cfg: Config, sections: Sequence[str] | None = None) -> str:
-    """sha256 of the canonical JSON of the config (or of `sections`), without paths/profile."""
+    """sha256 of the canonical JSON of the config (or of `sections`), without paths/profile/model.device
+    (where the numbers are computed does not change what an artifact is: a cycle trained on a GPU is
+    re-evaluated by the CPU nightly)."""
     data = cfg.to_dict()
     data.pop("paths")
     data.pop("profile")
+    data["model"].pop("device", None)
     if sections is not None:
         data = {name: data[name] for name in sections}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

@@ -86,3 +86,16 @@ def test_generate_and_inspect_stop_at_eos_by_default_with_an_opt_out() -> None:
     for name in ("generate", "inspect"):
         assert _parser().parse_args([name, "--prompt-file", "p.txt"]).stop_at_eos is True
         assert _parser().parse_args([name, "--prompt-file", "p.txt", "--no-stop-at-eos"]).stop_at_eos is False
+
+
+def test_asking_for_cuda_on_a_machine_without_it_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():  # pragma: no cover - CI and the dev machines have no GPU
+        import pytest
+
+        pytest.skip("this machine has CUDA: model.device=cuda is valid here")
+    assert main(["prepare-data", *_args(tmp_path), "model.device=cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.device=cuda but this machine has no CUDA device" in err and "\n" not in err
+    assert torch.get_default_device().type == "cpu" and not (tmp_path / "artifacts").exists()

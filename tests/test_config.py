@@ -100,6 +100,10 @@ def test_config_hash_ignores_paths_but_not_content() -> None:
     c = load_config("tiny", ["data.val_fraction=0.3"], env={})
     assert config_hash(a) == config_hash(b) != config_hash(c)
     assert config_hash(a, ["model"]) == config_hash(c, ["model"])
+    gpu = load_config("tiny", ["model.device=cuda:1"], env={})  # where it runs is not what it is
+    assert gpu.model.device == "cuda:1" and config_hash(gpu) == config_hash(a)
+    with pytest.raises(ConfigError, match="model.device"):
+        load_config("tiny", ["model.device=gpu"], env={})
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path) -> None:

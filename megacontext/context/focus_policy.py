@@ -88,7 +88,7 @@ def lens_policy(cfg: Config, embedding: nn.Module, gistnet: nn.Module, lensnet: 
         allocator = FocusAllocator(cfg.allocator)
         for _ in range(refocuses):
             scores = lensnet(lens_inputs_for(wc, tokens, embedding, gistnet, cfg.lensnet.tail_lod1))[0]
-            if not allocator.refocus(wc, scores.numpy()):
+            if not allocator.refocus(wc, scores.cpu().numpy()):
                 break
         stats = allocator.telemetry()
         return wc, {"swap_rate": stats["swap_rate"], "residency_mean": stats["residency_mean"]}

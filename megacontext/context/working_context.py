@@ -254,7 +254,7 @@ class PositionScheme:
         ends = first + np.cumsum(width)
         mu = ends - width + (width - 1) / 2
         sigma = np.where(levels > 0, width / np.sqrt(12), 0.0)
-        return torch.from_numpy(mu), torch.from_numpy(sigma), float(ends[-1]) if len(ends) else float(first)
+        return torch.as_tensor(mu), torch.as_tensor(sigma), float(ends[-1]) if len(ends) else float(first)
 
     def after(self, entries: Sequence[Node], first: float = 0.0) -> float:
         """The position after `entries` (`place(entries, first)[2]` without building μ and σ)."""

@@ -364,7 +364,7 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
                 recent = torch.as_tensor(trial.tokens[trial.length - wcc.w_max :].astype(np.int64))[None]
                 logits = last_logits(base.model, len(trial.answer) + 1, input_ids=recent)
                 record["logp_recency_adapted"], record["exact_recency_adapted"] = answer_scores(
-                    logits[0, :-1].float().numpy(), trial.answer)
+                    logits[0, :-1].float().cpu().numpy(), trial.answer)
             wc = rows.policy(Window(trial.doc_id, 0, trial.tokens, trial.length))
             candidates = {"mc": (wc.entries, rows.mega)}
             try:
@@ -382,7 +382,7 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
             for name in ("oracle_raw",) if "oracle_raw" in candidates else ():
                 entries, mega = candidates[name]
                 logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega, positions=pos)
-                record[f"logp_{name}"], record[f"exact_{name}"] = answer_scores(logits.numpy(), trial.answer)
+                record[f"logp_{name}"], record[f"exact_{name}"] = answer_scores(logits.cpu().numpy(), trial.answer)
             scored: dict[tuple, tuple[float, bool]] = {}  # identical working contexts are read once
             for name in ("mc", "lod1", "oracle", "training_free"):
                 record[f"logp_{name}"], record[f"exact_{name}"] = None, None
@@ -392,7 +392,7 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
                     if key not in scored:
                         logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega,
                                                 positions=pos)
-                        scored[key] = answer_scores(logits.numpy(), trial.answer)
+                        scored[key] = answer_scores(logits.cpu().numpy(), trial.answer)
                     record[f"logp_{name}"], record[f"exact_{name}"] = scored[key]
             out.append(record)
             advance(1)

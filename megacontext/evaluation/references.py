@@ -116,7 +116,9 @@ def passkey_settings(cfg: Config) -> dict[str, Any]:
 def _inputs(cfg: Config, base_model_id: str, tokenizer_name: str) -> dict[str, Any]:
     """What the cached numbers were computed from; a change makes a cache stale."""
     return {"base_model": base_model_id, "dtype": cfg.model.dtype, "tokenizer": tokenizer_name,
-            "shards": manifest_digest(read_manifest(shards_dir(cfg)))}
+            "shards": manifest_digest(read_manifest(shards_dir(cfg))),
+            # numbers from an accelerator differ in rounding: a cache says where it was computed (cpu: every earlier key)
+            **({"device": cfg.model.device} if cfg.model.device != "cpu" else {})}
 
 
 def reference_key(cfg: Config, base_model_id: str, tokenizer_name: str) -> dict[str, Any]:
@@ -207,7 +209,7 @@ def entries_logits(base: BaseLM, entries: Sequence[Node], source: Any, *, offset
 
 def token_nll(logits: torch.Tensor, targets: np.ndarray) -> np.ndarray:
     """Per-token NLL (nats) [H] of token ids `targets` under logits [H, V]: `base_model.token_nll` for numpy."""
-    return base_token_nll(logits, torch.as_tensor(targets.astype(np.int64))).numpy()
+    return base_token_nll(logits, torch.as_tensor(targets.astype(np.int64))).cpu().numpy()
 
 
 def _score_window(base: BaseLM, window: RefWindow, cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -227,8 +229,8 @@ def _score_window(base: BaseLM, window: RefWindow, cfg: Config) -> tuple[list[di
         recent = torch.as_tensor(doc_tokens[cursor - w : cursor + h].astype(np.int64))[None]
         nll_recency = token_nll(last_logits(base.model, h + 1, input_ids=recent)[0, :-1], horizon)
         n_blocks = r // BLOCK
-        by_horizon = block_sums(mass[j], 0, n_blocks * BLOCK, BLOCK).numpy()
-        by_tail = block_sums(mass[len(rel) + j], 0, n_blocks * BLOCK, BLOCK).numpy()
+        by_horizon = block_sums(mass[j], 0, n_blocks * BLOCK, BLOCK).cpu().numpy()
+        by_tail = block_sums(mass[len(rel) + j], 0, n_blocks * BLOCK, BLOCK).cpu().numpy()
         entries = select_blocks(r, w, tail, by_horizon, levels=cfg.wc.levels, gists=False)
         nll_raw = token_nll(entries_logits(base, entries, _Tokens(doc_tokens), offset=window.start, horizon=horizon,
                                            positions=PositionScheme.of(cfg.wc)), horizon)
@@ -255,17 +257,17 @@ def _score_trial(base: BaseLM, trial: PasskeyTrial, cfg: Config) -> dict:
     ids = torch.as_tensor(tokens.astype(np.int64))[None]
     groups = [torch.arange(n - 1, n + a - 1), torch.arange(n - q, n)]
     mass, logits = attention_mass(base.model, groups, logits_at=groups[0], prefill_chunk=PREFILL_CHUNK, input_ids=ids)
-    logp_full, exact_full = answer_scores(logits[0].float().numpy(), trial.answer)
+    logp_full, exact_full = answer_scores(logits[0].float().cpu().numpy(), trial.answer)
     recent = torch.as_tensor(tokens[n - w :].astype(np.int64))[None]
     rec_logits = last_logits(base.model, a + 1, input_ids=recent)[0, :-1]
-    logp_recency, exact_recency = answer_scores(rec_logits.float().numpy(), trial.answer)
+    logp_recency, exact_recency = answer_scores(rec_logits.float().cpu().numpy(), trial.answer)
     n_blocks = n // BLOCK
-    by_horizon = block_sums(mass[0], 0, n_blocks * BLOCK, BLOCK).numpy()
-    by_tail = block_sums(mass[1], 0, n_blocks * BLOCK, BLOCK).numpy()
+    by_horizon = block_sums(mass[0], 0, n_blocks * BLOCK, BLOCK).cpu().numpy()
+    by_tail = block_sums(mass[1], 0, n_blocks * BLOCK, BLOCK).cpu().numpy()
     entries = select_blocks(n, w, tail, by_horizon, levels=cfg.wc.levels, gists=False)
     raw_logits = entries_logits(base, entries, _Tokens(tokens), offset=0, horizon=trial.answer,
                                 positions=PositionScheme.of(cfg.wc))
-    logp_raw, exact_raw = answer_scores(raw_logits.numpy(), trial.answer)
+    logp_raw, exact_raw = answer_scores(raw_logits.cpu().numpy(), trial.answer)
     return {"trial_id": trial.trial_id, "doc_id": trial.doc_id, "length": n, "placement": trial.placement,
             "key": trial.key, "depth": trial.depth, "distance": trial.distance, "needle_tokens": trial.needle_tokens,
             "prompt": trial.prompt.tolist(), "answer": trial.answer.tolist(),

@@ -26,6 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from megacontext.config import Config, ModelConfig
 from megacontext.errors import ConfigError
+from megacontext.model.device import use_device
 from megacontext.model.gaussian_rope import gaussian_positions
 from megacontext.lifecycle.lineage import sha256_file
 from megacontext.model.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
@@ -87,7 +88,7 @@ def default_cache_root(cfg: Config) -> Path:
 
 
 def load_base_model(cfg: Config) -> BaseLM:
-    """Load the configured base, frozen and in eval mode."""
+    """Load the configured base, frozen and in eval mode, on `cfg.model.device`."""
     kind = cfg.model.kind
     if kind == "tiny":
         base = build_tiny_base(cfg.model, seed=cfg.seed)
@@ -99,6 +100,8 @@ def load_base_model(cfg: Config) -> BaseLM:
         base.model_id = json.loads((cache / "source.json").read_text())["model_id"]
     base.model.requires_grad_(False)
     base.model.eval()
+    if cfg.model.device != "cpu":
+        base.model.to(use_device(cfg))
     return base
 
 

@@ -105,7 +105,7 @@ class TreeGistEncoder:
 
     def _run(self, chunk, n: int, level: int) -> np.ndarray:
         out = [self.gistnet(chunk(i).float(), level) for i in range(0, n, self.batch)]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.d), np.float32)
+        return torch.cat(out).cpu().numpy() if out else np.zeros((0, self.d), np.float32)
 
 
 

@@ -188,7 +188,7 @@ def build_lensnet(cfg: LensNetConfig, d_model: int, *, seed: int, head_std: floa
     if head_std > 0:
         weight = net.head[-1].weight
         with torch.no_grad():
-            weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) * head_std)
+            weight.copy_(torch.randn(weight.shape, generator=torch.Generator(device="cpu").manual_seed(seed), device="cpu") * head_std)
     return net
 
 

@@ -245,7 +245,7 @@ class Runtime:
         def read(nodes: Sequence[Node]) -> torch.Tensor:
             return assemble(nodes, self.source, self.gist_embedding).inputs_embeds[0]
 
-        return self.lensnet(wc_lens_inputs(self.wc, self.cfg.lensnet.tail_lod1, read))[0].numpy()
+        return self.lensnet(wc_lens_inputs(self.wc, self.cfg.lensnet.tail_lod1, read))[0].cpu().numpy()
 
     # --- decode ------------------------------------------------------------------------
 
@@ -270,14 +270,14 @@ class Runtime:
         is False, and after any id in `stop`. The stop token itself is fed and yielded.
         """
         stop = set(stop or ()) | ({self.eos_token_id} if stop_at_eos else set())
-        rng = torch.Generator().manual_seed(seed)
+        rng = torch.Generator(device="cpu").manual_seed(seed)  # the same draws on any device
         for _ in range(n):
             logits = self.next_logits()
             if temperature > 0:
                 if top_k:
                     kth = torch.topk(logits, min(top_k, len(logits))).values[-1]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
-                token = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=rng))
+                token = int(torch.multinomial(torch.softmax(logits.float().cpu() / temperature, -1), 1, generator=rng))
             else:
                 token = int(torch.argmax(logits))
             self.feed([token])
