@@ -30,6 +30,21 @@ def test_untrained_gist_is_the_mean_direction_at_embedding_scale(base) -> None:
     assert mean.norm(dim=-1).max() < 0.6 * token_norm  # the plain mean would be too small
 
 
+def test_gist_scale_is_measured_on_what_a_scaling_embedding_returns() -> None:
+    """Known answer: Gemma 3 multiplies its embedding rows by sqrt(d) inside the module (bug: the scale was
+    read from the weight, so Gemma's gists were sqrt(640) ~ 25x smaller than its tokens)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    d = 16
+    emb = Gemma3TextScaledWordEmbedding(40, d, padding_idx=0, embed_scale=d**0.5)
+    with torch.no_grad():
+        emb.weight.fill_(0.5)  # every row: norm 0.5 * 4 = 2 in the weight, 2 * 4 = 8 out of the module
+    net = build_gistnet(GistNetConfig(width=32, heads=2), emb, seed=0)
+    assert net.target_norm.item() == pytest.approx(8.0)
+    g = net(emb(torch.randint(0, 40, (3, 32))), level=1)
+    assert torch.allclose(g.norm(dim=-1), torch.full((3,), 8.0), rtol=1e-5)
+
+
 def test_same_seed_same_weights_and_identity_tracks_weights(base) -> None:
     a, b = _gistnet(base), _gistnet(base)
     assert gistnet_identity(a) == gistnet_identity(b)

@@ -69,13 +69,29 @@ class GistNet(nn.Module):
         return g * (self.target_norm * self.log_scale.exp() / g.norm(dim=-1, keepdim=True).clamp_min(1e-6))
 
 
+@torch.no_grad()
+def embedding_output_rms(embedding: nn.Module, chunk: int = 16384) -> float:
+    """Per-coordinate RMS of what `embedding` returns over its whole vocabulary (a float).
+
+    Measured on the module's output, not its weight: some bases scale inside the
+    embedding (Gemma 3 multiplies by sqrt(d)), and gists are fed where its outputs go.
+    """
+    vocab = embedding.weight.shape[0]
+    total, count = 0.0, 0
+    for start in range(0, vocab, chunk):
+        ids = torch.arange(start, min(start + chunk, vocab), device=embedding.weight.device)
+        out = embedding(ids).float()  # [n, d]
+        total += out.pow(2).sum().item()
+        count += out.numel()
+    return (total / count) ** 0.5
+
+
 def build_gistnet(cfg: GistNetConfig, embedding: nn.Embedding, *, seed: int, levels: int = 2) -> GistNet:
     """A fresh GistNet for this base embedding; same seed -> same weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        weight = embedding.weight.detach().float()
-        rms = weight.pow(2).mean().sqrt().item()  # per-coordinate RMS of the token embeddings
-        return GistNet(cfg, weight.shape[1], embed_rms=rms, levels=levels)
+        rms = embedding_output_rms(embedding)  # per-coordinate RMS of the token embeddings the base reads
+        return GistNet(cfg, embedding.weight.shape[1], embed_rms=rms, levels=levels)
 
 
 def gistnet_identity(gistnet: GistNet) -> str:
