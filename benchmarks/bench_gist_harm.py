@@ -11,7 +11,7 @@ budget is read alongside. Gists are computed live from the window's tokens (no t
 Structures: `cold_start` (the runtime's cold start: the longest raw tail, the rest as LOD2/LOD1
 gists), `tail1024_lod1` (a 1,024-token raw tail, every older block a LOD1 gist: as many gists as
 the attention-oracle rows of the evaluation carry). Gist variants: `mean` (an untrained GistNet:
-the block's mean embedding at token norm), `token:<text>` (every gist is the embedding of one
+the block's mean embedding at token norm; `mean@0.5` at half that norm), `token:<text>` (every gist is the embedding of one
 filler token, e.g. `token:\\n`), `zero` (a zero vector), `cycle:<folder>` (that cycle's trained
 GistNet, read from `<folder>/jt1/final`).
 
@@ -56,8 +56,11 @@ def structures(n: int, w_max: int, protected_tail: int, levels: int) -> dict[str
 def gist_variant(spec: str, base, cfg) -> torch.nn.Module:
     """A callable (x [N, 32, d], level) -> [N, d] standing in for GistNet in `assemble_live`."""
     embedding = base.model.get_input_embeddings()
-    if spec == "mean":
-        return build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels)
+    if spec == "mean" or spec.startswith("mean@"):
+        net = build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels)
+        with torch.no_grad():  # mean@s: the untrained gist at s times the token norm
+            net.log_scale.fill_(float(np.log(float(spec[5:]))) if "@" in spec else 0.0)
+        return net
     if spec.startswith("cycle:"):
         return load_gistnet(Path(spec.split(":", 1)[1]) / "jt1" / "final")
     if spec == "zero":
@@ -69,14 +72,14 @@ def gist_variant(spec: str, base, cfg) -> torch.nn.Module:
             raise SystemExit(f"--variant {spec!r}: {text!r} is {len(ids)} tokens, not one")
         vector = embedding(torch.tensor(ids)).detach()[0]  # [d]
         return lambda x, level: vector.expand(x.shape[0], -1)
-    raise SystemExit(f"unknown --variant {spec!r}: mean, zero, token:<text> or cycle:<folder>")
+    raise SystemExit(f"unknown --variant {spec!r}: mean, mean@<scale>, zero, token:<text> or cycle:<folder>")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default")
     parser.add_argument("--windows", type=int, default=12)
-    parser.add_argument("--variant", action="append", help="mean | zero | token:<text> | cycle:<folder> (repeat)")
+    parser.add_argument("--variant", action="append", help="mean | mean@<scale> | zero | token:<text> | cycle:<folder> (repeat)")
     parser.add_argument("--out", default="artifacts/benchmarks/gist-harm.json")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
