@@ -35,7 +35,7 @@ from megacontext.context.working_context import PositionScheme, assemble_live, c
 from megacontext.data.shards import read_split, shards_dir
 from megacontext.data.windows import eligible, sample_window
 from megacontext.evaluation.gate import cluster_mean_ci
-from megacontext.model.base_model import horizon_logprobs, load_base_model
+from megacontext.model.base_model import horizon_token_nll, load_base_model
 from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
 from megacontext.model.gistnet import build_gistnet, load_gistnet
 from megacontext.progress import progress_bar
@@ -98,8 +98,10 @@ def main() -> int:
     def nll(entries: list[Node], tokens: torch.Tensor, gistnet) -> float:
         inputs = assemble_live(entries, tokens, embedding, gistnet, horizon=h, cursor=n, positions=positions)
         with gaussian_positions(base.model, inputs.mu, inputs.sigma):
-            logp = horizon_logprobs(base, h, inputs_embeds=inputs.inputs_embeds)[0]  # [H, V]
-        return float(-logp.gather(-1, tokens[n:, None]).sum())
+            return float(horizon_token_nll(base.model, h, inputs_embeds=inputs.inputs_embeds,
+                                           targets=tokens[None, n:]).sum())
+
+    shapes = structures(n, wcc.w_max, wcc.protected_tail, wcc.levels)  # the same for every window
 
     rows: dict[str, list[float]] = {}
     start = time.perf_counter()
@@ -109,9 +111,8 @@ def main() -> int:
                                    seed=cfg.seed + SEED_STREAM, step=0, item=i)
             tokens = torch.as_tensor(window.tokens.astype(np.int64))
             recent = tokens[n - wcc.w_max :][None]
-            logp = horizon_logprobs(base, h, input_ids=recent)[0]
-            rows.setdefault("recency", []).append(float(-logp.gather(-1, tokens[n:, None]).sum()))
-            for name, entries in structures(n, wcc.w_max, wcc.protected_tail, wcc.levels).items():
+            rows.setdefault("recency", []).append(float(horizon_token_nll(base.model, h, input_ids=recent).sum()))
+            for name, entries in shapes.items():
                 raw = [e for e in entries if e.level == 0]
                 rows.setdefault(f"{name}/left_out", []).append(nll(raw, tokens, None))
                 for spec, gistnet in gists.items():
