@@ -99,3 +99,122 @@ def test_budget_invariants_and_cooldown_hold_for_any_scores(n, w_max, tail, seed
                 created[e.node] = (r, "collapse")
     t = alloc.telemetry()
     assert 0 <= t["swap_rate"] <= 1 and t["budget_utilisation_max"] <= 1.0
+
+
+def test_reach_makes_every_edit_the_scores_justify_with_collapses_paying() -> None:
+    wc = single_level_start(8_128, w_max=2_048, protected_tail=256, level=1)  # 197 LOD1 + 1,824 raw: 27 free
+    wanted = [150, 3, 77, 190, 12, 60, 101, 33, 140, 9]  # ten gists, best first
+    scores = _scores(wc, -0.9)
+    scores[:197] = 0.0
+    for rank, i in enumerate(wanted):
+        scores[i] = 0.99 - 0.01 * rank
+    alloc = FocusAllocator(AllocatorConfig())
+    edits = alloc.reach(wc, lambda _: scores, rounds=1)
+    # each expand (+31) needs one collapse (-31) first: the oldest collapsible tail blocks, all at -0.9
+    assert [(e.action, e.node) for e in edits] == [
+        step for k, i in enumerate(wanted) for step in (("collapse", Node(6_304 + 32 * k, 1)), ("expand", Node(32 * i, 1)))]
+    assert len(wc) == 2_021 and all(Node(32 * i + j, 0) in wc.entries for i in wanted for j in range(32))
+    wc.check()
+    capped = single_level_start(8_128, w_max=2_048, protected_tail=256, level=1)
+    assert sum(e.action == "expand" for e in FocusAllocator(AllocatorConfig()).refocus(capped, scores)) == 2  # N_diff 4
+
+
+def test_reach_refines_a_needle_from_lod2_to_raw_tokens_where_capped_refocuses_cannot() -> None:
+    needle = 500  # inside the cold start's one LOD2 gist, [0, 1,024)
+    def score(wc):  # expand whatever covers the needle; the unprotected raw tail may pay
+        return np.array([0.9 if n.level and n.start <= needle < n.end else
+                         -0.5 if n.level == 0 and n.start < wc.cursor - wc.protected_tail else 0.0 for n in wc.entries])
+
+    wc = cold_start(8_128, w_max=2_048, protected_tail=256)
+    assert any(n.level == 2 and n.start <= needle < n.end for n in wc.entries)
+    alloc = FocusAllocator(AllocatorConfig())
+    alloc.reach(wc, score, rounds=2)  # LOD2 -> 32 LOD1, then the needle's LOD1 -> 32 tokens
+    assert Node(needle, 0) in wc.entries and len(wc) <= 2_048
+    wc.check()
+    assert alloc.refocuses == 1  # one reach is one refocus of the hysteresis clock
+    capped, slow = cold_start(8_128, w_max=2_048, protected_tail=256), FocusAllocator(AllocatorConfig())
+    for _ in range(3):
+        slow.refocus(capped, score(capped))
+    assert Node(needle, 0) not in capped.entries  # min_residency holds the fresh LOD1 children for 3 refocuses
+
+
+def test_reach_never_reverses_itself_and_hysteresis_holds_after_it() -> None:
+    wc = _roomy()
+    target = Node(96, 1)
+    rounds = iter([_scores(wc, i3=0.9)])
+    def score(wc):  # round 1: expand entry 3; later rounds: collapse its fresh children
+        first = next(rounds, None)
+        return first if first is not None else np.where([n.parent() == target for n in wc.entries], -0.9, 0.0)
+
+    alloc = FocusAllocator(AllocatorConfig(cooldown=2, min_residency=3))
+    edits = alloc.reach(wc, score, rounds=4)
+    assert [(e.action, e.node) for e in edits] == [("expand", target)]
+    assert alloc.refocus(wc, score(wc)) == []  # the next refocus is still held by min_residency
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 30_000), w_max=st.integers(300, 2_500), tail=st.integers(0, 256),
+       seed=st.integers(0, 2**16), plan=st.lists(st.booleans(), min_size=1, max_size=8))
+def test_reach_and_refocus_keep_budget_coverage_and_hysteresis_for_any_scores(n, w_max, tail, seed, plan) -> None:
+    try:
+        wc = cold_start(n, w_max=w_max, protected_tail=tail)
+    except BudgetExceeded:
+        return
+    cfg = AllocatorConfig()
+    alloc = FocusAllocator(cfg)
+    rng = np.random.default_rng(seed)
+
+    def score(wc):
+        s = rng.uniform(-1, 1, len(wc))
+        assert len(wc) <= w_max  # the budget holds between rounds too
+        return s
+
+    created: dict[Node, tuple[int, str]] = {}
+    for r, reach in enumerate(plan):
+        edits = alloc.reach(wc, score, rounds=3) if reach else alloc.refocus(wc, score(wc))
+        wc.check()
+        assert len(wc) <= w_max
+        for e in edits:
+            touched = e.node.children() if e.action == "collapse" else [e.node]
+            for node in (t for t in touched if t in created):
+                when, how = created[node]
+                if when == r:
+                    assert how == e.action  # inside one reach: refine, never reverse
+                else:
+                    assert r - when >= max(cfg.min_residency, cfg.cooldown if how != e.action else 0)
+            if e.action == "expand":
+                created.update({c: (r, "expand") for c in e.node.children()})
+            else:
+                created[e.node] = (r, "collapse")
+    assert alloc.refocuses == len(plan) and alloc.telemetry()["budget_utilisation_max"] <= 1.0
+
+
+def test_lens_policy_focuses_a_new_window_by_reach_when_configured() -> None:
+    import torch
+
+    from megacontext.config import Config, GistNetConfig, TrainConfig
+    from megacontext.context.focus_policy import lens_policy
+    from megacontext.data.windows import Window
+    from megacontext.model.gistnet import build_gistnet
+
+    class ExpandEveryGist(torch.nn.Module):  # a scorer with a known answer: gists +0.9, raw tokens -0.5
+        def forward(self, x):
+            return torch.where(x.levels > 0, 0.9, -0.5)
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(256, 64)
+    gistnet = build_gistnet(GistNetConfig(width=32, heads=2), embedding, seed=0)
+    window = Window("doc", 0, np.random.default_rng(0).integers(0, 256, 4_096 + 8).astype(np.uint32), 4_096)
+    old_raw = {}
+    for mode in ("refocus", "reach"):
+        cfg = Config(gistnet=GistNetConfig(width=32, heads=2), train=TrainConfig(history=4_096, budget=1_024, horizon=8),
+                     allocator=AllocatorConfig(new_window=mode))
+        wc = lens_policy(cfg, embedding, gistnet, ExpandEveryGist())(window)
+        wc.check()
+        assert len(wc) <= 1_024
+        cold = cold_start(4_096, 1_024, cfg.wc.protected_tail, cfg.wc.levels)
+        tail_from = next(n.start for n in cold.entries if n.level == 0)
+        old_raw[mode] = sum(n.level == 0 and n.start < tail_from for n in wc.entries)
+    # every expand is paid by collapsing a raw tail block, so each one trades 32 recent tokens for 32 older ones;
+    # capped: 4 refocuses x N_diff 4 alternating actions, the fresh LOD1 children held by min_residency
+    assert old_raw["refocus"] <= 4 * 2 * 32 < old_raw["reach"]

@@ -5,15 +5,18 @@ complete aligned sibling group < −τ_c) by score ascending, alternating, at
 most N_diff per refocus; an expand that does not fit is preceded by the best
 pending collapse or skipped, so the budget holds at every moment. Hysteresis
 is kept per tree node: a node created by an action stays `min_residency`
-refocuses and cannot take the opposite action within `cooldown`. Scoring is
-LensNet's job; this module never looks at vectors.
+refocuses and cannot take the opposite action within `cooldown`. `reach` is the
+same allocator without the N_diff cap, for a new window (a cold start, a
+training snapshot, an evaluation cursor): best-first, collapses paying for
+expands, rescoring between rounds, so it reaches the focus the scores ask for.
+Scoring is LensNet's job; this module never looks at vectors.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -38,6 +41,7 @@ class FocusAllocator:
         self._swap_rates: list[float] = []
         self._utilisation: list[float] = []
         self._residency: list[int] = []
+        self._reaching = False
 
     def _blocked(self, node: Node, action: str) -> bool:
         record = self._created.get(node)
@@ -45,6 +49,8 @@ class FocusAllocator:
             return False
         when, how = record
         age = self.refocuses - when
+        if age == 0 and self._reaching:  # made earlier in this reach: refine further, never reverse
+            return how != action
         return age < self.cfg.min_residency or (how != action and age < self.cfg.cooldown)
 
     def collapsible(self, wc: WorkingContext) -> list[tuple[int, Node]]:
@@ -98,6 +104,48 @@ class FocusAllocator:
             elif collapses:
                 self._collapse(wc, *collapses.pop(0), edits)
             turn_expand = not turn_expand
+        self._swap_rates.append(len(edits) / max(entries_before, 1))
+        self._utilisation.append(len(wc) / wc.w_max)
+        self.refocuses += 1
+        return edits
+
+    def reach(self, wc: WorkingContext, score: Callable[[WorkingContext], np.ndarray], rounds: int = 4) -> list[Edit]:
+        """Apply every edit the scores justify, in one refocus of the hysteresis clock; return them.
+
+        For a new window (docs/architecture.md §2.6, "reach"): each round calls `score(wc)` for one
+        score per entry [len(wc)] (rescoring sees the children of the last round's expands), then
+        takes expand candidates best first; one that does not fit is paid for by the lowest-scored
+        collapse candidate (every edit moves 31 positions, so score order is order per budget
+        unit), and when no collapse is left to pay, the round ends. Collapses that pay for nothing
+        are not made: unused budget would only lose detail. Thresholds and hysteresis against
+        earlier refocuses hold as in `refocus`; inside one reach a node made by an expand may be
+        expanded again (refining toward raw tokens) and one made by a collapse collapsed again,
+        never the reverse, so a reach cannot ping-pong. Stops after `rounds` rounds or a round
+        with no edit. The budget holds after every edit.
+        """
+        entries_before = len(wc)
+        edits: list[Edit] = []
+        self._reaching = True
+        try:
+            for _ in range(rounds):
+                scores = np.asarray(score(wc), dtype=np.float64)
+                if scores.shape != (len(wc),):
+                    raise ValueError(f"need one score per entry: got {scores.shape}, the WC has {len(wc)} entries")
+                made = len(edits)
+                expands, collapses = self._candidates(wc, scores)
+                for value, node in expands:
+                    payers = [c for c in collapses if not c[1].start <= node.start < c[1].end]  # not its own group
+                    while len(wc) + BLOCK - 1 > wc.w_max and payers:
+                        payer = payers.pop(0)
+                        collapses.remove(payer)
+                        self._collapse(wc, *payer, edits)
+                    if len(wc) + BLOCK - 1 > wc.w_max:
+                        break
+                    self._expand(wc, value, node, edits)
+                if len(edits) == made:
+                    break
+        finally:
+            self._reaching = False
         self._swap_rates.append(len(edits) / max(entries_before, 1))
         self._utilisation.append(len(wc) / wc.w_max)
         self.refocuses += 1

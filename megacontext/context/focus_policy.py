@@ -78,7 +78,11 @@ def cold_start_policy(cfg: Config, budget: int | None = None) -> Policy:
 
 def lens_policy(cfg: Config, embedding: nn.Module, gistnet: nn.Module, lensnet: LensNet,
                 budget: int | None = None, refocuses: int = REFOCUSES) -> Policy:
-    """Cold start, then up to `refocuses` LensNet + allocator passes (stops early when nothing changes)."""
+    """Cold start, then up to `refocuses` LensNet + allocator passes (stops early when nothing changes).
+
+    `cfg.allocator.new_window` picks the passes: N_diff-capped refocuses, or the rounds of one
+    uncapped `FocusAllocator.reach`. Training snapshots and the evaluation both focus here.
+    """
     budget = budget or cfg.train.budget
 
     @torch.no_grad()
@@ -86,10 +90,16 @@ def lens_policy(cfg: Config, embedding: nn.Module, gistnet: nn.Module, lensnet: 
         wc = cold_start(window.history, budget, cfg.wc.protected_tail, cfg.wc.levels)
         tokens = torch.as_tensor(window.tokens.astype(np.int64))
         allocator = FocusAllocator(cfg.allocator)
-        for _ in range(refocuses):
-            scores = lensnet(lens_inputs_for(wc, tokens, embedding, gistnet, cfg.lensnet.tail_lod1))[0]
-            if not allocator.refocus(wc, scores.cpu().numpy()):
-                break
+
+        def score(wc: WorkingContext) -> np.ndarray:
+            return lensnet(lens_inputs_for(wc, tokens, embedding, gistnet, cfg.lensnet.tail_lod1))[0].cpu().numpy()
+
+        if cfg.allocator.new_window == "reach":
+            allocator.reach(wc, score, rounds=refocuses)
+        else:
+            for _ in range(refocuses):
+                if not allocator.refocus(wc, score(wc)):
+                    break
         stats = allocator.telemetry()
         return wc, {"swap_rate": stats["swap_rate"], "residency_mean": stats["residency_mean"]}
 
