@@ -144,6 +144,7 @@ class LensNetConfig(Section):
     ranking_weight: float = Field(0.5, ge=0)
     budget_weight: float = Field(0.1, ge=0)
     legality_weight: float = Field(0.3, ge=0)
+    listwise_weight: float = Field(0.0, ge=0)  # ListNet term over each WC's labelled entries (dense targets)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "LensNetConfig":
@@ -202,6 +203,9 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(10, ge=1)  # optimiser steps between resumable checkpoints
     label_snapshots: int = Field(6, ge=1)  # JT2: on-policy snapshots labelled per cycle
     label_candidates: int = Field(24, ge=1)  # JT2: candidate actions scored per snapshot
+    # JT2 dense supervision: windows whose teacher pass (horizon attention mass per block) labels every
+    # entry of their on-policy WC; cached across cycles. 0 = counterfactual labels only
+    teacher_windows: int = Field(0, ge=0)
     jt1: PhaseConfig = PhaseConfig(steps=24, lr=1e-3)
     jt2: PhaseConfig = PhaseConfig(steps=60, lr=1e-3, batch=8)
     jt3: PhaseConfig = PhaseConfig(steps=16, lr=5e-4)

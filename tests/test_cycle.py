@@ -21,7 +21,8 @@ from tests.conftest import tiny_config
 @pytest.fixture(scope="module")
 def first_cycle(tmp_path_factory):
     cfg = tiny_config(tmp_path_factory.mktemp("cycle"), "data.max_documents=5", "data.val_fraction=0.45",
-                      "data.test_fraction=0")
+                      "data.test_fraction=0", "train.teacher_windows=3", "lensnet.listwise_weight=1.0",
+                      "allocator.new_window=reach")  # the dense-supervision path and the reach allocator
     build_corpus(cfg)
     build_shards(cfg)
     return cfg, run_cycle(cfg, 1)
@@ -61,6 +62,8 @@ def test_every_phase_output_has_its_own_lineage(first_cycle) -> None:
         assert manifest["kind"] == kind and verify_files(out / folder) == []
     lora_inputs = {i["kind"] for i in json.loads((out / "jt3/final/manifest.json").read_text())["inputs"]}
     assert lora_inputs == {"dataset_shards", "gistnet", "lensnet"}
+    lens_inputs = {i["kind"] for i in json.loads((out / "jt2/final/manifest.json").read_text())["inputs"]}
+    assert lens_inputs == {"dataset_shards", "lens_labels", "gistnet", "lens-teacher"}  # the teacher cache is an input
     cycle_inputs = [i["kind"] for i in json.loads((out / "manifest.json").read_text())["inputs"]]
     assert sorted(cycle_inputs) == sorted(["dataset_shards", *kinds.values(), "megacontext_trees"])
 

@@ -27,6 +27,7 @@ from megacontext.context.nodes import BLOCK, Node, span
 
 MAX_LEVEL = 4  # the highest gist level a config allows (WorkingContextConfig.levels <= 4)
 N_FEATURES = 3
+LISTWISE_SHARPNESS = 4.0  # listwise term: scores and targets in [-1, 1] become logits in [-4, 4]
 LOG2_SCALE = 20.0  # log2 of distances/widths is divided by this: 2**20 tokens -> 1.0
 
 
@@ -205,12 +206,15 @@ def lensnet_loss(
     *,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """JT2 loss over [B, N] scores (docs/architecture.md §2.5): regression + ranking + budget + legality.
+    """JT2 loss over [B, N] scores (docs/architecture.md §2.5): regression + ranking + budget + legality
+    (+ listwise).
 
     `target_mask` marks labelled entries (targets in [-1, 1]); `mask` marks real entries (None:
     all). Ranking: softplus(-(s_i - s_j)) over labelled pairs of one WC with t_i > t_j. Budget:
     ((P - N) / (P + N + eps))^2 per WC with P, N the positive/negative score mass. Legality:
     mean over real entries of relu(s) where expand is illegal plus relu(-s) where collapse is.
+    Listwise (ListNet, Cao et al. 2007), weight `cfg.listwise_weight`: per WC, the cross-entropy of
+    softmax(LISTWISE_SHARPNESS · s) against softmax(LISTWISE_SHARPNESS · t) over its labelled entries.
     """
     mask = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask
     labelled = target_mask & mask
@@ -233,7 +237,16 @@ def lensnet_loss(
     legality = (illegal * mask).sum() / mask.sum().clamp_min(1)
 
     total = regression + cfg.ranking_weight * ranking + cfg.budget_weight * budget + cfg.legality_weight * legality
-    parts = {"regression": regression, "ranking": ranking, "budget": budget, "legality": legality, "total": total}
+    parts = {"regression": regression, "ranking": ranking, "budget": budget, "legality": legality}
+    if cfg.listwise_weight:
+        neg = torch.finfo(scores.dtype).min
+        want = torch.softmax((LISTWISE_SHARPNESS * targets).masked_fill(~labelled, neg), dim=1)  # [B, N]
+        got = torch.log_softmax((LISTWISE_SHARPNESS * scores).masked_fill(~labelled, neg), dim=1)
+        rows = labelled.any(dim=1)
+        listwise = -(want * got.masked_fill(~labelled, 0.0)).sum(dim=1)[rows].mean() if rows.any() else scores.sum() * 0
+        total = total + cfg.listwise_weight * listwise
+        parts["listwise"] = listwise
+    parts["total"] = total
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+import numpy as np
 import torch
 
 from megacontext.config import Config, config_hash
@@ -24,6 +25,7 @@ from megacontext.context.focus_policy import lens_policy
 from megacontext.context.tree_build import build_trees
 from megacontext.errors import ConfigError
 from megacontext.data.shards import TokenizedDocument, read_split, shards_dir
+from megacontext.data.windows import eligible
 from megacontext.lifecycle.lineage import MANIFEST, stale_inputs, verify_files, write_manifest
 from megacontext.lifecycle.locks import artifact_lock
 from megacontext.lifecycle.tracking import Run, start_run
@@ -34,9 +36,10 @@ from megacontext.model.lensnet import LensNet, build_lensnet, load_lensnet
 from megacontext.model.lora import attach_lora, load_lora
 from megacontext.plots import plot_telemetry
 from megacontext.training.jt1_gistnet import JT1GistNet
-from megacontext.training.jt2_lensnet import JT2LensNet, generate_labels
+from megacontext.training.jt2_lensnet import JT2LensNet, generate_labels, snapshot_window
 from megacontext.training.jt3_lora import JT3LoRA, plain_reading_guard
 from megacontext.training.loop import FitResult, fit, world
+from megacontext.training.teacher import teacher_masses
 
 KIND = "cycle"
 FORMAT_VERSION = 1
@@ -202,13 +205,25 @@ def run_jt2(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
         gistnet, lensnet = _gistnet(cfg, base, out, previous), _lensnet(cfg, base, out, previous)
         gistnet.requires_grad_(False)
         policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet)
+        masses, teacher = _teacher(cfg, base, docs)
         with _tracked(cfg, cycle, "jt2") as run:
-            _log_fit(run, fit(JT2LensNet(cfg, base, gistnet, lensnet, docs, policy, labels), cfg.train.jt2,
+            _log_fit(run, fit(JT2LensNet(cfg, base, gistnet, lensnet, docs, policy, labels, masses), cfg.train.jt2,
                               out / "jt2", checkpoint_every=cfg.train.checkpoint_every))
             _seal(cfg, out / "jt2" / "final", PHASE_KINDS["jt2"], cycle, previous, labels, out / "jt1" / "final",
-                  _warm(previous, "jt2"))
+                  _warm(previous, "jt2"), teacher)
     _barrier()  # every rank sees the sealed output before going on
     return out / "jt2" / "final"
+
+
+def _teacher(cfg: Config, base: BaseLM, docs: list[TokenizedDocument]) -> tuple[list[np.ndarray], Path | None]:
+    """Teacher block masses of the first `train.teacher_windows` JT2 snapshot windows (cached across cycles)."""
+    if not cfg.train.teacher_windows:
+        return [], None
+    usable = eligible(docs, cfg.train.history, cfg.train.horizon)
+    windows = [snapshot_window(cfg, usable, i) for i in range(cfg.train.teacher_windows)]
+    built = teacher_masses(cfg, base, windows) if _rank0() else None  # rank 0 builds; the others read its cache
+    _barrier()
+    return built or teacher_masses(cfg, base, windows)
 
 
 @_cycle_locked

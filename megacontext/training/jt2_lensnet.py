@@ -4,13 +4,18 @@ Labels are regenerated every cycle, after JT1 (the gists changed). Snapshot
 windows are a pure function of (seed, snapshot index), so a resumed run and
 every rank rebuild the same working contexts from the label table alone. The
 per-entry target merges an entry's expand label (≥ 0) and the collapse label of
-the sibling group it starts (≤ 0, spread over its 32 members).
+the sibling group it starts (≤ 0, spread over its 32 members). With teacher
+masses (`train.teacher_windows`, `teacher.py`), the first windows of the same
+stream are also dense snapshots: every legal entry of their on-policy WC is
+labelled from the teacher's attention mass, and the counterfactual labels
+become the smaller calibration set beside them.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import polars as pl
@@ -24,6 +29,7 @@ from megacontext.model.gaussian_rope import install_gaussian_rope
 from megacontext.model.gistnet import GistNet
 from megacontext.context.working_context import PositionScheme
 from megacontext.training.jt2_labels import candidates, label_snapshot, label_table, to_targets
+from megacontext.training.teacher import relevance_targets
 from megacontext.model.lensnet import LensNet, collate, legality_mask, lensnet_loss, pad_batch, save_lensnet
 from megacontext.context.nodes import BLOCK, span
 from megacontext.progress import progress_bar
@@ -33,6 +39,7 @@ from megacontext.data.windows import SeedOffset, Window, eligible, sample_window
 from megacontext.lifecycle.lineage import repair_advice, verify_artifact
 
 LABELS_FILE = "labels.parquet"
+DENSE = "t"  # snapshot ids of teacher-labelled windows: t00000, ...; counterfactual ones are s00000, ...
 
 
 def snapshot_window(cfg: Config, docs: list[TokenizedDocument], index: int) -> Window:
@@ -85,13 +92,16 @@ class JT2LensNet:
     name = "jt2_lensnet"
 
     def __init__(self, cfg: Config, base: BaseLM, gistnet: GistNet, lensnet: LensNet,
-                 docs: list[TokenizedDocument], policy: Policy, labels: Path):
+                 docs: list[TokenizedDocument], policy: Policy, labels: Path, teacher: Sequence[np.ndarray] = ()):
+        """`teacher`: block masses of windows 0, 1, ... of the snapshot stream (`teacher_masses`)."""
         self.cfg, self.base, self.gistnet, self.lensnet = cfg, base, gistnet, lensnet
         self.docs = eligible(docs, cfg.train.history, cfg.train.horizon)
         self.policy = policy
         verify_artifact(labels, repair=repair_advice(labels))  # a sealed label table, unchanged since JT2 wrote it
         self.labels = validate(pl.read_parquet(labels / LABELS_FILE), LABEL_SCHEMA, where=str(labels / LABELS_FILE))
-        self.snapshot_ids = sorted(self.labels["snapshot_id"].unique().to_list())
+        self.teacher = list(teacher)
+        self.snapshot_ids = sorted(self.labels["snapshot_id"].unique().to_list()) + \
+            [f"{DENSE}{i:05d}" for i in range(len(self.teacher))]
         self._cache: dict[str, tuple] = {}
         base.model.requires_grad_(False)
         gistnet.requires_grad_(False)
@@ -108,7 +118,11 @@ class JT2LensNet:
             tokens = torch.as_tensor(window.tokens.astype(np.int64))
             inputs = lens_inputs_for(wc, tokens, self.base.model.get_input_embeddings(), self.gistnet,
                                      self.cfg.lensnet.tail_lod1)
-            target, labelled = entry_targets(self.labels.filter(pl.col("snapshot_id") == sid), len(wc))
+            if sid.startswith(DENSE):
+                target, labelled = relevance_targets(wc.entries, wc.cursor, wc.protected_tail, wc.w_max,
+                                                     self.teacher[int(sid[1:])])
+            else:
+                target, labelled = entry_targets(self.labels.filter(pl.col("snapshot_id") == sid), len(wc))
             legal = legality_mask(wc.entries, wc.levels, wc.cursor, wc.protected_tail)
             self._cache[sid] = (inputs, target, labelled, *legal)
         return self._cache[sid]

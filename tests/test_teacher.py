@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megacontext.config import LensNetConfig
+from megacontext.context.focus_policy import cold_start_policy
+from megacontext.context.nodes import Node
+from megacontext.data.corpus import build_corpus
+from megacontext.data.shards import build_shards, read_split, shards_dir
+from megacontext.data.windows import eligible
+from megacontext.lifecycle.lineage import write_manifest
+from megacontext.model.base_model import load_base_model
+from megacontext.model.gistnet import build_gistnet
+from megacontext.model.lensnet import build_lensnet, lensnet_loss
+from megacontext.training import teacher
+from megacontext.training.jt2_lensnet import JT2LensNet, generate_labels, snapshot_window
+from tests.conftest import tiny_config
+
+LOG4 = np.log(4.0)
+
+
+def _raw(block: int) -> list[Node]:
+    return [Node(t, 0) for t in range(32 * block, 32 * block + 32)]
+
+
+def test_relevance_targets_known_answers() -> None:
+    # 10 blocks, the last 2 protected; 8 free blocks, so K = (134 - 64 - 8) // 31 = 2 raw blocks fit: θ = 8
+    mass = np.array([8, 1, 1, 2, 16, 1, 0.5, 4, 9, 9], dtype=np.float64)
+    entries = [Node(0, 1), Node(32, 1), *_raw(2), *_raw(3), Node(128, 1), Node(160, 1), Node(192, 1), *_raw(7),
+               *_raw(8), *_raw(9)]
+    target, labelled = teacher.relevance_targets(entries, 320, 64, 134, mass)
+    want = {0: 0.0, 1: -1.0, 2: -1.0, 34: np.log(2 / 8) / LOG4, 66: 0.5, 67: -1.0, 68: -1.0, 69: np.log(4 / 8) / LOG4}
+    for i, value in want.items():
+        assert target[i].item() == pytest.approx(value, abs=1e-6), i
+    assert torch.equal(target[2:34], target[2].expand(32)) and torch.equal(target[69:101], target[69].expand(32))
+    assert labelled[:101].all() and not labelled[101:].any()  # the protected tail has no legal action
+    # a gist takes the largest block mass it covers; a token never asks to expand (its target is <= 0)
+    lod2 = [Node(0, 2), *[Node(t, 0) for t in range(1_024, 1_280)]]
+    mass = np.ones(40)
+    mass[5] = 10.0
+    target, labelled = teacher.relevance_targets(lod2, 1_280, 64, 300, mass)
+    assert target[0].item() == 1.0 and target[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert (target <= 1).all() and (target[1:] <= 0).all() and labelled[:1 + 256 - 64].all()
+    with pytest.raises(ValueError, match="block masses"):
+        teacher.relevance_targets(lod2, 1_280, 64, 300, mass[:30])
+
+
+def test_listwise_term_is_the_listnet_cross_entropy_over_labelled_entries() -> None:
+    scores = torch.tensor([[0.5, -0.2, 0.9, 0.1]])
+    targets = torch.tensor([[1.0, -1.0, 0.0, 0.3]])
+    labelled = torch.tensor([[True, True, False, True]])  # entry 2 is unlabelled: it must not count
+    legal = torch.ones(1, 4, dtype=torch.bool)
+    base_cfg = LensNetConfig(width=32, heads=2, mlp_hidden=32)
+    without, parts0 = lensnet_loss(scores, targets, labelled, legal, legal, base_cfg)
+    total, parts = lensnet_loss(scores, targets, labelled, legal, legal, base_cfg.model_copy(update={"listwise_weight": 2.0}))
+    s, t = np.array([0.5, -0.2, 0.1]), np.array([1.0, -1.0, 0.3])
+    p = np.exp(4 * t) / np.exp(4 * t).sum()
+    by_hand = -(p * (4 * s - np.log(np.exp(4 * s).sum()))).sum()
+    assert parts["listwise"] == pytest.approx(by_hand, rel=1e-5) and "listwise" not in parts0
+    assert total.item() == pytest.approx(without.item() + 2.0 * by_hand, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    cfg = tiny_config(tmp_path_factory.mktemp("teacher"), "data.max_documents=5", "data.val_fraction=0.2",
+                      "data.test_fraction=0", "lensnet.listwise_weight=1.0")
+    build_corpus(cfg)
+    build_shards(cfg)
+    return cfg
+
+
+def test_teacher_cache_reuse_gives_the_same_losses_as_recomputation(corpus, tmp_path, monkeypatch) -> None:
+    cfg = corpus
+    base = load_base_model(cfg)
+    docs = read_split(shards_dir(cfg), "train")
+    windows = [snapshot_window(cfg, eligible(docs, cfg.train.history, cfg.train.horizon), i) for i in range(3)]
+    built, folder = teacher.teacher_masses(cfg, base, windows)
+    assert (folder / "manifest.json").is_file() and len(built) == 3 and built[0].shape == (cfg.train.history // 32,)
+    recomputed = [teacher.horizon_block_mass(base, w) for w in windows]
+    assert all(np.array_equal(a, b) for a, b in zip(built, recomputed))
+
+    passes = []
+    real = teacher.horizon_block_mass
+    monkeypatch.setattr(teacher, "horizon_block_mass", lambda b, w: passes.append(w) or real(b, w))
+    cached, again = teacher.teacher_masses(cfg, base, windows)
+    assert passes == [] and again == folder  # read back, not recomputed
+    assert teacher.teacher_masses(cfg, base, windows[:2])[1] != folder and len(passes) == 2  # other windows: own cache
+
+    embedding = base.model.get_input_embeddings()
+    gistnet = build_gistnet(cfg.gistnet, embedding, seed=0)
+    labels = tmp_path / "labels"
+    generate_labels(cfg, base, gistnet, docs, cold_start_policy(cfg), labels)
+    write_manifest(labels, kind="lens_labels", format_version=1, config_hash="test")
+    losses = []
+    for masses in (cached, recomputed):
+        lensnet = build_lensnet(cfg.lensnet, base.d_model, seed=0, head_std=0.5)
+        phase = JT2LensNet(cfg, base, gistnet, lensnet, docs, cold_start_policy(cfg), labels, masses)
+        assert phase.snapshot_ids[-3:] == ["t00000", "t00001", "t00002"]
+        loss, metrics = phase.loss(["t00000", "t00001", "t00002", "s00000"], 4)
+        losses.append((loss.item(), metrics["listwise"]))
+    assert losses[0] == losses[1] and losses[0][1] > 0
+
+    damaged = bytearray((folder / teacher.MASS_FILE).read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    (folder / teacher.MASS_FILE).write_bytes(bytes(damaged))
+    passes.clear()
+    rebuilt, _ = teacher.teacher_masses(cfg, base, windows)
+    assert len(passes) == 3 and all(np.array_equal(a, b) for a, b in zip(rebuilt, recomputed))
