@@ -206,6 +206,9 @@ class TrainConfig(Section):
     # JT2 dense supervision: windows whose teacher pass (horizon attention mass per block) labels every
     # entry of their on-policy WC; cached across cycles. 0 = counterfactual labels only
     teacher_windows: int = Field(0, ge=0)
+    # The gist guard (docs/lifecycle.md §3.3): after JT1, the trained GistNet is kept only if, on this many
+    # unseen training windows, its gists lower the working context's NLL@H against the warm start's. 0 = off.
+    gist_guard_windows: int = Field(8, ge=0)
     jt1: PhaseConfig = PhaseConfig(steps=24, lr=1e-3)
     jt2: PhaseConfig = PhaseConfig(steps=60, lr=1e-3, batch=8)
     jt3: PhaseConfig = PhaseConfig(steps=16, lr=5e-4)

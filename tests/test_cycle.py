@@ -40,6 +40,9 @@ def test_a_tiny_cycle_runs_end_to_end_and_is_evaluated(first_cycle) -> None:
     guard = summary["lora_guard"]  # the plain-reading guard ran on JT3's adapters and its record is sealed
     assert guard["windows"] == cfg.train.lora.guard_windows and guard["tokens"] == guard["windows"] * cfg.train.horizon
     assert "guard.json" in json.loads((out / "jt3/final/manifest.json").read_text())["files"]
+    gists = summary["gist_guard"]  # and the gist guard on JT1's GistNet
+    assert gists["windows"] == cfg.train.gist_guard_windows and gists["tokens"] == gists["windows"] * cfg.train.horizon
+    assert "guard.json" in json.loads((out / "jt1/final/manifest.json").read_text())["files"]
     report = evaluate(cfg, checkpoint=out)
     assert report == report_dir(cfg, out) and not report.is_relative_to(out)
     assert verify_files(out) == []  # evaluating a cycle leaves the cycle (the DVC `cycle` stage's output) untouched

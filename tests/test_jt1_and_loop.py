@@ -234,3 +234,78 @@ def test_adapters_the_guard_rejects_are_replaced_by_the_warm_start(tiny: Config,
     plain = {k.replace(".default", ""): v for k, v in warm.items()}  # peft saves names without the adapter's
     assert exported and set(exported) == set(plain) and all(torch.equal(v, plain[k]) for k, v in exported.items())
     assert all(torch.equal(p, warm[k]) for k, p in phase.trainable().items())
+
+
+def _garbled(gistnet, seed: int):
+    """A GistNet whose weights are redrawn at a large scale and whose gists are 50x the token norm: noise that
+    swamps the residual stream, so any base reads worse through it."""
+    import copy
+    import math
+
+    bad = copy.deepcopy(gistnet)
+    with torch.no_grad():
+        for p in bad.parameters():
+            p.normal_(0, 3.0, generator=torch.Generator().manual_seed(seed))
+        bad.log_scale.fill_(math.log(50.0))
+    return bad
+
+
+def test_the_gist_guard_measures_each_reading_and_refuses_gists_that_change_nothing(tiny: Config) -> None:
+    import copy
+
+    import numpy as np
+
+    from megacontext.context.nodes import span
+    from megacontext.data.windows import SeedOffset, sample_window
+    from megacontext.model.base_model import horizon_token_nll
+    from megacontext.training.jt1_gistnet import gist_guard
+
+    phase = _phase(tiny)
+    same = gist_guard(phase, copy.deepcopy(phase.gistnet), windows=2)
+    assert same["trained_minus_warm"]["value"] == 0.0 and not same["accepted"]  # no gain: keep the warm start
+    t = tiny.train
+    assert same["windows"] == 2 and same["tokens"] == 2 * t.horizon
+    # known answer: with the cold start's spans left out, the base reads only the raw tail; RoPE is relative,
+    # so that equals reading the tail's tokens from position 0
+    left_out = []
+    for item in range(2):
+        w = sample_window(phase.docs, history=t.history, horizon=t.horizon, align=span(tiny.wc.levels),
+                          seed=tiny.seed + SeedOffset.JT1_GUARD, step=0, item=item)
+        raw_from = next(e.start for e in phase.policy(w).entries if e.level == 0)
+        ids = torch.as_tensor(w.tokens[raw_from:].astype(np.int64))[None]
+        left_out.append(horizon_token_nll(phase.base.model, t.horizon, input_ids=ids).sum().item())
+    phase.policy.drain()
+    assert same["nll"]["left_out"] == pytest.approx(sum(left_out) / (2 * t.horizon), rel=1e-4)
+    assert same["trained_minus_left_out"]["value"] == pytest.approx(same["nll"]["trained"] - same["nll"]["left_out"],
+                                                                    rel=1e-4)
+    noise = _garbled(phase.gistnet, 3)
+    ab = gist_guard(phase, noise, windows=2)  # trained = mean-init, warm = noise
+    mean_init = copy.deepcopy(phase.gistnet)
+    phase.gistnet.load_state_dict(noise.state_dict())
+    ba = gist_guard(phase, mean_init, windows=2)  # the roles swapped
+    assert ab["trained_minus_warm"]["value"] == pytest.approx(-ba["trained_minus_warm"]["value"], rel=1e-4)
+    assert ab["trained_minus_warm"]["value"] != 0 and ab["accepted"] != ba["accepted"]  # exactly the better one is kept
+    assert ab["accepted"] == (ab["nll"]["trained"] < ab["nll"]["warm"])
+    with pytest.raises(ValueError, match="at least 1 window"):
+        gist_guard(phase, phase.gistnet, windows=0)
+
+
+def test_gists_the_guard_rejects_are_replaced_by_the_warm_start(tiny: Config, tmp_path: Path) -> None:
+    import copy
+
+    from megacontext.training.cycle import _guard_gists
+
+    from megacontext.training.jt1_gistnet import gist_guard
+
+    phase = _phase(tiny)
+    noise, mean_init = _garbled(phase.gistnet, 4), copy.deepcopy(phase.gistnet)
+    # the tiny base is random, so which of the two reads worse is a fact of its seeds: measure, then train "into" it
+    probe = gist_guard(phase, noise, windows=tiny.train.gist_guard_windows)
+    worse, warm = (mean_init, noise) if probe["trained_minus_warm"]["value"] > 0 else (noise, mean_init)
+    phase.gistnet.load_state_dict(worse.state_dict())
+    phase.export(tmp_path)
+    guard = _guard_gists(tiny, phase, warm, tmp_path)
+    assert not guard["accepted"] and guard["trained_minus_warm"]["value"] > 0
+    assert json.loads((tmp_path / "guard.json").read_text())["accepted"] is False
+    exported = load_gistnet(tmp_path)
+    assert all(torch.equal(v, warm.state_dict()[k]) for k, v in exported.state_dict().items())

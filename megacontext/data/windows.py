@@ -26,6 +26,7 @@ class SeedOffset(IntEnum):
     JT2_SNAPSHOTS = 2  # JT2's labelled snapshots come from other windows than JT1's
     JT3_WINDOWS = 3
     JT3_GUARD = 4  # the plain-reading guard's unseen windows
+    JT1_GUARD = 5  # the gist guard's unseen windows
 
 
 @dataclass(frozen=True)

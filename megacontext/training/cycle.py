@@ -10,6 +10,7 @@ is not redone and an interrupted one resumes from its checkpoints.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import time
@@ -35,7 +36,7 @@ from megacontext.model.gistnet import GistNet, build_gistnet, load_gistnet
 from megacontext.model.lensnet import LensNet, build_lensnet, load_lensnet
 from megacontext.model.lora import attach_lora, load_lora
 from megacontext.plots import plot_telemetry
-from megacontext.training.jt1_gistnet import JT1GistNet
+from megacontext.training.jt1_gistnet import JT1GistNet, gist_guard
 from megacontext.training.jt2_lensnet import JT2LensNet, generate_labels, snapshot_window
 from megacontext.training.jt3_lora import JT3LoRA, plain_reading_guard
 from megacontext.training.loop import FitResult, fit, world
@@ -169,9 +170,14 @@ def run_jt1(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     if not phase_done(out / "jt1"):
         gistnet, lensnet = _gistnet(cfg, base, out, previous), _lensnet(cfg, base, out, previous)
         policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet)
+        warm = copy.deepcopy(gistnet).requires_grad_(False)  # before fit resumes anything
         with _tracked(cfg, cycle, "jt1") as run:
-            _log_fit(run, fit(JT1GistNet(cfg, base, gistnet, docs, policy), cfg.train.jt1, out / "jt1",
-                              checkpoint_every=cfg.train.checkpoint_every))
+            phase = JT1GistNet(cfg, base, gistnet, docs, policy)
+            _log_fit(run, fit(phase, cfg.train.jt1, out / "jt1", checkpoint_every=cfg.train.checkpoint_every))
+            if _rank0() and cfg.train.gist_guard_windows:
+                guard = _guard_gists(cfg, phase, warm, out / "jt1" / "final")
+                run.summary({"guard_accepted": guard["accepted"],
+                             **{f"guard_{k}": guard[k]["value"] for k in GIST_GUARD_DELTAS}})
             _seal(cfg, out / "jt1" / "final", PHASE_KINDS["jt1"], cycle, previous, _warm(previous, "jt1"),
                   _warm(previous, "jt2"))
     _barrier()  # every rank sees the sealed output before going on
@@ -252,6 +258,28 @@ def run_jt3(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     return out / "jt3" / "final"
 
 
+GIST_GUARD_DELTAS = ("trained_minus_warm", "trained_minus_left_out", "warm_minus_left_out")
+
+
+def _guard_gists(cfg: Config, phase: JT1GistNet, warm: GistNet, final: Path) -> dict[str, Any]:
+    """The gist guard on JT1's trained GistNet: keep it, or export the warm start instead.
+
+    Writes `final/guard.json` (the measurement and the decision). A rejected cycle's GistNet is the
+    warm start's: the previous cycle's, or at cycle 1 the mean-initialised one.
+    """
+    guard = gist_guard(phase, warm, windows=cfg.train.gist_guard_windows)
+    if not guard["accepted"]:
+        with torch.no_grad():
+            phase.gistnet.load_state_dict(warm.state_dict())
+        phase.export(final)
+    verdict = "kept" if guard["accepted"] else "REJECTED (the warm start's GistNet is exported)"
+    print(f"jt1 gist guard on {guard['windows']} windows: trained gists {verdict}; NLL@H trained - warm "
+          f"{guard['trained_minus_warm']['value']:+.4f}, trained - left out {guard['trained_minus_left_out']['value']:+.4f}"
+          f" nats/token", flush=True)
+    (final / "guard.json").write_text(json.dumps(guard, indent=1) + "\n")
+    return guard
+
+
 def _guard_adapters(cfg: Config, phase: JT3LoRA, warm: dict[str, torch.Tensor], final: Path) -> dict[str, Any]:
     """The plain-reading guard on JT3's trained adapters: keep them, or export the warm start instead.
 
@@ -301,10 +329,10 @@ def _finish(cfg: Config, cycle: int, previous: Path | None) -> Path:
     seconds = {p: sum(r["seconds"] for r in rows) for p, rows in telemetry.items()}
     seconds.update({"jt2_labels": labels["seconds"], "trees": time.perf_counter() - tick})
     seconds["total"] = sum(seconds.values())
-    guard = out / "jt3" / "final" / "guard.json"
+    guards = {name: out / phase / "final" / "guard.json" for name, phase in (("gist_guard", "jt1"), ("lora_guard", "jt3"))}
     summary = {"cycle": cycle, "previous": str(previous) if previous else None, "seconds": seconds,
                "labels": labels, "telemetry": telemetry,
-               "lora_guard": json.loads(guard.read_text()) if guard.is_file() else None}
+               **{name: json.loads(g.read_text()) if g.is_file() else None for name, g in guards.items()}}
     (out / "cycle.json").write_text(json.dumps(summary, indent=1) + "\n")
     inputs = _artifacts(shards_dir(cfg), *(out / p / "final" for p in PHASES), out / "jt2" / "labels", out / "trees",
                         previous)

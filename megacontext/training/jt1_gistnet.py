@@ -7,15 +7,19 @@ loss = KL(P_full ‖ P_WC) over the H horizon tokens. Gradients flow through
 the frozen base into GistNet only; ΔNLL@H is logged. Cycle 1's policy is the
 cold start; later cycles pass LensNet + allocator in as `policy`.
 The objective is context distillation (Snell et al. 2022) with the full window as the teacher.
+`gist_guard` checks the trained gists against the warm start's (and against leaving the spans out).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 
-from megacontext.model.base_model import BaseLM, horizon_logprobs, target_nll, teacher_kl
+from megacontext.evaluation.gate import cluster_mean_ci
+from megacontext.model.base_model import BaseLM, horizon_logprobs, horizon_token_nll, target_nll, teacher_kl
 from megacontext.config import Config
 from megacontext.context.focus_policy import Policy, cold_start_policy
 from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
@@ -78,3 +82,47 @@ class JT1GistNet:
 
     def export(self, folder: Path) -> None:
         save_gistnet(folder, self.gistnet)
+
+
+@torch.no_grad()
+def gist_guard(phase: JT1GistNet, warm: GistNet, *, windows: int) -> dict[str, Any]:
+    """Do the trained gists read better than the warm start's? Measured on unseen training windows.
+
+    For each of `windows` windows (their own seed stream, drawn like JT1's) the phase's policy builds
+    the working context and the frozen base reads the horizon three ways: with the trained GistNet's
+    gists, with the warm start's (`warm`: the previous cycle's GistNet, or at cycle 1 the mean-initialised
+    one), and with every gisted span left out (the raw entries at their own positions, no gists). The
+    trained gists are kept ("accepted") only if they lower NLL@H against the warm start's (mean
+    difference < 0): JT1 must never leave a cycle with gists that read worse than what it started from.
+
+    Returns {"accepted", "windows", "tokens", "trained_minus_warm", "trained_minus_left_out",
+    "warm_minus_left_out", "nll": {"trained", "warm", "left_out"}}: differences in nats/token with 95 %
+    cluster-bootstrap CIs over windows. Raises ValueError for windows < 1.
+    """
+    if windows < 1:
+        raise ValueError(f"the gist guard needs at least 1 window; got {windows}")
+    cfg, t = phase.cfg, phase.cfg.train
+    positions = PositionScheme.of(cfg.wc)
+    embedding = phase.base.model.get_input_embeddings()
+    sums = np.zeros((windows, 3))  # trained, warm, left out
+    counts = np.zeros(windows)
+    for item in range(windows):
+        window = sample_window(phase.docs, history=t.history, horizon=t.horizon, align=span(cfg.wc.levels),
+                               seed=cfg.seed + SeedOffset.JT1_GUARD, step=0, item=item)
+        tokens = torch.as_tensor(window.tokens.astype(np.int64))
+        h, n = len(window.horizon), window.history
+        wc = phase.policy(window)
+        raw = [e for e in wc.entries if e.level == 0]
+        for column, (entries, gistnet) in enumerate([(wc.entries, phase.gistnet), (wc.entries, warm), (raw, None)]):
+            inputs = assemble_live(entries, tokens, embedding, gistnet, horizon=h, cursor=n, positions=positions)
+            with gaussian_positions(phase.base.model, inputs.mu, inputs.sigma):
+                sums[item, column] = horizon_token_nll(phase.base.model, h, inputs_embeds=inputs.inputs_embeds,
+                                                       targets=tokens[None, n:]).sum().item()
+        counts[item] = h
+    phase.policy.drain(windows)  # focus telemetry of the guard is not training telemetry
+    ci = {"bootstrap_samples": 1_000, "confidence": 0.95, "seed": cfg.seed}
+    differences = {"trained_minus_warm": (0, 1), "trained_minus_left_out": (0, 2), "warm_minus_left_out": (1, 2)}
+    out = {name: cluster_mean_ci(sums[:, a] - sums[:, b], counts, **ci) for name, (a, b) in differences.items()}
+    total = counts.sum()
+    return {"accepted": bool(out["trained_minus_warm"]["value"] < 0), "windows": windows, "tokens": int(total), **out,
+            "nll": {name: sums[:, i].sum() / total for i, name in enumerate(("trained", "warm", "left_out"))}}
