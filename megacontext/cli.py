@@ -135,6 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     p = command("train-cycle", cmd_train_cycle, "one JT1 -> JT2 -> JT3 cycle (resumes if killed), warm-started")
     p.add_argument("--cycle", type=CYCLE, default=1, help="cycle number (folder cycles/cycle-NNNN)")
     p.add_argument("--previous", type=Path, help="the previous accepted cycle folder to warm-start from")
+    p.add_argument("--cycles", type=_int_at_least(1), default=1,
+                   help="run this many cycles in a row from --cycle, each warm-started from the one before")
     p = command("train-phase", cmd_train_phase, "one phase of a cycle (runs under `torchrun` data-parallel)")
     p.add_argument("--phase", required=True, choices=["jt1", "jt2-labels", "jt2", "jt3", "finish"])
     p.add_argument("--cycle", type=CYCLE, default=1, help="cycle number (folder cycles/cycle-NNNN)")
@@ -256,22 +258,25 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_train_cycle(cfg: Config, args: argparse.Namespace) -> int:
-    from megacontext.training.cycle import run_cycle
+    from megacontext.training.cycle import cycle_dir, run_cycle, run_jt1, run_jt2, run_jt3
 
-    from megacontext.training.cycle import run_jt1, run_jt2, run_jt3
-
+    previous = args.previous
     with _process_group() as rank:
-        if rank != 0:  # torchrun: the other ranks train, rank 0 also builds trees and the summary
-            for run in (run_jt1, run_jt2, run_jt3):
-                run(cfg, args.cycle, args.previous)
-            return 0
-        out = run_cycle(cfg, args.cycle, previous=args.previous)
-    summary = json.loads((out / "cycle.json").read_text())
-    for phase, rows in summary["telemetry"].items():
-        last = rows[-1]
-        console.print(f"{phase}: {len(rows)} steps, final loss {last['loss']:.4f}, "
-                      f"{summary['seconds'][phase]:.0f} s")
-    console.print(f"cycle {args.cycle} -> {out} in {summary['seconds']['total']:.0f} s")
+        for cycle in range(args.cycle, args.cycle + args.cycles):
+            if rank != 0:  # torchrun: the other ranks train, rank 0 also builds trees and the summary
+                for run in (run_jt1, run_jt2, run_jt3):
+                    run(cfg, cycle, previous)
+                previous = cycle_dir(cfg, cycle)
+                continue
+            out = run_cycle(cfg, cycle, previous=previous)
+            summary = json.loads((out / "cycle.json").read_text())
+            for phase, rows in summary["telemetry"].items():
+                last = rows[-1]
+                console.print(f"{phase}: {len(rows)} steps, final loss {last['loss']:.4f}, "
+                              f"{summary['seconds'][phase]:.0f} s")
+            console.print(f"cycle {cycle} -> {out} in {summary['seconds']['total']:.0f} s"
+                          + (f" (warm-started from {previous})" if previous else ""))
+            previous = out
     return 0
 
 

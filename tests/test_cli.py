@@ -99,3 +99,16 @@ def test_asking_for_cuda_on_a_machine_without_it_is_a_one_line_error(tmp_path: P
     err = capsys.readouterr().err.strip()
     assert "model.device=cuda but this machine has no CUDA device" in err and "\n" not in err
     assert torch.get_default_device().type == "cpu" and not (tmp_path / "artifacts").exists()
+
+
+def test_train_cycle_runs_n_cycles_each_warm_started_from_the_one_before(tmp_path: Path, capsys) -> None:
+    args = [*_args(tmp_path), "data.val_fraction=0.45", "data.test_fraction=0", "train.jt1.steps=1", "train.jt2.steps=1",
+            "train.jt3.steps=1", "train.label_snapshots=1", "train.gist_guard_windows=1", "train.lora.guard_windows=1"]
+    assert main(["prepare-data", *args]) == 0
+    assert main(["train-cycle", *args, "--cycles", "2"]) == 0
+    cycles = tmp_path / "artifacts" / "cycles"
+    first = json.loads((cycles / "cycle-0001" / "cycle.json").read_text())
+    second = json.loads((cycles / "cycle-0002" / "cycle.json").read_text())
+    assert first["previous"] is None and Path(second["previous"]) == cycles / "cycle-0001"
+    assert not (cycles / "cycle-0003").exists()
+    assert "warm-started from" in capsys.readouterr().out
