@@ -227,3 +227,29 @@ def test_checkpoint_round_trip_and_tamper_detection(tmp_path: Path) -> None:
         load_lensnet(tmp_path / "ck")
     with pytest.raises(ArtifactError, match="not a LensNet checkpoint"):
         load_lensnet(tmp_path / "nothing")
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_still_loads_and_keeps_its_identity(tmp_path: Path) -> None:
+    """Known answer for a real regression: adding `listwise_weight` to LensNetConfig made every earlier
+    LensNet checkpoint fail its identity check ("corrupt"), though its weights and recorded config were intact."""
+    import hashlib
+
+    from safetensors.torch import save
+
+    net = _net()
+    save_lensnet(tmp_path / "old", net)
+    meta_path = tmp_path / "old" / "lensnet.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["listwise_weight"]  # what a checkpoint written before the field existed records...
+    digest = hashlib.sha256(save({k: v.detach().contiguous() for k, v in net.state_dict().items()}))
+    digest.update(net.cfg.model_dump_json(exclude={"listwise_weight"}).encode())  # ...and how it was identified
+    meta["identity"] = f"lensnet:{digest.hexdigest()[:16]}"
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_lensnet(tmp_path / "old")
+    assert lensnet_identity(loaded) == meta["identity"] and loaded.cfg.listwise_weight == 0.0
+    save_lensnet(tmp_path / "again", loaded)  # re-saved, it records the whole config and is identified by it
+    assert lensnet_identity(load_lensnet(tmp_path / "again")) == lensnet_identity(net)
+    (tmp_path / "old" / "lensnet.safetensors").write_bytes((tmp_path / "again" / "lensnet.safetensors").read_bytes()[:-8]
+                                                           + b"\0" * 8)
+    with pytest.raises(ArtifactError):  # tampering is still caught
+        load_lensnet(tmp_path / "old")

@@ -21,19 +21,26 @@ from megacontext.errors import ArtifactError
 from megacontext.lifecycle.lineage import MANIFEST, repair_advice, verify_artifact
 
 M = TypeVar("M", bound=nn.Module)
+IDENTITY_FIELDS = "_identity_fields"  # attribute of a loaded module: the config fields its checkpoint recorded
 
 
 def module_identity(name: str, module: nn.Module) -> str:
-    """`<name>:<sha256[:16]>` of the module's safetensors-serialised state and `module.cfg` (a pydantic model)."""
+    """`<name>:<sha256[:16]>` of the module's safetensors-serialised state and `module.cfg` (a pydantic model).
+
+    A module loaded from a checkpoint hashes only the config fields its checkpoint recorded: a field
+    added to the config class later (with a default) must not turn every older checkpoint "corrupt".
+    """
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     digest = hashlib.sha256(save(state))
-    digest.update(module.cfg.model_dump_json().encode())
+    digest.update(module.cfg.model_dump_json(include=getattr(module, IDENTITY_FIELDS, None)).encode())
     return f"{name}:{digest.hexdigest()[:16]}"
 
 
 def save_module(folder: Path, name: str, module: nn.Module, meta: dict[str, Any]) -> None:
     """Write `<name>.safetensors` and `<name>.json` (`meta` + the config + the identity) into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(module, IDENTITY_FIELDS):  # it records the whole config now, so its identity covers all of it
+        delattr(module, IDENTITY_FIELDS)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     save_file(state, folder / f"{name}.safetensors")
     record = {"config": module.cfg.model_dump(), **meta, "identity": module_identity(name, module)}
@@ -60,6 +67,7 @@ def load_module(folder: Path, name: str, build: Callable[[dict[str, Any]], M], *
         meta = json.loads(meta_path.read_text())
         module = build(meta)
         module.load_state_dict(load_file(weights))
+        setattr(module, IDENTITY_FIELDS, set(meta["config"]))
     except (ValueError, KeyError, OSError, RuntimeError, SafetensorError) as exc:
         raise ArtifactError(f"{weights}: not a readable {label} checkpoint ({type(exc).__name__}); {repair}") from exc
     if module_identity(name, module) != meta["identity"]:
