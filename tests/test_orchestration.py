@@ -96,11 +96,14 @@ def _gate_result(result) -> bool:
 @pytest.fixture(scope="module")
 def two_cycles(tmp_path_factory):
     """Cycle 1 as configured; cycle 2 with a diverging JT3 (lr 50), which must fail the gate. (At lr 0.5 the
-    adapters of the tiny random base learn byte statistics instead of diverging, and the cycle passes.)"""
+    adapters of the tiny random base learn byte statistics instead of diverging, and the cycle passes.) Cycle 2
+    runs with the JT1 gist guard and the JT3 plain-reading guard off: they exist to refuse such parts, and a
+    cycle they have repaired may pass; this fixture needs a cycle that reaches the gate broken."""
     root = tmp_path_factory.mktemp("dagster")
     with DagsterInstance.ephemeral() as instance:
         cfg, first = _materialize(root, instance, "cycle-0001")
-        _, second = _materialize(root, instance, "cycle-0002", "train.jt3.lr=50", "train.jt3.steps=6")
+        _, second = _materialize(root, instance, "cycle-0002", "train.jt3.lr=50", "train.jt3.steps=6",
+                                 "train.gist_guard_windows=0", "train.lora.guard_windows=0")
         yield cfg, first, second
 
 
