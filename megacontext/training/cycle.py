@@ -268,16 +268,10 @@ def _guard_gists(cfg: Config, phase: JT1GistNet, warm: GistNet, final: Path) -> 
     warm start's: the previous cycle's, or at cycle 1 the mean-initialised one.
     """
     guard = gist_guard(phase, warm, windows=cfg.train.gist_guard_windows)
-    if not guard["accepted"]:
-        with torch.no_grad():
-            phase.gistnet.load_state_dict(warm.state_dict())
-        phase.export(final)
-    verdict = "kept" if guard["accepted"] else "REJECTED (the warm start's GistNet is exported)"
-    print(f"jt1 gist guard on {guard['windows']} windows: trained gists {verdict}; NLL@H trained - warm "
-          f"{guard['trained_minus_warm']['value']:+.4f}, trained - left out {guard['trained_minus_left_out']['value']:+.4f}"
-          f" nats/token", flush=True)
-    (final / "guard.json").write_text(json.dumps(guard, indent=1) + "\n")
-    return guard
+    return _settle_guard(guard, phase, lambda: phase.gistnet.load_state_dict(warm.state_dict()), final,
+                         f"jt1 gist guard on {guard['windows']} windows: trained gists {{verdict}}; NLL@H trained - "
+                         f"warm {guard['trained_minus_warm']['value']:+.4f}, trained - left out "
+                         f"{guard['trained_minus_left_out']['value']:+.4f} nats/token", "GistNet is")
 
 
 def _guard_adapters(cfg: Config, phase: JT3LoRA, warm: dict[str, torch.Tensor], final: Path) -> dict[str, Any]:
@@ -288,15 +282,28 @@ def _guard_adapters(cfg: Config, phase: JT3LoRA, warm: dict[str, torch.Tensor], 
     """
     lora = cfg.train.lora
     guard = plain_reading_guard(phase, windows=lora.guard_windows, tolerance=lora.guard_tolerance)
+
+    def restore() -> None:
+        for name, p in phase.trainable().items():
+            p.copy_(warm[name])
+
+    return _settle_guard(guard, phase, restore, final,
+                         f"jt3 plain-reading guard on {guard['windows']} windows: adapters {{verdict}}; "
+                         f"WC NLL@H {guard['wc_delta']['value']:+.4f}, recency NLL@H "
+                         f"{guard['recency_delta']['value']:+.4f} nats/token (adapted - plain)", "adapters are")
+
+
+def _settle_guard(guard: dict[str, Any], phase: Any, restore: Callable[[], Any], final: Path, message: str,
+                  what: str) -> dict[str, Any]:
+    """What every phase guard does with its verdict: on rejection restore the warm start (`restore`, under
+    no_grad) and re-export it into `final`; print `message` (its `{verdict}` filled in); write
+    `final/guard.json`. Returns `guard`."""
     if not guard["accepted"]:
         with torch.no_grad():
-            for name, p in phase.trainable().items():
-                p.copy_(warm[name])
+            restore()
         phase.export(final)
-    verdict = "kept" if guard["accepted"] else "REJECTED (the warm start's adapters are exported)"
-    print(f"jt3 plain-reading guard on {guard['windows']} windows: adapters {verdict}; "
-          f"WC NLL@H {guard['wc_delta']['value']:+.4f}, recency NLL@H {guard['recency_delta']['value']:+.4f} "
-          f"nats/token (adapted - plain)", flush=True)
+    verdict = "kept" if guard["accepted"] else f"REJECTED (the warm start's {what} exported)"
+    print(message.format(verdict=verdict), flush=True)
     (final / "guard.json").write_text(json.dumps(guard, indent=1) + "\n")
     return guard
 
