@@ -40,7 +40,7 @@ from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian
 from megacontext.model.gistnet import build_gistnet, load_gistnet
 from megacontext.progress import progress_bar
 
-SEED_STREAM = 7  # windows drawn from their own stream: never the training phases' (SeedOffset 0-4)
+SEED_STREAM = 7  # windows drawn from their own stream: never the training phases' (SeedOffset 0-6)
 
 
 def structures(n: int, w_max: int, protected_tail: int, levels: int) -> dict[str, list[Node]]:

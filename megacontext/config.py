@@ -175,6 +175,12 @@ class PhaseConfig(Section):
     batch: int = Field(2, ge=1)  # windows per optimiser step (global, split across DDP ranks)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    warmup: int = Field(0, ge=0)  # steps of linear learning-rate warm-up (0: the full lr from the first step)
+    # Early stopping (docs/lifecycle.md §3.2): every `eval_every` steps the phase's held-out loss on
+    # `eval_windows` unseen windows; the best step (step 0, the warm start, included) is exported.
+    eval_every: int = Field(0, ge=0)  # 0: no held-out validation, the last step is exported
+    eval_windows: int = Field(8, ge=1)
+    patience: int = Field(0, ge=0)  # stop after this many validations without improvement (0: run every step)
 
 
 class LoraSettings(Section):

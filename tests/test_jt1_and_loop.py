@@ -309,3 +309,96 @@ def test_gists_the_guard_rejects_are_replaced_by_the_warm_start(tiny: Config, tm
     assert json.loads((tmp_path / "guard.json").read_text())["accepted"] is False
     exported = load_gistnet(tmp_path)
     assert all(torch.equal(v, warm.state_dict()[k]) for k, v in exported.state_dict().items())
+
+
+class _Ramp:
+    """A phase with one weight w = 0 that each AdamW step raises by lr (the gradient of -w is constant), and a
+    held-out loss (w - target)^2: the best step is known in advance."""
+
+    name = "ramp"
+
+    def __init__(self, target: float) -> None:
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.target = target
+        self.validations = 0
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {"w": self.w}
+
+    def make_batch(self, step: int, items: list[int]) -> list[int]:
+        return items
+
+    def loss(self, batch: list[int], global_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return -self.w * len(batch) / global_batch, {}
+
+    def export(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "w.json").write_text(json.dumps(self.w.item()))
+
+    def validate(self, windows: int) -> float:
+        self.validations += 1
+        return (self.w.item() - self.target) ** 2
+
+
+def test_learning_rate_warms_up_linearly_then_holds() -> None:
+    from megacontext.training.loop import learning_rate
+
+    pcfg = PhaseConfig(lr=1.0, warmup=4)
+    assert [learning_rate(pcfg, s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert learning_rate(PhaseConfig(lr=0.5), 0) == 0.5
+
+
+def test_early_stopping_exports_the_best_held_out_step_and_stops_after_patience(tmp_path: Path) -> None:
+    phase = _Ramp(target=0.3)  # w = 0.1 * step: held-out best at step 3
+    pcfg = PhaseConfig(steps=20, lr=0.1, batch=1, eval_every=1, patience=2)
+    result = fit(phase, pcfg, tmp_path, checkpoint_every=10)
+    steps = [row["step"] for row in result.telemetry]
+    assert steps == [1, 2, 3, 4, 5] and result.telemetry[-1]["early_stop"] == 1.0  # steps 4 and 5 did not improve
+    assert phase.validations == 6  # step 0 (the warm start) and steps 1-5
+    best = json.loads((tmp_path / "final" / "best.json").read_text())
+    assert best["step"] == 3 and best["start_val_loss"] == pytest.approx(0.09)
+    assert json.loads((tmp_path / "final" / "w.json").read_text()) == pytest.approx(0.3, abs=1e-4)
+    again = _Ramp(target=0.3)  # rerun in a fresh process: the stop is recorded, nothing more trains
+    rerun = fit(again, pcfg, tmp_path, checkpoint_every=10)
+    assert len(rerun.telemetry) == 5 and again.w.item() == pytest.approx(0.3, abs=1e-4)
+
+
+def test_a_phase_that_only_gets_worse_exports_its_warm_start(tmp_path: Path) -> None:
+    phase = _Ramp(target=-0.1)
+    fit(phase, PhaseConfig(steps=4, lr=0.1, batch=1, eval_every=2), tmp_path, checkpoint_every=2)
+    assert phase.w.item() == 0.0 and json.loads((tmp_path / "final" / "w.json").read_text()) == 0.0
+    assert json.loads((tmp_path / "final" / "best.json").read_text())["step"] == 0
+
+
+def test_killed_and_resumed_early_stopping_run_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    straight = _Ramp(target=0.3)
+    pcfg = PhaseConfig(steps=8, lr=0.1, batch=1, eval_every=1, patience=2)
+    fit(straight, pcfg, tmp_path / "straight", checkpoint_every=2)
+    fit(_Ramp(target=0.3), pcfg.model_copy(update={"steps": 4}), tmp_path / "run", checkpoint_every=2)  # "killed" at 4
+    resumed = _Ramp(target=0.3)
+    result = fit(resumed, pcfg, tmp_path / "run", checkpoint_every=2)
+    assert result.resumed_from == 4 and [r["step"] for r in result.telemetry] == [1, 2, 3, 4, 5]
+    assert resumed.w.item() == straight.w.item()
+    assert (json.loads((tmp_path / "run" / "final" / "best.json").read_text())["step"]
+            == json.loads((tmp_path / "straight" / "final" / "best.json").read_text())["step"] == 3)
+
+
+def test_validation_needs_a_phase_that_can_validate(tiny: Config, tmp_path: Path) -> None:
+    phase = _Ramp(target=0.0)
+    phase.validate = None
+    with pytest.raises(ValueError, match="eval_every=2 needs a phase with validate"):
+        fit(phase, PhaseConfig(steps=2, eval_every=2), tmp_path, checkpoint_every=2)
+
+
+def test_jt1_exports_the_gistnet_whose_held_out_loss_it_recorded(tiny: Config, tmp_path: Path) -> None:
+    from megacontext.data.windows import SeedOffset
+
+    phase = _phase(tiny)
+    fit(phase, PhaseConfig(steps=4, batch=2, lr=3e-2, eval_every=2, eval_windows=2), tmp_path, checkpoint_every=2)
+    best = json.loads((tmp_path / "final" / "best.json").read_text())
+    reread = _phase(tiny)
+    reread.gistnet.load_state_dict(load_gistnet(tmp_path / "final").state_dict())
+    assert reread.validate(2) == pytest.approx(best["val_loss"], rel=1e-6)
+    held_out = {(w.doc_id, w.start) for w in (phase.unseen_window(SeedOffset.JT1_HELDOUT, i) for i in range(2))}
+    guard = {(w.doc_id, w.start) for w in (phase.unseen_window(SeedOffset.JT1_GUARD, i) for i in range(2))}
+    assert held_out != guard

@@ -27,6 +27,7 @@ class SeedOffset(IntEnum):
     JT3_WINDOWS = 3
     JT3_GUARD = 4  # the plain-reading guard's unseen windows
     JT1_GUARD = 5  # the gist guard's unseen windows
+    JT1_HELDOUT = 6  # JT1's early-stopping windows (never the guard's: the guard judges what early stopping chose)
 
 
 @dataclass(frozen=True)

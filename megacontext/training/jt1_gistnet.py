@@ -83,6 +83,36 @@ class JT1GistNet:
     def export(self, folder: Path) -> None:
         save_gistnet(folder, self.gistnet)
 
+    @torch.no_grad()
+    def validate(self, windows: int) -> float:
+        """Held-out NLL@H (nats/token) of the policy's WC read with the current gists, on `windows` unseen
+        training windows (their own seed stream, `SeedOffset.JT1_HELDOUT`: neither JT1's nor the guard's).
+        The loop's early stopping minimises it (docs/lifecycle.md §3.2)."""
+        nll = tokens = 0.0
+        for item in range(windows):
+            window = self.unseen_window(SeedOffset.JT1_HELDOUT, item)
+            wc = self.policy(window)
+            nll += read_nll(self, window, wc.entries, self.gistnet)
+            tokens += len(window.horizon)
+        self.policy.drain(windows)  # focus telemetry of a validation is not training telemetry
+        return nll / tokens
+
+    def unseen_window(self, stream: SeedOffset, item: int) -> Window:
+        t = self.cfg.train
+        return sample_window(self.docs, history=t.history, horizon=t.horizon, align=span(self.cfg.wc.levels),
+                             seed=self.cfg.seed + stream, step=0, item=item)
+
+
+def read_nll(phase: JT1GistNet, window: Window, entries: list, gistnet: GistNet | None) -> float:
+    """Summed NLL@H (nats) of the window's horizon read by the frozen base through `entries` (gists from `gistnet`)."""
+    tokens = torch.as_tensor(window.tokens.astype(np.int64))
+    h, n = len(window.horizon), window.history
+    inputs = assemble_live(entries, tokens, phase.base.model.get_input_embeddings(), gistnet, horizon=h, cursor=n,
+                           positions=PositionScheme.of(phase.cfg.wc))
+    with gaussian_positions(phase.base.model, inputs.mu, inputs.sigma):
+        return horizon_token_nll(phase.base.model, h, inputs_embeds=inputs.inputs_embeds,
+                                 targets=tokens[None, n:]).sum().item()
+
 
 @torch.no_grad()
 def gist_guard(phase: JT1GistNet, warm: GistNet, *, windows: int) -> dict[str, Any]:
@@ -101,24 +131,16 @@ def gist_guard(phase: JT1GistNet, warm: GistNet, *, windows: int) -> dict[str, A
     """
     if windows < 1:
         raise ValueError(f"the gist guard needs at least 1 window; got {windows}")
-    cfg, t = phase.cfg, phase.cfg.train
-    positions = PositionScheme.of(cfg.wc)
-    embedding = phase.base.model.get_input_embeddings()
+    cfg = phase.cfg
     sums = np.zeros((windows, 3))  # trained, warm, left out
     counts = np.zeros(windows)
     for item in range(windows):
-        window = sample_window(phase.docs, history=t.history, horizon=t.horizon, align=span(cfg.wc.levels),
-                               seed=cfg.seed + SeedOffset.JT1_GUARD, step=0, item=item)
-        tokens = torch.as_tensor(window.tokens.astype(np.int64))
-        h, n = len(window.horizon), window.history
+        window = phase.unseen_window(SeedOffset.JT1_GUARD, item)
         wc = phase.policy(window)
         raw = [e for e in wc.entries if e.level == 0]
         for column, (entries, gistnet) in enumerate([(wc.entries, phase.gistnet), (wc.entries, warm), (raw, None)]):
-            inputs = assemble_live(entries, tokens, embedding, gistnet, horizon=h, cursor=n, positions=positions)
-            with gaussian_positions(phase.base.model, inputs.mu, inputs.sigma):
-                sums[item, column] = horizon_token_nll(phase.base.model, h, inputs_embeds=inputs.inputs_embeds,
-                                                       targets=tokens[None, n:]).sum().item()
-        counts[item] = h
+            sums[item, column] = read_nll(phase, window, entries, gistnet)
+        counts[item] = len(window.horizon)
     phase.policy.drain(windows)  # focus telemetry of the guard is not training telemetry
     ci = {"bootstrap_samples": 1_000, "confidence": 0.95, "seed": cfg.seed}
     differences = {"trained_minus_warm": (0, 1), "trained_minus_left_out": (0, 2), "warm_minus_left_out": (1, 2)}

@@ -47,6 +47,10 @@ class Phase(Protocol):
 
     def export(self, folder: Path) -> None: ...  # publish the trained weights
 
+    # Optional, needed when the phase config sets `eval_every`: the held-out loss (lower is better)
+    # of the current weights on `windows` unseen windows, the same windows at every call.
+    # def validate(self, windows: int) -> float: ...
+
 
 @dataclass(frozen=True)
 class FitResult:
@@ -63,18 +67,41 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def learning_rate(pcfg: PhaseConfig, step: int) -> float:
+    """The learning rate of optimiser step `step` (0-based): linear warm-up over `pcfg.warmup` steps, then `pcfg.lr`."""
+    return pcfg.lr * min(1.0, (step + 1) / pcfg.warmup) if pcfg.warmup else pcfg.lr
+
+
 def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) -> FitResult:
-    """Train `phase` for `pcfg.steps` optimiser steps, resuming from `out/checkpoints` if present."""
+    """Train `phase` for `pcfg.steps` optimiser steps, resuming from `out/checkpoints` if present.
+
+    With `pcfg.eval_every` > 0 the phase's held-out loss (`phase.validate`) is measured before the
+    first step and every `eval_every` steps (and after the last); the best weights so far are kept in
+    `out/best/` and are what `out/final/` exports, so a phase that only got worse exports its warm start.
+    With `pcfg.patience` > 0 training stops after that many validations without improvement
+    (early stopping; the telemetry row of the last step says `early_stop`). Raises ValueError when
+    `eval_every` is set and the phase has no `validate`.
+    """
     rank, size = world()
     params = phase.trainable()
+    validating = pcfg.eval_every > 0
+    if validating and not callable(getattr(phase, "validate", None)):
+        raise ValueError(f"{phase.name}: eval_every={pcfg.eval_every} needs a phase with validate(windows)")
     optimizer = torch.optim.AdamW(list(params.values()), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
     start, telemetry = load_latest_checkpoint(out, params, optimizer)
     began = time.perf_counter()
     items = [i for i in range(pcfg.batch) if i % size == rank]
+    best = _read_best(out) if validating else None
+    if validating and best is None:  # step 0: the warm start is the first candidate
+        loss0 = phase.validate(pcfg.eval_windows)
+        best = _save_best(out, 0, params, loss0, rank, start_val_loss=loss0)
+    stopped = bool(telemetry and telemetry[-1].get("early_stop"))
     with progress_bar(phase.name, total=pcfg.steps, unit="steps") as advance:
         advance(start)
-        for step in range(start, pcfg.steps):
+        for step in range(start, pcfg.steps if not stopped else start):
             tick = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(pcfg, step)
             loss, metrics = phase.loss(phase.make_batch(step, items), pcfg.batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -93,22 +120,85 @@ def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) ->
                 row["tokens_per_s"] = row["tokens"] / seconds
             if row.get("blocks"):  # 32-token blocks of history + horizon this step processed
                 row["ms_per_block"] = 1000 * seconds / row["blocks"]
+            row["lr"] = learning_rate(pcfg, step)
+            if validating and ((step + 1) % pcfg.eval_every == 0 or step + 1 == pcfg.steps):
+                row["val_loss"] = phase.validate(pcfg.eval_windows)
+                if row["val_loss"] < best["val_loss"]:
+                    best = _save_best(out, step + 1, params, row["val_loss"], rank, best["start_val_loss"])
+                elif pcfg.patience and _validations_since(telemetry + [row], best["step"]) >= pcfg.patience:
+                    row["early_stop"] = 1.0
             telemetry.append(row)
-            if rank == 0 and ((step + 1) % checkpoint_every == 0 or step + 1 == pcfg.steps):
+            stopped = bool(row.get("early_stop"))
+            if rank == 0 and ((step + 1) % checkpoint_every == 0 or step + 1 == pcfg.steps or stopped):
                 save_checkpoint(out, step + 1, params, optimizer, telemetry)
             advance(1)
+            if stopped:
+                break
+    if validating:  # export the best step's weights, not the last step's
+        _load_best(out, params)
     if rank == 0:
         final = out / "final"
         sweep_leftovers(out)
         staging = out / f".final.staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         phase.export(staging)
+        if validating:
+            (staging / BEST_JSON).write_text(json.dumps(best, indent=1) + "\n")
         (staging / "telemetry.json").write_text(json.dumps(telemetry, indent=1) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
     if size > 1:
         dist.barrier()
     return FitResult(pcfg.steps, start, telemetry, time.perf_counter() - began)
+
+
+BEST = "best"  # <phase out>/best/: the weights of the best held-out step so far
+BEST_JSON = "best.json"  # {"step", "val_loss", "start_val_loss", "files"}; written last, so its presence marks `best/` complete
+
+
+def _validations_since(telemetry: list[dict[str, float]], step: int) -> int:
+    """How many held-out validations the rows after optimiser step `step` hold."""
+    return sum(1 for row in telemetry if row["step"] > step and "val_loss" in row)
+
+
+def _save_best(out: Path, step: int, params: dict[str, nn.Parameter], val_loss: float, rank: int,
+               start_val_loss: float) -> dict[str, Any]:
+    """Publish `params` as the best weights (step, held-out loss; the warm start's loss alongside) by atomic
+    rename; every rank returns the record."""
+    record = {"step": step, "val_loss": val_loss, "start_val_loss": start_val_loss}
+    if rank != 0:
+        return record
+    staging = out / f".{BEST}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in params.items()}, staging / WEIGHTS[0])
+    record["files"] = {WEIGHTS[0]: file_entry(staging / WEIGHTS[0])}
+    (staging / BEST_JSON).write_text(json.dumps(record) + "\n")
+    shutil.rmtree(out / BEST, ignore_errors=True)
+    os.replace(staging, out / BEST)
+    return record
+
+
+def _read_best(out: Path) -> dict[str, Any] | None:
+    """The best-step record of an interrupted run (None if there is none yet); its weights must match their digest."""
+    folder = out / BEST
+    if not (folder / BEST_JSON).is_file():
+        return None
+    record = json.loads((folder / BEST_JSON).read_text())
+    problems = recorded_problems(folder, record.get("files", {}), against=BEST_JSON)
+    if problems:
+        raise ArtifactError(f"{problems[0]} in the best held-out weights; delete {folder} and {out / CHECKPOINTS} "
+                            "and rerun the same command (the phase restarts)")
+    return record
+
+
+def _load_best(out: Path, params: dict[str, nn.Parameter]) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 has published best/
+    weights = load_file(out / BEST / WEIGHTS[0])
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
 
 
 def _all_reduce_grads(params: dict[str, nn.Parameter]) -> None:
