@@ -43,6 +43,9 @@ def test_a_tiny_cycle_runs_end_to_end_and_is_evaluated(first_cycle) -> None:
     gists = summary["gist_guard"]  # and the gist guard on JT1's GistNet
     assert gists["windows"] == cfg.train.gist_guard_windows and gists["tokens"] == gists["windows"] * cfg.train.horizon
     assert "guard.json" in json.loads((out / "jt1/final/manifest.json").read_text())["files"]
+    validated = [row["step"] for row in summary["telemetry"]["jt1"] if "val_loss" in row]
+    assert validated == [2, 4] and summary["best_steps"]["jt1"]["step"] in (0, 2, 4)  # tiny: eval_every 2
+    assert "best.json" in json.loads((out / "jt1/final/manifest.json").read_text())["files"]
     report = evaluate(cfg, checkpoint=out)
     assert report == report_dir(cfg, out) and not report.is_relative_to(out)
     assert verify_files(out) == []  # evaluating a cycle leaves the cycle (the DVC `cycle` stage's output) untouched

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from megacontext.data.shards import build_shards
 from tests.conftest import tiny_config
 
 ARGS = ["data.max_documents=5", "data.val_fraction=0.45", "data.test_fraction=0", "train.jt1.steps=6",
-        "train.checkpoint_every=1"]
+        "train.checkpoint_every=1", "train.jt1.eval_every=2", "train.jt1.eval_windows=2"]  # JT1 early stopping too
 
 
 def _train(root: Path) -> subprocess.Popen:
@@ -52,3 +53,6 @@ def test_killed_cycle_resumes_to_the_uninterrupted_result(tmp_path: Path) -> Non
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
     a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    best = [json.loads((root / "artifacts/cycles/cycle-0001/cycle.json").read_text())["best_steps"]
+            for root in (tmp_path / "straight", tmp_path / "killed")]
+    assert best[0] == best[1] and set(best[0]) == {"jt1"} and best[0]["jt1"]["step"] in (0, 2, 4, 6)

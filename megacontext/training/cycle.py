@@ -39,7 +39,7 @@ from megacontext.plots import plot_telemetry
 from megacontext.training.jt1_gistnet import JT1GistNet, gist_guard
 from megacontext.training.jt2_lensnet import JT2LensNet, generate_labels, snapshot_window
 from megacontext.training.jt3_lora import JT3LoRA, plain_reading_guard
-from megacontext.training.loop import FitResult, fit, world
+from megacontext.training.loop import BEST_JSON, FitResult, fit, world
 from megacontext.training.teacher import teacher_masses
 
 KIND = "cycle"
@@ -337,8 +337,11 @@ def _finish(cfg: Config, cycle: int, previous: Path | None) -> Path:
     seconds.update({"jt2_labels": labels["seconds"], "trees": time.perf_counter() - tick})
     seconds["total"] = sum(seconds.values())
     guards = {name: out / phase / "final" / "guard.json" for name, phase in (("gist_guard", "jt1"), ("lora_guard", "jt3"))}
+    early = {p: out / p / "final" / BEST_JSON for p in PHASES}  # phases run with held-out validation
     summary = {"cycle": cycle, "previous": str(previous) if previous else None, "seconds": seconds,
                "labels": labels, "telemetry": telemetry,
+               "best_steps": {p: {k: v for k, v in json.loads(f.read_text()).items() if k != "files"}
+                              for p, f in early.items() if f.is_file()},
                **{name: json.loads(g.read_text()) if g.is_file() else None for name, g in guards.items()}}
     (out / "cycle.json").write_text(json.dumps(summary, indent=1) + "\n")
     inputs = _artifacts(shards_dir(cfg), *(out / p / "final" for p in PHASES), out / "jt2" / "labels", out / "trees",
