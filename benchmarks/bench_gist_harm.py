@@ -5,7 +5,8 @@ budget W_max), each working-context structure is read (a) with every gist varian
 slots and (b) with the gist entries removed, the raw entries kept where they were (the spans are
 left out, as the oracle-without-gists row of the evaluation leaves them out). Per variant it
 reports NLL@H(with gists) − NLL@H(left out) in nats/token with a cluster-bootstrap CI over
-windows; a variant does no harm where that difference is ≤ 0. The recency window of the same
+windows; a variant does no harm where that difference is ≤ 0. Every other variant is also compared
+with the first `--variant`, paired on the same windows. The recency window of the same
 budget is read alongside. Gists are computed live from the window's tokens (no trees needed).
 
 Structures: `cold_start` (the runtime's cold start: the longest raw tail, the rest as LOD2/LOD1
@@ -129,11 +130,16 @@ def main() -> int:
                                 for k in sums if "/" in k and not k.endswith("/left_out")},
         "left_out_minus_recency": {k: cluster_mean_ci(v - sums["recency"], counts, **ci)
                                    for k, v in sums.items() if k.endswith("/left_out")},
+        # paired: every other variant against the first `--variant`, on the same windows and structures
+        "variant_minus_first": {f"{name}/{spec}": cluster_mean_ci(sums[f"{name}/{spec}"] - sums[f"{name}/{variants[0]}"],
+                                                                  counts, **ci)
+                                for name in shapes for spec in variants[1:]},
+        "per_window_nll_sums": {k: v.tolist() for k, v in sums.items()},  # nats over H tokens, window order
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    for key in ("gist_minus_left_out", "left_out_minus_recency"):
+    for key in ("gist_minus_left_out", "left_out_minus_recency", "variant_minus_first"):
         for k, v in result[key].items():
             lo, hi = v["ci"] or (float("nan"), float("nan"))
             print(f"{key:24s} {k:28s} {v['value']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
