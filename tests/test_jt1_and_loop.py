@@ -104,7 +104,7 @@ def _ddp_worker(rank: int, world: int, cfg_json: str, out: str, init: str) -> No
     torch.set_num_threads(1)
     try:
         phase = _phase(Config.model_validate_json(cfg_json))
-        fit(phase, PhaseConfig(steps=2, batch=2), Path(out), checkpoint_every=2)
+        fit(phase, PhaseConfig(steps=2, batch=2, eval_every=1, eval_windows=1), Path(out), checkpoint_every=2)
     finally:
         dist.destroy_process_group()
 
@@ -112,10 +112,12 @@ def _ddp_worker(rank: int, world: int, cfg_json: str, out: str, init: str) -> No
 def test_two_process_data_parallel_matches_one_process(tiny: Config, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     single = _phase(tiny)
-    fit(single, PhaseConfig(steps=2, batch=2), tmp_path / "single", checkpoint_every=2)
+    fit(single, PhaseConfig(steps=2, batch=2, eval_every=1, eval_windows=1), tmp_path / "single", checkpoint_every=2)
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_ddp_worker, args=(2, tiny.model_dump_json(), str(tmp_path / "ddp"), init), nprocs=2, join=True)
-    ddp = load_gistnet(tmp_path / "ddp" / "final").state_dict()
+    ddp = load_gistnet(tmp_path / "ddp" / "final").state_dict()  # validated on rank 0's loss, best step exported
+    assert (json.loads((tmp_path / "ddp" / "final" / "best.json").read_text())["step"]
+            == json.loads((tmp_path / "single" / "final" / "best.json").read_text())["step"])
     torch.set_num_threads(os.cpu_count() or 1)
     for name, p in single.trainable().items():
         assert torch.allclose(p, ddp[name.removeprefix("gistnet.")], atol=1e-6), name
@@ -263,6 +265,7 @@ def test_the_gist_guard_measures_each_reading_and_refuses_gists_that_change_noth
     phase = _phase(tiny)
     same = gist_guard(phase, copy.deepcopy(phase.gistnet), windows=2)
     assert same["trained_minus_warm"]["value"] == 0.0 and not same["accepted"]  # no gain: keep the warm start
+    assert same["unchanged"]  # and the verdict says so, not "rejected"
     t = tiny.train
     assert same["windows"] == 2 and same["tokens"] == 2 * t.horizon
     # known answer: with the cold start's spans left out, the base reads only the raw tail; RoPE is relative,
@@ -285,7 +288,7 @@ def test_the_gist_guard_measures_each_reading_and_refuses_gists_that_change_noth
     ba = gist_guard(phase, mean_init, windows=2)  # the roles swapped
     assert ab["trained_minus_warm"]["value"] == pytest.approx(-ba["trained_minus_warm"]["value"], rel=1e-4)
     assert ab["trained_minus_warm"]["value"] != 0 and ab["accepted"] != ba["accepted"]  # exactly the better one is kept
-    assert ab["accepted"] == (ab["nll"]["trained"] < ab["nll"]["warm"])
+    assert ab["accepted"] == (ab["nll"]["trained"] < ab["nll"]["warm"]) and not ab["unchanged"]
     with pytest.raises(ValueError, match="at least 1 window"):
         gist_guard(phase, phase.gistnet, windows=0)
 
@@ -338,6 +341,69 @@ class _Ramp:
     def validate(self, windows: int) -> float:
         self.validations += 1
         return (self.w.item() - self.target) ** 2
+
+
+class _Killed(Exception):
+    pass
+
+
+class _DiesAt(_Ramp):
+    """A _Ramp whose process "dies" when it computes the loss of optimiser step `dies_at` (0-based)."""
+
+    def __init__(self, target: float, dies_at: int) -> None:
+        super().__init__(target)
+        self.dies_at = dies_at
+
+    def make_batch(self, step: int, items: list[int]) -> list[int]:
+        if step == self.dies_at:
+            raise _Killed
+        return items
+
+
+def test_warm_up_sets_the_optimiser_learning_rate_of_each_step(tmp_path: Path) -> None:
+    phase = _Ramp(target=0.0)  # each AdamW step moves w by that step's learning rate
+    result = fit(phase, PhaseConfig(steps=3, lr=0.1, batch=1, warmup=2), tmp_path, checkpoint_every=3)
+    assert phase.w.item() == pytest.approx(0.05 + 0.1 + 0.1, abs=1e-5)
+    assert [row["lr"] for row in result.telemetry] == pytest.approx([0.05, 0.1, 0.1])
+
+
+def test_a_run_killed_after_publishing_a_best_step_its_checkpoint_lacks_ends_like_an_uninterrupted_one(
+        tmp_path: Path) -> None:
+    pcfg = PhaseConfig(steps=8, lr=0.1, batch=1, eval_every=1)
+    straight = _Ramp(target=0.42)  # best at step 4 (w 0.4)
+    fit(straight, pcfg, tmp_path / "straight", checkpoint_every=3)
+    with pytest.raises(_Killed):  # checkpoint at step 3, best/ at step 4, dead in step 6
+        fit(_DiesAt(target=0.42, dies_at=5), pcfg, tmp_path / "run", checkpoint_every=3)
+    assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["step"] == 4
+    resumed = _Ramp(target=0.42)
+    result = fit(resumed, pcfg, tmp_path / "run", checkpoint_every=3)
+    assert result.resumed_from == 3 and resumed.w.item() == straight.w.item() == pytest.approx(0.4, abs=1e-4)
+    best = [json.loads((tmp_path / r / "final" / "best.json").read_text()) for r in ("straight", "run")]
+    assert best[0] == best[1] and best[0]["step"] == 4
+
+
+def test_a_moved_aside_best_comes_back_and_a_missing_one_never_relabels_a_checkpoint_as_the_warm_start(
+        tmp_path: Path) -> None:
+    import shutil
+
+    pcfg = PhaseConfig(steps=8, lr=0.1, batch=1, eval_every=1)
+    with pytest.raises(_Killed):
+        fit(_DiesAt(target=0.42, dies_at=5), pcfg, tmp_path / "run", checkpoint_every=3)
+    run = tmp_path / "run"
+    dead_pid = 2**22 + 7  # above Linux's pid_max: no process runs under it
+    os.replace(run / "best", run / f".best.old-{dead_pid}")  # killed between moving aside and publishing
+    resumed = _Ramp(target=0.42)
+    fit(resumed, pcfg, run, checkpoint_every=3)
+    record = json.loads((run / "final" / "best.json").read_text())
+    assert record["step"] == 4 and record["start_val_loss"] == pytest.approx(0.42**2)  # the record from step 0 survived
+    assert resumed.w.item() == pytest.approx(0.4, abs=1e-4)
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "best")  # no record at all (e.g. validation switched on for a resumed run)
+    shutil.rmtree(run / "checkpoints" / "step-000008")  # resume from the step-6 checkpoint (w 0.6)
+    again = _Ramp(target=0.42)
+    result = fit(again, pcfg, run, checkpoint_every=3)
+    record = json.loads((run / "final" / "best.json").read_text())
+    assert result.resumed_from == 6 and record["step"] == 6 and record["start_val_loss"] is None
 
 
 def test_learning_rate_warms_up_linearly_then_holds() -> None:

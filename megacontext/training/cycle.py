@@ -302,7 +302,9 @@ def _settle_guard(guard: dict[str, Any], phase: Any, restore: Callable[[], Any],
         with torch.no_grad():
             restore()
         phase.export(final)
-    verdict = "kept" if guard["accepted"] else f"REJECTED (the warm start's {what} exported)"
+    verdict = ("kept" if guard["accepted"]
+               else f"unchanged (early stopping kept the warm start; the warm start's {what} exported)"
+               if guard.get("unchanged") else f"REJECTED (the warm start's {what} exported)")
     print(message.format(verdict=verdict), flush=True)
     (final / "guard.json").write_text(json.dumps(guard, indent=1) + "\n")
     return guard

@@ -125,7 +125,8 @@ def gist_guard(phase: JT1GistNet, warm: GistNet, *, windows: int) -> dict[str, A
     trained gists are kept ("accepted") only if they lower NLL@H against the warm start's (mean
     difference < 0): JT1 must never leave a cycle with gists that read worse than what it started from.
 
-    Returns {"accepted", "windows", "tokens", "trained_minus_warm", "trained_minus_left_out",
+    Returns {"accepted", "windows", "tokens", "unchanged" (the two GistNets read identically, e.g. early
+    stopping kept the warm start), "trained_minus_warm", "trained_minus_left_out",
     "warm_minus_left_out", "nll": {"trained", "warm", "left_out"}}: differences in nats/token with 95 %
     cluster-bootstrap CIs over windows. Raises ValueError for windows < 1.
     """
@@ -146,5 +147,6 @@ def gist_guard(phase: JT1GistNet, warm: GistNet, *, windows: int) -> dict[str, A
     differences = {"trained_minus_warm": (0, 1), "trained_minus_left_out": (0, 2), "warm_minus_left_out": (1, 2)}
     out = {name: cluster_mean_ci(sums[:, a] - sums[:, b], counts, **ci) for name, (a, b) in differences.items()}
     total = counts.sum()
-    return {"accepted": bool(out["trained_minus_warm"]["value"] < 0), "windows": windows, "tokens": int(total), **out,
+    return {"accepted": bool(out["trained_minus_warm"]["value"] < 0), "windows": windows, "tokens": int(total),
+            "unchanged": bool(np.array_equal(sums[:, 0], sums[:, 1])), **out,
             "nll": {name: sums[:, i].sum() / total for i, name in enumerate(("trained", "warm", "left_out"))}}

@@ -92,9 +92,14 @@ def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) ->
     began = time.perf_counter()
     items = [i for i in range(pcfg.batch) if i % size == rank]
     best = _read_best(out) if validating else None
-    if validating and best is None:  # step 0: the warm start is the first candidate
-        loss0 = phase.validate(pcfg.eval_windows)
-        best = _save_best(out, 0, params, loss0, rank, start_val_loss=loss0)
+    if validating and size > 1:
+        dist.barrier()  # every rank has read best/ before rank 0 may rewrite it: one view, one path
+    if validating and best is None:
+        # a fresh run: step 0, the warm start, is the first candidate. A run resumed from a checkpoint
+        # without a best record (validation newly switched on) starts its record at that step; its warm
+        # start's loss is unknown, never the checkpoint's relabelled as step 0
+        loss = _validate(phase, pcfg.eval_windows)
+        best = _save_best(out, start, params, loss, rank, start_val_loss=loss if start == 0 else None)
     stopped = bool(telemetry and telemetry[-1].get("early_stop"))
     with progress_bar(phase.name, total=pcfg.steps, unit="steps") as advance:
         advance(start)
@@ -122,7 +127,7 @@ def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) ->
                 row["ms_per_block"] = 1000 * seconds / row["blocks"]
             row["lr"] = learning_rate(pcfg, step)
             if validating and ((step + 1) % pcfg.eval_every == 0 or step + 1 == pcfg.steps):
-                row["val_loss"] = phase.validate(pcfg.eval_windows)
+                row["val_loss"] = _validate(phase, pcfg.eval_windows)
                 if row["val_loss"] < best["val_loss"]:
                     best = _save_best(out, step + 1, params, row["val_loss"], rank, best["start_val_loss"])
                 elif pcfg.patience and _validations_since(telemetry + [row], best["step"]) >= pcfg.patience:
@@ -161,10 +166,20 @@ def _validations_since(telemetry: list[dict[str, float]], step: int) -> int:
     return sum(1 for row in telemetry if row["step"] > step and "val_loss" in row)
 
 
+def _validate(phase: Phase, windows: int) -> float:
+    """The phase's held-out loss; under DDP every rank takes rank 0's value, so all ranks make the same
+    best-step and early-stop decisions (a last-bit difference must not split them)."""
+    loss = torch.tensor(float(phase.validate(windows)), dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(loss, src=0)
+    return loss.item()
+
+
 def _save_best(out: Path, step: int, params: dict[str, nn.Parameter], val_loss: float, rank: int,
-               start_val_loss: float) -> dict[str, Any]:
-    """Publish `params` as the best weights (step, held-out loss; the warm start's loss alongside) by atomic
-    rename; every rank returns the record."""
+               start_val_loss: float | None) -> dict[str, Any]:
+    """Publish `params` as the best weights (step, held-out loss; the warm start's loss alongside, None when
+    unknown) by rename: the old version is moved aside first, so a kill at any point leaves either
+    version for `_read_best` (`sweep_leftovers` puts a moved-aside one back). Every rank returns the record."""
     record = {"step": step, "val_loss": val_loss, "start_val_loss": start_val_loss}
     if rank != 0:
         return record
@@ -174,14 +189,18 @@ def _save_best(out: Path, step: int, params: dict[str, nn.Parameter], val_loss: 
     save_file({k: v.detach().contiguous() for k, v in params.items()}, staging / WEIGHTS[0])
     record["files"] = {WEIGHTS[0]: file_entry(staging / WEIGHTS[0])}
     (staging / BEST_JSON).write_text(json.dumps(record) + "\n")
-    shutil.rmtree(out / BEST, ignore_errors=True)
+    old = out / f".{BEST}.old-{os.getpid()}"
+    if (out / BEST).exists():
+        os.replace(out / BEST, old)
     os.replace(staging, out / BEST)
+    shutil.rmtree(old, ignore_errors=True)
     return record
 
 
 def _read_best(out: Path) -> dict[str, Any] | None:
     """The best-step record of an interrupted run (None if there is none yet); its weights must match their digest."""
     folder = out / BEST
+    sweep_leftovers(out, BEST)  # a kill mid-publish: the moved-aside version comes back
     if not (folder / BEST_JSON).is_file():
         return None
     record = json.loads((folder / BEST_JSON).read_text())
