@@ -125,7 +125,7 @@ def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) ->
                 row["tokens_per_s"] = row["tokens"] / seconds
             if row.get("blocks"):  # 32-token blocks of history + horizon this step processed
                 row["ms_per_block"] = 1000 * seconds / row["blocks"]
-            row["lr"] = learning_rate(pcfg, step)
+            row["lr"] = optimizer.param_groups[0]["lr"]  # what this step used
             if validating and ((step + 1) % pcfg.eval_every == 0 or step + 1 == pcfg.steps):
                 row["val_loss"] = _validate(phase, pcfg.eval_windows)
                 if row["val_loss"] < best["val_loss"]:
@@ -214,7 +214,11 @@ def _read_best(out: Path) -> dict[str, Any] | None:
 def _load_best(out: Path, params: dict[str, nn.Parameter]) -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # rank 0 has published best/
-    weights = load_file(out / BEST / WEIGHTS[0])
+    _copy_weights(load_file(out / BEST / WEIGHTS[0]), params)
+
+
+def _copy_weights(weights: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
+    """Load `weights` (by parameter name) into `params` in place."""
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])
@@ -262,9 +266,7 @@ def load_latest_checkpoint(out: Path, params: dict[str, nn.Parameter],
     weights = load_file(latest / "trainable.safetensors")
     if set(weights) != set(params):
         raise ValueError(f"{latest}: checkpoint holds {sorted(set(weights) ^ set(params))[:3]}... not this phase's parameters")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
+    _copy_weights(weights, params)
     state = load_file(latest / "optimizer.safetensors")
     for name, p in params.items():
         keys = {k.split("::", 1)[1]: v for k, v in state.items() if k.split("::", 1)[0] == name}
