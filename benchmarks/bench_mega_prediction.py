@@ -106,7 +106,7 @@ def main() -> int:
     embedding = base.model.get_input_embeddings()
     if args.checkpoint:
         gistnet = load_gistnet(args.checkpoint / "jt1" / "final")
-        policy = lens_policy(cfg, embedding, gistnet, load_lensnet(args.checkpoint / "jt2" / "final"))
+        policy = lens_policy(cfg, embedding, gistnet, load_lensnet(args.checkpoint / "jt2" / "final"), model=base.model)
     else:
         gistnet = build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels)
         policy = cold_start_policy(cfg)

@@ -145,6 +145,9 @@ class LensNetConfig(Section):
     budget_weight: float = Field(0.1, ge=0)
     legality_weight: float = Field(0.3, ge=0)
     listwise_weight: float = Field(0.0, ge=0)  # ListNet term over each WC's labelled entries (dense targets)
+    # Question-aware input (docs/architecture.md §2.5): the attention the base's last this-many WC tokens put on
+    # each entry, from one forward of the working context; 0 = off (LensNet reads vectors and features only)
+    wc_attention_queries: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "LensNetConfig":
@@ -317,6 +320,9 @@ class Config(Section):
         if not self.wc.protected_tail <= tail <= self.wc.w_max - 64:
             raise ValueError(f"eval.focus_tail ({tail}) must be in [wc.protected_tail, wc.w_max - 64]: the oracle "
                              "needs room for at least one block beside its tail")
+        if self.lensnet.wc_attention_queries > self.wc.protected_tail:
+            raise ValueError(f"lensnet.wc_attention_queries ({self.lensnet.wc_attention_queries}) must be <= "
+                             f"wc.protected_tail ({self.wc.protected_tail}): the queries are raw tail tokens")
         if ev.tail_queries >= min([shortest, *(ev.passkey.lengths if ev.passkey.enabled else [])]):
             raise ValueError(f"eval.tail_queries ({ev.tail_queries}) must be shorter than every history")
         if ev.passkey.enabled and min(ev.passkey.lengths) <= self.wc.w_max:

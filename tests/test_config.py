@@ -116,3 +116,11 @@ def test_resolved_config_round_trips_through_yaml(tmp_path) -> None:
 def test_a_partial_section_keeps_the_defaults_its_parent_declares() -> None:
     cfg = load_config("tiny", ["train.jt3.steps=7"], env={})
     assert cfg.train.jt3.steps == 7 and cfg.train.jt3.lr == 5e-4  # TrainConfig's default for jt3, not PhaseConfig's
+
+
+def test_lensnet_attention_queries_must_be_raw_tail_tokens() -> None:
+    from megacontext.config import load_config
+
+    assert load_config("tiny", ["lensnet.wc_attention_queries=64"], env={}).lensnet.wc_attention_queries == 64
+    with pytest.raises(Exception, match="wc_attention_queries"):
+        load_config("tiny", ["lensnet.wc_attention_queries=65"], env={})

@@ -4,6 +4,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -253,3 +254,85 @@ def test_a_checkpoint_from_before_a_config_field_existed_still_loads_and_keeps_i
                                                            + b"\0" * 8)
     with pytest.raises(ArtifactError):  # tampering is still caught
         load_lensnet(tmp_path / "old")
+
+
+# --- the question-aware input: the working context's own attention ---------------------------
+
+
+def test_attention_feature_is_a_log_scale_from_0_to_1() -> None:
+    from megacontext.model.lensnet import attention_feature
+
+    p = torch.tensor([0.0, 1 / 2048, 0.5, 1.0, 2.0, -1.0])
+    got = attention_feature(p)
+    assert got[0] == 0 and got[3] == pytest.approx(1.0) and got[4] == pytest.approx(1.0) and got[5] == 0
+    assert 0.15 < got[1] < 0.25 and 0.9 < got[2] < 0.95  # a uniform share of 2,048 entries; an attention sink
+    assert torch.all(got[:4].diff() > 0)
+
+
+def test_lens_inputs_give_tail_gists_the_attention_of_the_entries_inside_their_span() -> None:
+    wc = cold_start(3000, w_max=256, protected_tail=64)
+    tail = tail_nodes(wc.cursor, 3)
+    attention = torch.arange(len(wc), dtype=torch.float32) / 1000
+    x = lens_inputs(wc.entries, wc.cursor, torch.zeros(len(wc), D), tail, torch.zeros(len(tail), D), attention)
+    assert torch.equal(x.attention[0], attention)
+    for k, node in enumerate(tail):  # by hand: the entries whose start lies in [node.start, node.end)
+        inside = [i for i, e in enumerate(wc.entries) if node.start <= e.start < node.end]
+        assert inside and x.tail_attention[0, k] == pytest.approx(float(attention[inside].sum()))
+    plain = lens_inputs(wc.entries, wc.cursor, torch.zeros(len(wc), D), tail, torch.zeros(len(tail), D))
+    assert torch.all(plain.attention == 0) and torch.all(plain.tail_attention == 0)
+    with pytest.raises(ValueError, match="one value per entry"):
+        lens_inputs(wc.entries, wc.cursor, torch.zeros(len(wc), D), tail, torch.zeros(len(tail), D), attention[1:])
+
+
+def test_a_lensnet_without_the_attention_input_ignores_it_and_one_with_it_reads_it() -> None:
+    wc, x = _inputs()
+    with_attention = TINY.model_copy(update={"wc_attention_queries": 16})
+    plain, aware = _net(), _net(cfg=with_attention)
+    # the same seed gives the same other weights: the attention projection is made last
+    shared = {k: v for k, v in aware.state_dict().items() if not k.startswith("attention_proj")}
+    assert set(shared) == set(plain.state_dict()) and all(torch.equal(v, plain.state_dict()[k]) for k, v in shared.items())
+    assert plain.attention_proj is None
+    peaked = torch.zeros(len(wc))
+    peaked[3] = 1.0
+    moved = replace(x, attention=peaked[None])
+    assert torch.equal(plain(x), plain(moved))
+    assert not torch.allclose(aware(x), aware(moved))
+
+
+def test_wc_attention_is_the_mean_softmax_of_the_last_tail_tokens_over_the_working_context(tmp_path: Path) -> None:
+    from megacontext.context.focus_policy import wc_attention
+    from megacontext.context.working_context import PositionScheme, assemble_live
+    from megacontext.model.base_model import load_base_model
+    from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
+    from megacontext.model.gistnet import build_gistnet
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, "wc.positions=compressed")
+    model = load_base_model(cfg).model
+    install_gaussian_rope(model)
+    embedding = model.get_input_embeddings()
+    gistnet = build_gistnet(cfg.gistnet, embedding, seed=0, levels=cfg.wc.levels)
+    tokens = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(0))
+    wc = cold_start(3000, w_max=256, protected_tail=64)
+    with torch.no_grad():
+        inputs = assemble_live(wc.entries, tokens, embedding, gistnet, positions=PositionScheme.of(cfg.wc))
+    got = wc_attention(model, inputs, 16)
+    assert got.shape == (len(wc),) and got.sum() == pytest.approx(1.0, abs=1e-4)
+    assert np.all(got[-15:] > 0) and got[0] > 0  # the queries themselves (causal) and the first gist
+    model.set_attn_implementation("eager")
+    with torch.no_grad(), gaussian_positions(model, inputs.mu, inputs.sigma):
+        weights = torch.stack(model(inputs_embeds=inputs.inputs_embeds, output_attentions=True).attentions)[:, 0]
+    reference = weights[:, :, -16:, :].mean(dim=(0, 1, 2))  # [N]: layers, heads, rows
+    assert np.allclose(got, reference.numpy(), atol=1e-5)
+
+
+def test_a_policy_with_an_attention_reading_lensnet_needs_the_base_model() -> None:
+    from megacontext.config import Config
+    from megacontext.context.focus_policy import lens_inputs_for, lens_policy
+
+    net = _net(cfg=TINY.model_copy(update={"wc_attention_queries": 16}))
+    with pytest.raises(ValueError, match="needs the base model"):
+        lens_policy(Config(), torch.nn.Embedding(8, D), torch.nn.Identity(), net)
+    wc = cold_start(3000, w_max=256, protected_tail=64)
+    with pytest.raises(ValueError, match="needs the base model"):
+        lens_inputs_for(wc, torch.zeros(3000, dtype=torch.long), torch.nn.Embedding(8, D), torch.nn.Identity(), 5, queries=16)

@@ -108,3 +108,30 @@ def test_teacher_cache_reuse_gives_the_same_losses_as_recomputation(corpus, tmp_
     passes.clear()
     rebuilt, _ = teacher.teacher_masses(cfg, base, windows)
     assert len(passes) == 3 and all(np.array_equal(a, b) for a, b in zip(rebuilt, recomputed))
+
+
+def test_jt2_snapshots_of_an_attention_reading_lensnet_carry_the_working_contexts_attention(corpus, tmp_path) -> None:
+    from megacontext.context.focus_policy import wc_attention
+    from megacontext.context.working_context import PositionScheme, assemble_live
+
+    cfg = corpus.model_copy(update={"lensnet": corpus.lensnet.model_copy(update={"wc_attention_queries": 16})})
+    base = load_base_model(cfg)
+    docs = read_split(shards_dir(cfg), "train")
+    embedding = base.model.get_input_embeddings()
+    gistnet = build_gistnet(cfg.gistnet, embedding, seed=0)
+    labels = tmp_path / "labels"
+    policy = cold_start_policy(cfg)
+    generate_labels(cfg, base, gistnet, docs, policy, labels)
+    write_manifest(labels, kind="lens_labels", format_version=1, config_hash="test")
+    lensnet = build_lensnet(cfg.lensnet, base.d_model, seed=0, head_std=0.5)
+    phase = JT2LensNet(cfg, base, gistnet, lensnet, docs, policy, labels)
+    inputs = phase._snapshot("s00000")[0]
+    window = snapshot_window(cfg, eligible(docs, cfg.train.history, cfg.train.horizon), 0)
+    wc = policy(window)
+    tokens = torch.as_tensor(window.tokens.astype(np.int64))
+    expected = wc_attention(base.model, assemble_live(wc.entries, tokens, embedding, gistnet, cursor=wc.cursor,
+                                                      positions=PositionScheme.of(cfg.wc)), 16)
+    assert np.allclose(inputs.attention[0].numpy(), expected) and expected.sum() == pytest.approx(1.0, abs=1e-4)
+    loss, _ = phase.loss(["s00000"], 1)
+    loss.backward()
+    assert lensnet.attention_proj.weight.grad is not None and lensnet.attention_proj.weight.grad.abs().sum() > 0

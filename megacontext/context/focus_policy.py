@@ -22,7 +22,9 @@ from megacontext.context.focus_allocator import FocusAllocator
 from megacontext.model.lensnet import LensInputs, LensNet, lens_inputs, tail_nodes
 from megacontext.context.nodes import Node
 from megacontext.data.windows import Window
-from megacontext.context.working_context import WorkingContext, assemble_live, cold_start
+from megacontext.context.working_context import ABSOLUTE, PositionScheme, WCInputs, WorkingContext, assemble_live, cold_start
+from megacontext.model.attention_mass import attention_mass
+from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
 
 REFOCUSES = 4  # allocator passes per training window (each at most N_diff edits)
 FOCUS_METRICS = ("swap_rate", "residency_mean", "budget_utilisation", "focus_ms")
@@ -56,19 +58,54 @@ class Policy:
 
 
 @torch.no_grad()
-def wc_lens_inputs(wc: WorkingContext, tail_lod1: int, read: Callable[[Sequence[Node]], torch.Tensor]) -> LensInputs:
-    """LensNet's inputs for `wc`; `read(nodes)` gives the nodes' vectors [n, d] (live GistNet or a tree)."""
+def wc_attention(model: nn.Module, inputs: WCInputs, queries: int) -> np.ndarray:
+    """[N] the mean attention probability the working context's last `queries` entries put on each entry.
+
+    One forward of the base over the WC as it reads it (`inputs`: embeddings and Gaussian-RoPE
+    positions), watching the last `queries` rows (raw tail tokens): softmax weights summed over
+    layers, heads and those rows, divided by their count, so the values sum to 1. What the model is
+    about to need, as its own queries say: the observation-window vote of SnapKV (Li et al., 2024).
+    """
+    n = inputs.inputs_embeds.shape[1]
+    q = min(queries, n)
+    install_gaussian_rope(model)
+    with gaussian_positions(model, inputs.mu, inputs.sigma):
+        mass, _ = attention_mass(model, [torch.arange(n - q, n)], inputs_embeds=inputs.inputs_embeds)
+    heads = model.config.num_attention_heads * model.config.num_hidden_layers
+    return (mass[0] / (heads * q)).float().numpy()
+
+
+@torch.no_grad()
+def wc_lens_inputs(wc: WorkingContext, tail_lod1: int, read: Callable[[Sequence[Node]], torch.Tensor],
+                   attention: Callable[[], np.ndarray] | None = None) -> LensInputs:
+    """LensNet's inputs for `wc`; `read(nodes)` gives the nodes' vectors [n, d] (live GistNet or a tree);
+    `attention()` the entries' attention from the WC's last tail tokens [N] (`wc_attention`), None: not used."""
     vectors = read(wc.entries)  # [N, d]
     tail = [n for n in tail_nodes(wc.cursor, tail_lod1, top_level=wc.levels) if n.level <= wc.levels]
     tail_vectors = read(tail) if tail else vectors[:0]
-    return lens_inputs(wc.entries, wc.cursor, vectors, tail, tail_vectors)
+    return lens_inputs(wc.entries, wc.cursor, vectors, tail, tail_vectors,
+                       torch.as_tensor(attention()) if attention is not None else None)
 
 
 def lens_inputs_for(wc: WorkingContext, tokens: torch.Tensor, embedding: nn.Module, gistnet: nn.Module,
-                    tail_lod1: int) -> LensInputs:
-    """LensNet's inputs with gists computed live from the window's tokens."""
-    return wc_lens_inputs(wc, tail_lod1, lambda nodes: assemble_live(nodes, tokens, embedding, gistnet,
-                                                                      cursor=wc.cursor).inputs_embeds[0])
+                    tail_lod1: int, *, model: nn.Module | None = None, queries: int = 0,
+                    positions: PositionScheme = ABSOLUTE) -> LensInputs:
+    """LensNet's inputs with gists computed live from the window's tokens.
+
+    `queries` > 0 (`lensnet.wc_attention_queries`): also the entries' attention from the last
+    `queries` tokens, read by the base `model` with `positions` (ValueError without a model).
+    """
+    if queries and model is None:
+        raise ValueError("a LensNet that reads the working context's attention needs the base model")
+
+    def read(nodes: Sequence[Node]) -> torch.Tensor:
+        return assemble_live(nodes, tokens, embedding, gistnet, cursor=wc.cursor).inputs_embeds[0]
+
+    def attention() -> np.ndarray:
+        inputs = assemble_live(wc.entries, tokens, embedding, gistnet, cursor=wc.cursor, positions=positions)
+        return wc_attention(model, inputs, queries)
+
+    return wc_lens_inputs(wc, tail_lod1, read, attention if queries else None)
 
 
 def cold_start_policy(cfg: Config, budget: int | None = None) -> Policy:
@@ -77,13 +114,19 @@ def cold_start_policy(cfg: Config, budget: int | None = None) -> Policy:
 
 
 def lens_policy(cfg: Config, embedding: nn.Module, gistnet: nn.Module, lensnet: LensNet,
-                budget: int | None = None, refocuses: int = REFOCUSES) -> Policy:
+                budget: int | None = None, refocuses: int = REFOCUSES, *, model: nn.Module | None = None) -> Policy:
     """Cold start, then up to `refocuses` LensNet + allocator passes (stops early when nothing changes).
 
     `cfg.allocator.new_window` picks the passes: N_diff-capped refocuses, or the rounds of one
     uncapped `FocusAllocator.reach`. Training snapshots and the evaluation both focus here.
+    A LensNet that reads the WC's attention (`lensnet.wc_attention_queries`) needs the base `model`:
+    every pass then costs one forward of the working context.
     """
     budget = budget or cfg.train.budget
+    queries = getattr(lensnet, "cfg", cfg.lensnet).wc_attention_queries  # the checkpoint's own setting
+    if queries and model is None:
+        raise ValueError("this LensNet reads the working context's attention: lens_policy needs the base model")
+    positions = PositionScheme.of(cfg.wc)
 
     @torch.no_grad()
     def focus(window: Window) -> tuple[WorkingContext, dict[str, float]]:
@@ -92,7 +135,8 @@ def lens_policy(cfg: Config, embedding: nn.Module, gistnet: nn.Module, lensnet: 
         allocator = FocusAllocator(cfg.allocator)
 
         def score(wc: WorkingContext) -> np.ndarray:
-            return lensnet(lens_inputs_for(wc, tokens, embedding, gistnet, cfg.lensnet.tail_lod1))[0].cpu().numpy()
+            return lensnet(lens_inputs_for(wc, tokens, embedding, gistnet, cfg.lensnet.tail_lod1, model=model,
+                                           queries=queries, positions=positions))[0].cpu().numpy()
 
         if cfg.allocator.new_window == "reach":
             allocator.reach(wc, score, rounds=refocuses)

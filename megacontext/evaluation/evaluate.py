@@ -250,7 +250,7 @@ def _evaluate_into(cfg: Config, *, checkpoint: Path | None, out: Path, without: 
         parts = []
         if "lensnet" not in without:
             policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet,
-                                 load_lensnet(checkpoint / "jt2" / "final"), budget=cfg.wc.w_max)
+                                 load_lensnet(checkpoint / "jt2" / "final"), budget=cfg.wc.w_max, model=base.model)
             parts.append("LensNet + allocator")
             learned_focus = True
         if "lora" not in without:

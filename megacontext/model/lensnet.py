@@ -5,6 +5,9 @@ Positive = expand (show more detail), negative = collapse. Entries are the base 
 gists) first read the whole WC, then every entry reads the enriched tail. Also: legality
 masks, the JT2 loss and checkpoints. Choosing edits is the allocator's job, not this module's.
 The loss's ranking term is RankNet's pairwise logistic loss (Burges et al. 2005).
+With `wc_attention_queries` > 0 LensNet also sees the question: per entry, the attention the base
+model's last tail tokens put on it when reading this working context (`attention_feature`), the
+same signal as SnapKV's observation window (Li et al., 2024), here an input to a learned scorer.
 
 Notation: B working contexts, N entries, T tail gists (+1 learned default), d base width,
 w = d_lens, F = N_FEATURES entry features.
@@ -29,6 +32,7 @@ MAX_LEVEL = 4  # the highest gist level a config allows (WorkingContextConfig.le
 N_FEATURES = 3
 LISTWISE_SHARPNESS = 4.0  # listwise term: scores and targets in [-1, 1] become logits in [-4, 4]
 LOG2_SCALE = 20.0  # log2 of distances/widths is divided by this: 2**20 tokens -> 1.0
+ATTENTION_SCALE = 1e4  # attention feature: log1p(p * this) / log1p(this), p = mean attention probability
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -40,6 +44,14 @@ def entry_features(entries: Sequence[Node], cursor: int) -> torch.Tensor:
     dist = torch.tensor([math.log2(1 + cursor - n.end) for n in entries], dtype=torch.float32) / LOG2_SCALE
     frac = torch.tensor([n.start / max(cursor, 1) for n in entries], dtype=torch.float32)
     return torch.stack([width, dist, frac], dim=-1).reshape(len(entries), N_FEATURES)
+
+
+def attention_feature(p: torch.Tensor) -> torch.Tensor:
+    """Mean attention probabilities p in [0, 1] (any shape) -> log1p(p · 1e4) / log1p(1e4) in [0, 1].
+
+    A log scale: a uniform share of a 2,048-entry context (p ≈ 5e-4) maps to ≈ 0.19, an attention
+    sink (p ≈ 0.5) to ≈ 0.93."""
+    return torch.log1p(p.clamp(0, 1) * ATTENTION_SCALE) / math.log1p(ATTENTION_SCALE)
 
 
 def entry_levels(entries: Sequence[Node]) -> torch.Tensor:
@@ -67,21 +79,34 @@ class LensInputs:
     tail_features: torch.Tensor  # [B, T, F]
     tail_levels: torch.Tensor  # [B, T] long
     tail_mask: torch.Tensor  # [B, T] bool
+    attention: torch.Tensor  # [B, N] mean attention probability from the WC's last tail tokens (0: not measured)
+    tail_attention: torch.Tensor  # [B, T] the same summed over each tail gist's span
 
     def to(self, device: torch.device | str) -> "LensInputs":
         return LensInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def lens_inputs(
-    entries: Sequence[Node], cursor: int, vectors: torch.Tensor, tail: Sequence[Node], tail_vectors: torch.Tensor
+    entries: Sequence[Node], cursor: int, vectors: torch.Tensor, tail: Sequence[Node], tail_vectors: torch.Tensor,
+    attention: torch.Tensor | None = None,
 ) -> LensInputs:
-    """A batch of one WC: `vectors` [N, d] (or [1, N, d]) for `entries`, `tail_vectors` [T, d] for `tail`."""
+    """A batch of one WC: `vectors` [N, d] (or [1, N, d]) for `entries`, `tail_vectors` [T, d] for `tail`.
+
+    `attention` [N]: each entry's mean attention probability from the WC's last tail tokens
+    (`focus_policy.wc_attention`); a tail gist gets the sum over the entries inside its span. None: zeros.
+    """
     d = vectors.shape[-1]
+    attention = torch.zeros(len(entries)) if attention is None else torch.as_tensor(attention, dtype=torch.float32)
+    if attention.shape != (len(entries),):
+        raise ValueError(f"attention must have one value per entry ({len(entries)}), got shape {tuple(attention.shape)}")
+    starts = torch.tensor([n.start for n in entries], dtype=torch.long)
+    tail_attention = torch.stack([attention[(starts >= n.start) & (starts < n.end)].sum() for n in tail]) \
+        if tail else torch.zeros(0)
     return LensInputs(
         vectors.reshape(1, len(entries), d), entry_features(entries, cursor)[None], entry_levels(entries)[None],
         torch.ones(1, len(entries), dtype=torch.bool),
         tail_vectors.reshape(1, len(tail), d), entry_features(tail, cursor)[None], entry_levels(tail)[None],
-        torch.ones(1, len(tail), dtype=torch.bool),
+        torch.ones(1, len(tail), dtype=torch.bool), attention[None], tail_attention[None],
     )  # fmt: skip
 
 
@@ -160,18 +185,24 @@ class LensNet(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, cfg.mlp_hidden), nn.GELU(), nn.Linear(cfg.mlp_hidden, 1))
         nn.init.zeros_(self.head[-1].weight)  # untrained LensNet scores 0: no edits, cold-start rule
         nn.init.zeros_(self.head[-1].bias)
+        # made last, so that the other weights of a seed are the same with and without it
+        self.attention_proj = nn.Linear(1, w) if cfg.wc_attention_queries else None
 
-    def embed(self, v: torch.Tensor, feats: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    def embed(self, v: torch.Tensor, feats: torch.Tensor, levels: torch.Tensor,
+              attention: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.in_proj.weight.dtype
-        return self.in_proj(self.ln_in(v.to(dtype))) + self.feat_proj(feats.to(dtype)) + self.level(levels)  # [B, *, w]
+        x = self.in_proj(self.ln_in(v.to(dtype))) + self.feat_proj(feats.to(dtype)) + self.level(levels)  # [B, *, w]
+        if self.attention_proj is not None and attention is not None:
+            x = x + self.attention_proj(attention_feature(attention.to(dtype))[..., None])
+        return x
 
     def forward(self, x: LensInputs) -> torch.Tensor:
         """-> scores [B, N] in [-1, 1]; padded entries score exactly 0."""
         if x.vectors.shape[-1] != self.d_model:
             raise ValueError(f"LensNet expects entry vectors of width {self.d_model}, got {x.vectors.shape[-1]}")
         B = x.vectors.shape[0]
-        e = self.embed(x.vectors, x.features, x.levels)  # [B, N, w]
-        t = self.embed(x.tail, x.tail_features, x.tail_levels)  # [B, T, w]
+        e = self.embed(x.vectors, x.features, x.levels, x.attention)  # [B, N, w]
+        t = self.embed(x.tail, x.tail_features, x.tail_levels, x.tail_attention)  # [B, T, w]
         t = torch.cat([self.default_tail.expand(B, -1, -1), t], dim=1)  # [B, T+1, w]
         t_valid = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=t.device), x.tail_mask], dim=1)  # [B, T+1]
         t = self.gather(t, torch.cat([t, e], dim=1), ~torch.cat([t_valid, x.mask], dim=1))  # [B, T+1, w]

@@ -29,7 +29,7 @@ from megacontext.model.base_model import BaseLM, load_base_model
 from megacontext.config import Config
 from megacontext.errors import ArtifactError, ConfigError, InputDataError
 from megacontext.context.focus_allocator import Edit, FocusAllocator
-from megacontext.context.focus_policy import wc_lens_inputs
+from megacontext.context.focus_policy import wc_attention, wc_lens_inputs
 from megacontext.model.gaussian_rope import install_gaussian_rope
 from megacontext.model.gistnet import GistNet, TreeGistEncoder, build_gistnet, load_gistnet
 from megacontext.model.lora import load_lora
@@ -245,7 +245,13 @@ class Runtime:
         def read(nodes: Sequence[Node]) -> torch.Tensor:
             return assemble(nodes, self.source, self.gist_embedding).inputs_embeds[0]
 
-        return self.lensnet(wc_lens_inputs(self.wc, self.cfg.lensnet.tail_lod1, read))[0].cpu().numpy()
+        def attention() -> np.ndarray:  # one more forward of the WC as the base reads it (not from the K/V cache)
+            inputs = assemble(self.wc.entries, self.source, self.embedding, positions=self.positions)
+            return wc_attention(self.base.model, inputs, queries)
+
+        queries = self.lensnet.cfg.wc_attention_queries
+        inputs = wc_lens_inputs(self.wc, self.cfg.lensnet.tail_lod1, read, attention if queries else None)
+        return self.lensnet(inputs)[0].cpu().numpy()
 
     # --- decode ------------------------------------------------------------------------
 

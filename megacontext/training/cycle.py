@@ -169,7 +169,7 @@ def run_jt1(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     out, base, docs = _setup(cfg, cycle)
     if not phase_done(out / "jt1"):
         gistnet, lensnet = _gistnet(cfg, base, out, previous), _lensnet(cfg, base, out, previous)
-        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet)
+        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet, model=base.model)
         warm = copy.deepcopy(gistnet).requires_grad_(False)  # before fit resumes anything
         with _tracked(cfg, cycle, "jt1") as run:
             phase = JT1GistNet(cfg, base, gistnet, docs, policy)
@@ -192,7 +192,7 @@ def run_jt2_labels(cfg: Config, cycle: int, previous: Path | None = None) -> Pat
     if not (labels / MANIFEST).is_file() and _rank0():  # labels are generated once, on rank 0
         gistnet, lensnet = _gistnet(cfg, base, out, previous), _lensnet(cfg, base, out, previous)
         gistnet.requires_grad_(False)
-        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet)
+        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet, model=base.model)
         with _tracked(cfg, cycle, "jt2_labels") as run:
             stats = generate_labels(cfg, base, gistnet, docs, policy, labels)
             run.summary(stats)
@@ -210,7 +210,7 @@ def run_jt2(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
     if not phase_done(out / "jt2"):
         gistnet, lensnet = _gistnet(cfg, base, out, previous), _lensnet(cfg, base, out, previous)
         gistnet.requires_grad_(False)
-        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet)
+        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet, model=base.model)
         masses, teacher = _teacher(cfg, base, docs)
         with _tracked(cfg, cycle, "jt2") as run:
             _log_fit(run, fit(JT2LensNet(cfg, base, gistnet, lensnet, docs, policy, labels, masses), cfg.train.jt2,
@@ -240,7 +240,7 @@ def run_jt3(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
         gistnet, lensnet = _gistnet(cfg, base, out, previous), _lensnet(cfg, base, out, previous)
         gistnet.requires_grad_(False)
         lensnet.requires_grad_(False)
-        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet)
+        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet, model=base.model)
         peft = load_lora(base, previous / "jt3" / "final", trainable=True) if previous \
             else attach_lora(base, cfg.train.lora, seed=cfg.seed)
         phase = JT3LoRA(cfg, base, gistnet, docs, policy, peft_model=peft)

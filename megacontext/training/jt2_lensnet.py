@@ -117,7 +117,9 @@ class JT2LensNet:
             wc = self.policy(window)
             tokens = torch.as_tensor(window.tokens.astype(np.int64))
             inputs = lens_inputs_for(wc, tokens, self.base.model.get_input_embeddings(), self.gistnet,
-                                     self.cfg.lensnet.tail_lod1)
+                                     self.cfg.lensnet.tail_lod1, model=self.base.model,
+                                     queries=self.lensnet.cfg.wc_attention_queries,
+                                     positions=PositionScheme.of(self.cfg.wc))
             if sid.startswith(DENSE):
                 target, labelled = relevance_targets(wc.entries, wc.cursor, wc.protected_tail, wc.w_max,
                                                      self.teacher[int(sid[1:])])
