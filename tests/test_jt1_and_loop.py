@@ -468,3 +468,29 @@ def test_jt1_exports_the_gistnet_whose_held_out_loss_it_recorded(tiny: Config, t
     held_out = {(w.doc_id, w.start) for w in (phase.unseen_window(SeedOffset.JT1_HELDOUT, i) for i in range(2))}
     guard = {(w.doc_id, w.start) for w in (phase.unseen_window(SeedOffset.JT1_GUARD, i) for i in range(2))}
     assert held_out != guard
+
+
+def test_a_phase_summary_names_the_exported_step_beside_the_last_one(tmp_path) -> None:
+    from megacontext.training.cycle import _log_fit
+    from megacontext.training.loop import BEST_JSON, FitResult
+
+    class Recorder:
+        def __init__(self):
+            self.rows, self.summaries = [], {}
+
+        def log_telemetry(self, rows):
+            self.rows.extend(rows)
+
+        def summary(self, values):
+            self.summaries.update(values)
+
+    rows = [{"step": 4.0, "loss": 2.0, "val_loss": 1.5}, {"step": 8.0, "loss": 1.0, "val_loss": 1.7}]
+    (tmp_path / "final").mkdir()
+    run = Recorder()
+    _log_fit(run, FitResult(8, 0, rows, 3.0), tmp_path)  # no validation: no best.json
+    assert run.summaries == {"final_step": 8.0, "final_loss": 1.0, "final_val_loss": 1.7, "seconds": 3.0}
+    (tmp_path / "final" / BEST_JSON).write_text('{"step": 4, "val_loss": 1.5, "start_val_loss": 1.9, "files": {}}')
+    run = Recorder()
+    _log_fit(run, FitResult(8, 0, rows, 3.0), tmp_path)
+    assert run.rows == rows and run.summaries["final_step"] == 8.0
+    assert (run.summaries["exported_step"], run.summaries["exported_val_loss"], run.summaries["start_val_loss"]) == (4, 1.5, 1.9)

@@ -131,9 +131,17 @@ def _tracked(cfg: Config, cycle: int, phase: str) -> Iterator[Run]:
         yield run
 
 
-def _log_fit(run: Run, result: FitResult) -> None:
+def _log_fit(run: Run, result: FitResult, out: Path) -> None:
+    """Telemetry and a run summary: `final_*` = the last step's row; with held-out validation also the
+    exported step (`exported_step`, `exported_val_loss`, `start_val_loss`: `<out>/final/best.json`)."""
     run.log_telemetry(result.telemetry)
-    run.summary({f"final_{k}": v for k, v in result.telemetry[-1].items()} | {"seconds": result.seconds})
+    summary = {f"final_{k}": v for k, v in result.telemetry[-1].items()} | {"seconds": result.seconds}
+    best = out / "final" / BEST_JSON
+    if best.is_file():
+        record = json.loads(best.read_text())
+        summary |= {"exported_step": record["step"], "exported_val_loss": record["val_loss"],
+                    "start_val_loss": record["start_val_loss"]}
+    run.summary(summary)
 
 
 def _setup(cfg: Config, cycle: int) -> tuple[Path, BaseLM, list[TokenizedDocument]]:
@@ -173,7 +181,7 @@ def run_jt1(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
         warm = copy.deepcopy(gistnet).requires_grad_(False)  # before fit resumes anything
         with _tracked(cfg, cycle, "jt1") as run:
             phase = JT1GistNet(cfg, base, gistnet, docs, policy)
-            _log_fit(run, fit(phase, cfg.train.jt1, out / "jt1", checkpoint_every=cfg.train.checkpoint_every))
+            _log_fit(run, fit(phase, cfg.train.jt1, out / "jt1", checkpoint_every=cfg.train.checkpoint_every), out / "jt1")
             if _rank0() and cfg.train.gist_guard_windows:
                 guard = _guard_gists(cfg, phase, warm, out / "jt1" / "final")
                 run.summary({"guard_accepted": guard["accepted"],
@@ -214,7 +222,7 @@ def run_jt2(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
         masses, teacher = _teacher(cfg, base, docs)
         with _tracked(cfg, cycle, "jt2") as run:
             _log_fit(run, fit(JT2LensNet(cfg, base, gistnet, lensnet, docs, policy, labels, masses), cfg.train.jt2,
-                              out / "jt2", checkpoint_every=cfg.train.checkpoint_every))
+                              out / "jt2", checkpoint_every=cfg.train.checkpoint_every), out / "jt2")
             _seal(cfg, out / "jt2" / "final", PHASE_KINDS["jt2"], cycle, previous, labels, out / "jt1" / "final",
                   _warm(previous, "jt2"), teacher)
     _barrier()  # every rank sees the sealed output before going on
@@ -246,7 +254,7 @@ def run_jt3(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
         phase = JT3LoRA(cfg, base, gistnet, docs, policy, peft_model=peft)
         warm = {name: p.detach().clone() for name, p in phase.trainable().items()}  # before fit resumes anything
         with _tracked(cfg, cycle, "jt3") as run:
-            _log_fit(run, fit(phase, cfg.train.jt3, out / "jt3", checkpoint_every=cfg.train.checkpoint_every))
+            _log_fit(run, fit(phase, cfg.train.jt3, out / "jt3", checkpoint_every=cfg.train.checkpoint_every), out / "jt3")
             if _rank0() and cfg.train.lora.guard_windows:
                 guard = _guard_adapters(cfg, phase, warm, out / "jt3" / "final")
                 run.summary({f"guard_{k}": v for k, v in guard.items() if not isinstance(v, dict)}
