@@ -359,11 +359,16 @@ def sweep_leftovers(parent: Path, name: str | None = None) -> list[Path]:
 
 
 @contextmanager
-def staged_artifact(final: Path) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it atomically replaces `final`.
+def staged_folder(final: Path, *, complete: str | None = None) -> Iterator[Path]:
+    """Yield an empty staging folder `.<name>.staging-<pid>` beside `final`; on success it replaces `final` by rename.
 
-    On an exception the staging folder is removed and `final` is left exactly as
-    it was. The previous version is only deleted after the new one is in place.
+    The one publishing procedure of every folder that must never be seen half-written
+    (artifacts, phase exports, best held-out weights, training checkpoints). Leftovers of
+    dead writers beside `final` are swept first (`sweep_leftovers`). On an exception the
+    staging folder is removed and `final` is left exactly as it was. The previous version is
+    moved aside (`.<name>.old-<pid>`) before the rename and deleted after it, so a kill at any
+    point leaves one complete version (the sweep puts a moved-aside one back).
+    `complete`: a file the build must have written (ArtifactError and nothing published otherwise).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -376,11 +381,18 @@ def staged_artifact(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if not (staging / MANIFEST).is_file():
+    if complete is not None and not (staging / complete).is_file():
         shutil.rmtree(staging, ignore_errors=True)
-        raise ArtifactError(f"{final}: build wrote no {MANIFEST}; nothing was published")
+        raise ArtifactError(f"{final}: build wrote no {complete}; nothing was published")
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_artifact(final: Path) -> Iterator[Path]:
+    """`staged_folder` for an artifact: the build must write its `manifest.json`."""
+    with staged_folder(final, complete=MANIFEST) as staging:
+        yield staging

@@ -16,7 +16,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from megacontext.config import Config, ModelConfig
 from megacontext.errors import ConfigError
 from megacontext.model.device import use_device
 from megacontext.model.gaussian_rope import gaussian_positions
-from megacontext.lifecycle.lineage import sha256_file
+from megacontext.lifecycle.lineage import sha256_file, staged_folder
 from megacontext.model.tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 
 
@@ -220,10 +219,7 @@ def _convert_gguf(gguf: Path, package: GGUFPackage, version: str, cache: Path) -
     from rich.console import Console
 
     Console(stderr=True).print(f"[bold]Converting {gguf.name} to an fp32 safetensors cache (once, ~20-90 s)[/]")
-    staging = cache.parent / f".{cache.name}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(cache, complete="source.json") as staging:
         from transformers import AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -237,11 +233,6 @@ def _convert_gguf(gguf: Path, package: GGUFPackage, version: str, cache: Path) -
         source = {"gguf": gguf.name, "gguf_sha256": gguf_sha, "distribution": f"{package.distribution}=={version}",
                   "model_id": f"{package.name}@{gguf_sha[:12]}"}
         (staging / "source.json").write_text(json.dumps(source, indent=2) + "\n")  # written last: marks complete
-        if cache.exists():
-            shutil.rmtree(cache)
-        os.replace(staging, cache)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return cache
 
 

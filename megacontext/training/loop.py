@@ -12,7 +12,6 @@ what a gist or a working context is.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import warnings
@@ -27,7 +26,7 @@ from torch import nn
 
 from megacontext.config import PhaseConfig
 from megacontext.errors import ArtifactError
-from megacontext.lifecycle.lineage import file_entry, recorded_problems, sweep_leftovers
+from megacontext.lifecycle.lineage import file_entry, recorded_problems, staged_folder, sweep_leftovers
 from megacontext.progress import progress_bar
 
 CHECKPOINTS = "checkpoints"
@@ -142,16 +141,11 @@ def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) ->
     if validating:  # export the best step's weights, not the last step's
         _load_best(out, params)
     if rank == 0:
-        final = out / "final"
-        sweep_leftovers(out)
-        staging = out / f".final.staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        phase.export(staging)
-        if validating:
-            (staging / BEST_JSON).write_text(json.dumps(best, indent=1) + "\n")
-        (staging / "telemetry.json").write_text(json.dumps(telemetry, indent=1) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
+        with staged_folder(out / "final") as staging:
+            phase.export(staging)
+            if validating:
+                (staging / BEST_JSON).write_text(json.dumps(best, indent=1) + "\n")
+            (staging / "telemetry.json").write_text(json.dumps(telemetry, indent=1) + "\n")
     if size > 1:
         dist.barrier()
     return FitResult(pcfg.steps, start, telemetry, time.perf_counter() - began)
@@ -183,17 +177,10 @@ def _save_best(out: Path, step: int, params: dict[str, nn.Parameter], val_loss: 
     record = {"step": step, "val_loss": val_loss, "start_val_loss": start_val_loss}
     if rank != 0:
         return record
-    staging = out / f".{BEST}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in params.items()}, staging / WEIGHTS[0])
-    record["files"] = {WEIGHTS[0]: file_entry(staging / WEIGHTS[0])}
-    (staging / BEST_JSON).write_text(json.dumps(record) + "\n")
-    old = out / f".{BEST}.old-{os.getpid()}"
-    if (out / BEST).exists():
-        os.replace(out / BEST, old)
-    os.replace(staging, out / BEST)
-    shutil.rmtree(old, ignore_errors=True)
+    with staged_folder(out / BEST, complete=BEST_JSON) as staging:
+        save_file({k: v.detach().contiguous() for k, v in params.items()}, staging / WEIGHTS[0])
+        record["files"] = {WEIGHTS[0]: file_entry(staging / WEIGHTS[0])}
+        (staging / BEST_JSON).write_text(json.dumps(record) + "\n")
     return record
 
 
@@ -235,21 +222,16 @@ def save_checkpoint(out: Path, step: int, params: dict[str, nn.Parameter], optim
                     telemetry: list[dict[str, float]]) -> Path:
     """Weights + optimiser state as safetensors, step + telemetry as JSON; published by rename."""
     root = out / CHECKPOINTS
-    sweep_leftovers(root)  # a killed run's half-written checkpoint
     final = root / f"step-{step:06d}"
-    staging = root / f".step-{step:06d}.staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in params.items()}, staging / "trainable.safetensors")
-    state: dict[str, torch.Tensor] = {}
-    for name, p in params.items():
-        for key, value in optimizer.state.get(p, {}).items():
-            state[f"{name}::{key}"] = torch.as_tensor(value).detach().clone().contiguous()
-    save_file(state, staging / "optimizer.safetensors")
-    files = {name: file_entry(staging / name) for name in WEIGHTS}
-    (staging / STATE).write_text(json.dumps({"step": step, "telemetry": telemetry, "files": files}) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
+    with staged_folder(final, complete=STATE) as staging:  # sweeps a killed run's half-written checkpoint first
+        save_file({k: v.detach().contiguous() for k, v in params.items()}, staging / "trainable.safetensors")
+        state: dict[str, torch.Tensor] = {}
+        for name, p in params.items():
+            for key, value in optimizer.state.get(p, {}).items():
+                state[f"{name}::{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+        save_file(state, staging / "optimizer.safetensors")
+        files = {name: file_entry(staging / name) for name in WEIGHTS}
+        (staging / STATE).write_text(json.dumps({"step": step, "telemetry": telemetry, "files": files}) + "\n")
     for old in sorted(p for p in root.glob("step-*") if (p / STATE).is_file())[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
