@@ -336,3 +336,47 @@ def test_a_policy_with_an_attention_reading_lensnet_needs_the_base_model() -> No
     wc = cold_start(3000, w_max=256, protected_tail=64)
     with pytest.raises(ValueError, match="needs the base model"):
         lens_inputs_for(wc, torch.zeros(3000, dtype=torch.long), torch.nn.Embedding(8, D), torch.nn.Identity(), 5, queries=16)
+
+
+def test_the_attention_input_is_read_with_the_adapters_off(tmp_path: Path) -> None:
+    from megacontext.context.focus_policy import lens_inputs_for, wc_attention
+    from megacontext.context.working_context import assemble_live
+    from megacontext.model.base_model import load_base_model
+    from megacontext.model.gistnet import build_gistnet
+    from megacontext.model.lora import attach_lora
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    base = load_base_model(cfg)
+    embedding = base.model.get_input_embeddings()
+    gistnet = build_gistnet(cfg.gistnet, embedding, seed=0, levels=cfg.wc.levels)
+    tokens = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(1))
+    wc = cold_start(3000, w_max=256, protected_tail=64)
+    with torch.no_grad():
+        plain_attention = wc_attention(base.model, assemble_live(wc.entries, tokens, embedding, gistnet), 16)
+    peft = attach_lora(base, cfg.train.lora, seed=0)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # live adapters (LoRA's B starts at 0)
+        for name, p in peft.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    args = (wc, tokens, embedding, gistnet, 5)
+    off = lens_inputs_for(*args, model=base.model, queries=16, plain=peft.disable_adapter).attention[0].numpy()
+    on = lens_inputs_for(*args, model=base.model, queries=16).attention[0].numpy()
+    assert np.allclose(off, plain_attention, atol=1e-6) and not np.allclose(on, plain_attention, atol=1e-3)
+
+
+def test_a_warm_start_lensnet_must_read_the_inputs_the_config_asks_for(tmp_path: Path) -> None:
+    from megacontext.errors import ConfigError
+    from megacontext.model.base_model import load_base_model
+    from megacontext.training.cycle import _lensnet
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    base = load_base_model(cfg)
+    previous = tmp_path / "cycle-0001"
+    save_lensnet(previous / "jt2" / "final", build_lensnet(cfg.lensnet, base.d_model, seed=0))
+    assert _lensnet(cfg, base, tmp_path / "cycle-0002", previous).attention_proj is None
+    aware = tiny_config(tmp_path, "lensnet.wc_attention_queries=16")
+    with pytest.raises(ConfigError, match="wc_attention_queries=0"):
+        _lensnet(aware, base, tmp_path / "cycle-0002", previous)

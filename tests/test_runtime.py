@@ -198,25 +198,29 @@ def test_a_20k_prompt_streams_within_budget_and_refocus_happens(cfg, base, tmp_p
 
 
 def test_a_lensnet_that_reads_the_working_contexts_attention_streams_on_its_scores(cfg, base, tmp_path):
-    from megacontext.context.focus_policy import wc_attention
+    from megacontext.context.focus_policy import wc_attention, wc_lens_inputs
     from megacontext.context.working_context import assemble
 
     aware = cfg.model_copy(update={"lensnet": cfg.lensnet.model_copy(update={"wc_attention_queries": 16})})
     gistnet = build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=cfg.seed, levels=cfg.wc.levels)
     lensnet = build_lensnet(aware.lensnet, base.d_model, seed=0, head_std=2.0)
-    with torch.no_grad():
-        torch.nn.init.normal_(lensnet.attention_proj.weight, std=5.0)  # make the attention input count
+    with torch.no_grad():  # make the attention input count (its own generator: the test does not depend on test order)
+        lensnet.attention_proj.weight.copy_(torch.randn(lensnet.attention_proj.weight.shape,
+                                                        generator=torch.Generator().manual_seed(0)) * 5.0)
     rt = Runtime(aware, base, gistnet, lensnet, tmp_path / "t", keep_snapshots=True)
     rt.feed(text_tokens(3_000))
     assert len(rt.wc) <= rt.wc.w_max and rt.telemetry.edits > 0
-    real = rt.score()
+    inputs = assemble(rt.wc.entries, rt.source, rt.gist_embedding, positions=rt.positions)
+    expected = wc_attention(base.model, inputs, 16)
+    assert expected.sum() == pytest.approx(1.0, abs=1e-4)
+
+    def read(nodes):
+        return assemble(nodes, rt.source, rt.gist_embedding).inputs_embeds[0]
+
     with torch.no_grad():
-        lensnet.attention_proj.weight.zero_()
-        lensnet.attention_proj.bias.zero_()
-    blind = rt.score()
-    assert not np.allclose(real, blind)  # the scores depend on the attention the runtime measured
-    inputs = assemble(rt.wc.entries, rt.source, rt.embedding, positions=rt.positions)
-    assert wc_attention(base.model, inputs, 16).sum() == pytest.approx(1.0, abs=1e-4)
+        by_hand = lensnet(wc_lens_inputs(rt.wc, aware.lensnet.tail_lod1, read, lambda: expected))[0].numpy()
+        blind = lensnet(wc_lens_inputs(rt.wc, aware.lensnet.tail_lod1, read))[0].numpy()
+    assert np.allclose(rt.score(), by_hand, atol=1e-6) and not np.allclose(by_hand, blind)  # it measured this attention
     rt.close()
 
 

@@ -114,7 +114,8 @@ def test_jt2_snapshots_of_an_attention_reading_lensnet_carry_the_working_context
     from megacontext.context.focus_policy import wc_attention
     from megacontext.context.working_context import PositionScheme, assemble_live
 
-    cfg = corpus.model_copy(update={"lensnet": corpus.lensnet.model_copy(update={"wc_attention_queries": 16})})
+    cfg = corpus.model_copy(update={"lensnet": corpus.lensnet.model_copy(update={"wc_attention_queries": 16}),
+                                    "wc": corpus.wc.model_copy(update={"positions": "compressed"})})
     base = load_base_model(cfg)
     docs = read_split(shards_dir(cfg), "train")
     embedding = base.model.get_input_embeddings()

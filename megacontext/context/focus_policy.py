@@ -11,13 +11,15 @@ spent focusing) that phases and the evaluation drain into their own telemetry.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from megacontext.config import Config
+from megacontext.errors import ConfigError
 from megacontext.context.focus_allocator import FocusAllocator
 from megacontext.model.lensnet import LensInputs, LensNet, lens_inputs, tail_nodes
 from megacontext.context.nodes import Node
@@ -71,8 +73,7 @@ def wc_attention(model: nn.Module, inputs: WCInputs, queries: int) -> np.ndarray
     install_gaussian_rope(model)
     with gaussian_positions(model, inputs.mu, inputs.sigma):
         mass, _ = attention_mass(model, [torch.arange(n - q, n)], inputs_embeds=inputs.inputs_embeds)
-    heads = model.config.num_attention_heads * model.config.num_hidden_layers
-    return (mass[0] / (heads * q)).float().numpy()
+    return (mass[0] / mass[0].sum()).float().numpy()  # every watched row's softmax sums to 1 in each layer and head
 
 
 @torch.no_grad()
@@ -89,11 +90,13 @@ def wc_lens_inputs(wc: WorkingContext, tail_lod1: int, read: Callable[[Sequence[
 
 def lens_inputs_for(wc: WorkingContext, tokens: torch.Tensor, embedding: nn.Module, gistnet: nn.Module,
                     tail_lod1: int, *, model: nn.Module | None = None, queries: int = 0,
-                    positions: PositionScheme = ABSOLUTE) -> LensInputs:
+                    positions: PositionScheme = ABSOLUTE, plain: Callable[[], ContextManager] = nullcontext) -> LensInputs:
     """LensNet's inputs with gists computed live from the window's tokens.
 
     `queries` > 0 (`lensnet.wc_attention_queries`): also the entries' attention from the last
-    `queries` tokens, read by the base `model` with `positions` (ValueError without a model).
+    `queries` tokens, read by the base `model` with `positions` and its adapters off (`plain()`:
+    LensNet learns it in JT2 from the plain base, so every reader measures it there; ValueError
+    without a model). `embedding` is the plain base embedding.
     """
     if queries and model is None:
         raise ValueError("a LensNet that reads the working context's attention needs the base model")
@@ -103,7 +106,8 @@ def lens_inputs_for(wc: WorkingContext, tokens: torch.Tensor, embedding: nn.Modu
 
     def attention() -> np.ndarray:
         inputs = assemble_live(wc.entries, tokens, embedding, gistnet, cursor=wc.cursor, positions=positions)
-        return wc_attention(model, inputs, queries)
+        with plain():
+            return wc_attention(model, inputs, queries)
 
     return wc_lens_inputs(wc, tail_lod1, read, attention if queries else None)
 
@@ -114,18 +118,23 @@ def cold_start_policy(cfg: Config, budget: int | None = None) -> Policy:
 
 
 def lens_policy(cfg: Config, embedding: nn.Module, gistnet: nn.Module, lensnet: LensNet,
-                budget: int | None = None, refocuses: int = REFOCUSES, *, model: nn.Module | None = None) -> Policy:
+                budget: int | None = None, refocuses: int = REFOCUSES, *, model: nn.Module | None = None,
+                plain: Callable[[], ContextManager] = nullcontext) -> Policy:
     """Cold start, then up to `refocuses` LensNet + allocator passes (stops early when nothing changes).
 
     `cfg.allocator.new_window` picks the passes: N_diff-capped refocuses, or the rounds of one
     uncapped `FocusAllocator.reach`. Training snapshots and the evaluation both focus here.
-    A LensNet that reads the WC's attention (`lensnet.wc_attention_queries`) needs the base `model`:
-    every pass then costs one forward of the working context.
+    A LensNet that reads the WC's attention (`lensnet.wc_attention_queries`) needs the base `model`
+    (and `plain`, a context that turns its adapters off, when it carries any): every pass then
+    costs one forward of the working context.
     """
     budget = budget or cfg.train.budget
     queries = getattr(lensnet, "cfg", cfg.lensnet).wc_attention_queries  # the checkpoint's own setting
     if queries and model is None:
         raise ValueError("this LensNet reads the working context's attention: lens_policy needs the base model")
+    if queries > cfg.wc.protected_tail:
+        raise ConfigError(f"this LensNet reads the attention of the last {queries} tokens, more than "
+                          f"wc.protected_tail ({cfg.wc.protected_tail}) keeps raw; use the profile it was trained with")
     positions = PositionScheme.of(cfg.wc)
 
     @torch.no_grad()
@@ -136,7 +145,7 @@ def lens_policy(cfg: Config, embedding: nn.Module, gistnet: nn.Module, lensnet: 
 
         def score(wc: WorkingContext) -> np.ndarray:
             return lensnet(lens_inputs_for(wc, tokens, embedding, gistnet, cfg.lensnet.tail_lod1, model=model,
-                                           queries=queries, positions=positions))[0].cpu().numpy()
+                                           queries=queries, positions=positions, plain=plain))[0].cpu().numpy()
 
         if cfg.allocator.new_window == "reach":
             allocator.reach(wc, score, rounds=refocuses)

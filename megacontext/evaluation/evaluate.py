@@ -248,13 +248,15 @@ def _evaluate_into(cfg: Config, *, checkpoint: Path | None, out: Path, without: 
     learned_focus = False
     if checkpoint:
         parts = []
+        embedding = base.model.get_input_embeddings()  # the plain one: what GistNet and LensNet read
+        if "lora" not in without:
+            plain = load_lora(base, checkpoint / "jt3" / "final").disable_adapter
         if "lensnet" not in without:
-            policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet,
-                                 load_lensnet(checkpoint / "jt2" / "final"), budget=cfg.wc.w_max, model=base.model)
+            policy = lens_policy(cfg, embedding, gistnet, load_lensnet(checkpoint / "jt2" / "final"),
+                                 budget=cfg.wc.w_max, model=base.model, plain=plain)
             parts.append("LensNet + allocator")
             learned_focus = True
         if "lora" not in without:
-            plain = load_lora(base, checkpoint / "jt3" / "final").disable_adapter
             parts.append("LoRA")
         trained = "GistNet" if "gistnet" not in without else "baseline GistNet"
         focus = f"{' + '.join(parts) or 'cold start'}, {trained} ({checkpoint.name})"

@@ -364,7 +364,8 @@ def staged_folder(final: Path, *, complete: str | None = None) -> Iterator[Path]
 
     The one publishing procedure of every folder that must never be seen half-written
     (artifacts, phase exports, best held-out weights, training checkpoints). Leftovers of
-    dead writers beside `final` are swept first (`sweep_leftovers`). On an exception the
+    dead writers of `final` itself are swept first (`sweep_leftovers(parent, name)`; a caller
+    that owns the whole parent sweeps it itself). On an exception the
     staging folder is removed and `final` is left exactly as it was. The previous version is
     moved aside (`.<name>.old-<pid>`) before the rename and deleted after it, so a kill at any
     point leaves one complete version (the sweep puts a moved-aside one back).
@@ -372,7 +373,7 @@ def staged_folder(final: Path, *, complete: str | None = None) -> Iterator[Path]
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    sweep_leftovers(final.parent)
+    sweep_leftovers(final.parent, final.name)
     staging = final.parent / f".{final.name}{_STAGING_MARK}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -385,6 +386,7 @@ def staged_folder(final: Path, *, complete: str | None = None) -> Iterator[Path]
         shutil.rmtree(staging, ignore_errors=True)
         raise ArtifactError(f"{final}: build wrote no {complete}; nothing was published")
     old = final.parent / f".{final.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)  # a writer with this pid before us (pids repeat in containers)
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
@@ -393,6 +395,8 @@ def staged_folder(final: Path, *, complete: str | None = None) -> Iterator[Path]
 
 @contextmanager
 def staged_artifact(final: Path) -> Iterator[Path]:
-    """`staged_folder` for an artifact: the build must write its `manifest.json`."""
+    """`staged_folder` for an artifact: the build must write its `manifest.json`; dead writers' leftovers
+    of any artifact beside it are swept first."""
+    sweep_leftovers(Path(final).parent)
     with staged_folder(final, complete=MANIFEST) as staging:
         yield staging

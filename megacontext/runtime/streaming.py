@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -106,8 +107,10 @@ class Telemetry:
 
 class Runtime:
     def __init__(self, cfg: Config, base: BaseLM, gistnet: GistNet, lensnet: LensNet | None, tree_dir: Path, *,
-                 gist_embedding: nn.Module | None = None, recompute: bool = False, keep_snapshots: bool = False):
-        """`gist_embedding`: what GistNet and LensNet read (the plain base embedding when LoRA is on)."""
+                 gist_embedding: nn.Module | None = None, plain: Callable[[], ContextManager] = nullcontext,
+                 recompute: bool = False, keep_snapshots: bool = False):
+        """`gist_embedding`: what GistNet and LensNet read (the plain base embedding when LoRA is on);
+        `plain`: a context that turns the base's adapters off (LensNet's attention input is read there)."""
         self.every = cfg.allocator.refocus_every
         need = cfg.wc.protected_tail + self.every + 2 * BLOCK
         if cfg.wc.w_max < need:
@@ -115,7 +118,11 @@ class Runtime:
                 f"wc.w_max {cfg.wc.w_max} is too small to stream: it must hold the protected tail "
                 f"({cfg.wc.protected_tail}), a refocus interval of headroom ({self.every}) and {2 * BLOCK} positions "
                 f"of gists, i.e. at least {need}; raise wc.w_max or lower wc.protected_tail")
-        self.cfg, self.base, self.lensnet = cfg, base, lensnet
+        self.cfg, self.base, self.lensnet, self.plain = cfg, base, lensnet, plain
+        queries = lensnet.cfg.wc_attention_queries if lensnet is not None else 0
+        if queries > cfg.wc.protected_tail:
+            raise ConfigError(f"this LensNet reads the attention of the last {queries} tokens, more than "
+                              f"wc.protected_tail ({cfg.wc.protected_tail}) keeps raw; use the profile it was trained with")
         install_gaussian_rope(base.model)
         self.embedding = base.model.get_input_embeddings()
         self.gist_embedding = gist_embedding or self.embedding
@@ -245,9 +252,10 @@ class Runtime:
         def read(nodes: Sequence[Node]) -> torch.Tensor:
             return assemble(nodes, self.source, self.gist_embedding).inputs_embeds[0]
 
-        def attention() -> np.ndarray:  # one more forward of the WC as the base reads it (not from the K/V cache)
-            inputs = assemble(self.wc.entries, self.source, self.embedding, positions=self.positions)
-            return wc_attention(self.base.model, inputs, queries)
+        def attention() -> np.ndarray:  # one more forward of the WC, plain base (not from the K/V cache)
+            inputs = assemble(self.wc.entries, self.source, self.gist_embedding, positions=self.positions)
+            with self.plain():
+                return wc_attention(self.base.model, inputs, queries)
 
         queries = self.lensnet.cfg.wc_attention_queries
         inputs = wc_lens_inputs(self.wc, self.cfg.lensnet.tail_lod1, read, attention if queries else None)
@@ -375,7 +383,9 @@ def load_runtime(cfg: Config, checkpoint: Path | None, tree_dir: Path, *, recomp
     gistnet = load_gistnet(checkpoint / "jt1" / "final")
     lensnet = load_lensnet(checkpoint / "jt2" / "final")
     plain = base.model.get_input_embeddings()
+    adapters_off: Callable[[], ContextManager] = nullcontext
     if (checkpoint / "jt3" / "final" / "adapter_config.json").is_file():
-        load_lora(base, checkpoint / "jt3" / "final")  # the base reads tokens through the adapted embedding
-    return Runtime(cfg, base, gistnet, lensnet, tree_dir, gist_embedding=plain, recompute=recompute,
-                   keep_snapshots=keep_snapshots)
+        # the base reads tokens through the adapted embedding
+        adapters_off = load_lora(base, checkpoint / "jt3" / "final").disable_adapter
+    return Runtime(cfg, base, gistnet, lensnet, tree_dir, gist_embedding=plain, plain=adapters_off,
+                   recompute=recompute, keep_snapshots=keep_snapshots)

@@ -164,10 +164,17 @@ def _gistnet(cfg: Config, base: BaseLM, out: Path, previous: Path | None) -> Gis
 
 
 def _lensnet(cfg: Config, base: BaseLM, out: Path, previous: Path | None) -> LensNet:
+    """This cycle's LensNet if JT2 finished, else the warm start (previous cycle's, or fresh). A warm
+    start must read the same inputs as the config asks for (ConfigError: no silent inherited setting)."""
     if phase_done(out / "jt2"):
         return load_lensnet(out / "jt2" / "final")
     if previous:
-        return load_lensnet(previous / "jt2" / "final")
+        net = load_lensnet(previous / "jt2" / "final")
+        if net.cfg.wc_attention_queries != cfg.lensnet.wc_attention_queries:
+            raise ConfigError(f"{previous}: its LensNet reads lensnet.wc_attention_queries="
+                              f"{net.cfg.wc_attention_queries}, this config asks for {cfg.lensnet.wc_attention_queries}; "
+                              "start a new lineage (a cycle without --previous) or keep the setting")
+        return net
     return build_lensnet(cfg.lensnet, base.d_model, seed=cfg.seed)
 
 
@@ -248,9 +255,10 @@ def run_jt3(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
         gistnet, lensnet = _gistnet(cfg, base, out, previous), _lensnet(cfg, base, out, previous)
         gistnet.requires_grad_(False)
         lensnet.requires_grad_(False)
-        policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet, model=base.model)
+        embedding = base.model.get_input_embeddings()  # the plain one, before the adapters wrap it
         peft = load_lora(base, previous / "jt3" / "final", trainable=True) if previous \
             else attach_lora(base, cfg.train.lora, seed=cfg.seed)
+        policy = lens_policy(cfg, embedding, gistnet, lensnet, model=base.model, plain=peft.disable_adapter)
         phase = JT3LoRA(cfg, base, gistnet, docs, policy, peft_model=peft)
         warm = {name: p.detach().clone() for name, p in phase.trainable().items()}  # before fit resumes anything
         with _tracked(cfg, cycle, "jt3") as run:

@@ -141,6 +141,7 @@ def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) ->
     if validating:  # export the best step's weights, not the last step's
         _load_best(out, params)
     if rank == 0:
+        sweep_leftovers(out)  # this phase's folder: a killed run's half-published best/, final/, ...
         with staged_folder(out / "final") as staging:
             phase.export(staging)
             if validating:
@@ -223,7 +224,8 @@ def save_checkpoint(out: Path, step: int, params: dict[str, nn.Parameter], optim
     """Weights + optimiser state as safetensors, step + telemetry as JSON; published by rename."""
     root = out / CHECKPOINTS
     final = root / f"step-{step:06d}"
-    with staged_folder(final, complete=STATE) as staging:  # sweeps a killed run's half-written checkpoint first
+    sweep_leftovers(root)  # a killed run's half-written checkpoint
+    with staged_folder(final, complete=STATE) as staging:
         save_file({k: v.detach().contiguous() for k, v in params.items()}, staging / "trainable.safetensors")
         state: dict[str, torch.Tensor] = {}
         for name, p in params.items():
