@@ -224,6 +224,26 @@ def test_a_lensnet_that_reads_the_working_contexts_attention_streams_on_its_scor
     rt.close()
 
 
+def test_tail_attention_from_the_cache_equals_a_full_forward_and_leaves_the_cache_as_it_was(cfg, base, tmp_path):
+    from megacontext.context.focus_policy import wc_attention
+    from megacontext.context.working_context import assemble
+
+    rt = runtime(cfg, base, tmp_path / "t")
+    rt.feed(text_tokens(3_000))
+    embedding = base.model.get_input_embeddings()
+    before = rt.next_logits().clone()
+    with torch.no_grad():
+        full = wc_attention(base.model, assemble(rt.wc.entries, rt.source, embedding, positions=rt.positions), 24)
+    got = rt.cache.tail_attention(rt.wc.entries, rt.source, 24)
+    assert len(rt.wc) > 100 and np.allclose(got, full, atol=1e-6) and got.sum() == pytest.approx(1.0, abs=1e-5)
+    assert torch.allclose(recomputed(base, rt), before, atol=1e-4)  # the tail's K/V came back the same
+    rt.cache.logits = None  # the next token's logits from the cache as it now is
+    assert torch.allclose(rt.next_logits(), before, atol=1e-4)
+    with pytest.raises(ValueError, match="cannot crop"):
+        WCKVCache(base, recompute=True).tail_attention(rt.wc.entries, rt.source, 24)
+    rt.close()
+
+
 def test_without_lensnet_the_past_coarsens_oldest_first_and_recent_tokens_stay_lod0(cfg, base, tmp_path):
     rt = runtime(cfg, base, tmp_path / "t", lens=False)
     rt.feed(text_tokens(8_000))

@@ -111,6 +111,30 @@ def _implementation(model: nn.Module, name: str) -> Iterator[None]:
             model.set_attn_implementation(previous)
 
 
+@contextmanager
+def capturing(model: nn.Module, groups: Sequence[torch.Tensor], length: int, query_start: int = 0) -> Iterator[_Capture]:
+    """Watch the attention of the forwards run inside the block; the yielded capture's `mass` [G, length]
+    (float64) accumulates as in `attention_mass`.
+
+    For a forward the caller runs itself, e.g. the last entries of a working context against a K/V
+    cache holding the first `query_start` positions: that forward's queries must be positions
+    [query_start, length), one sequence, and every watched row must lie among them (ValueError).
+    RuntimeError if no attention ran through the AttentionInterface.
+    """
+    capture = _Capture(list(groups), length)
+    if len(capture.rows) and int(capture.rows.min()) < query_start:
+        raise ValueError(f"watched rows must be queries of this forward (>= {query_start})")
+    capture.query_start = query_start
+    with _implementation(model, IMPLEMENTATION):
+        _active.append(capture)
+        try:
+            yield capture
+        finally:
+            _active.pop()
+    if capture.layers == 0:
+        raise RuntimeError(f"{type(model).__name__} ran no attention through the AttentionInterface; cannot measure mass")
+
+
 @torch.no_grad()
 def attention_mass(model: nn.Module, groups: Sequence[torch.Tensor], *, logits_at: torch.Tensor | None = None,
                    prefill_chunk: int | None = None,

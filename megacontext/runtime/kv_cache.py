@@ -8,6 +8,9 @@ the edited node and every entry after it, while entries [0, i) are unchanged
 and reused. The cache remembers which entries its K/V belong to, finds the
 longest unchanged prefix of the next WC, drops the rest and runs only the
 suffix. `recompute=True` (or `invalidate()`) is the full-recompute fallback.
+
+`tail_attention` reads LensNet's question-aware input (architecture.md §2.5) from the cache:
+only the last q entries run again, watched, against the cached prefix.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
+from megacontext.model.attention_mass import capturing
 from megacontext.model.base_model import BaseLM, has_sliding_window_layers
 from megacontext.model.gaussian_rope import gaussian_positions
 from megacontext.context.nodes import Node
@@ -94,3 +99,30 @@ class WCKVCache:
         for node in suffix:
             s.computed_by_level[node.level] = s.computed_by_level.get(node.level, 0) + 1
         return self.logits
+
+    @torch.no_grad()
+    def tail_attention(self, entries: Sequence[Node], source: NodeSource, queries: int) -> np.ndarray:
+        """[N] the mean attention probability the last `queries` entries put on each entry (sums to 1).
+
+        The same numbers as `focus_policy.wc_attention` over the whole WC (up to float rounding),
+        at the cost of a `queries`-entry forward: the cache is brought up to `entries`, cropped to
+        the first N - q, and the last q entries run again against it, watched; their K/V come back
+        the same. The cache reads the base as it is: a caller that wants the plain base's attention
+        of an adapted base measures it with a full forward instead (the cached prefix is adapted).
+        ValueError for a cache that cannot crop (sliding-window layers) or recomputes.
+        """
+        if self.sliding or self.recompute:
+            raise ValueError("this cache cannot crop back to a prefix; measure the attention with a full forward")
+        n = len(entries)
+        q = min(queries, n - 1)  # at least one cached entry before the watched ones
+        self.next_logits(entries, source)
+        model = self.base.model
+        self.cache.crop(-q)  # keep the first n - q entries (the cache holds exactly `entries`)
+        inputs = assemble(entries[n - q :], source, model.get_input_embeddings(), positions=self.positions,
+                          first=self.positions.after(entries[: n - q]))
+        with gaussian_positions(model, inputs.mu, inputs.sigma), \
+                capturing(model, [torch.arange(n - q, n)], n, query_start=n - q) as capture:
+            out = model(inputs_embeds=inputs.inputs_embeds, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        mass = capture.mass[0]
+        return (mass / mass.sum()).float().numpy()

@@ -252,7 +252,11 @@ class Runtime:
         def read(nodes: Sequence[Node]) -> torch.Tensor:
             return assemble(nodes, self.source, self.gist_embedding).inputs_embeds[0]
 
-        def attention() -> np.ndarray:  # one more forward of the WC, plain base (not from the K/V cache)
+        def attention() -> np.ndarray:  # the plain base's attention from the WC's last tail tokens
+            adapted = self.plain is not nullcontext
+            if not (adapted or self.cache.sliding or self.cache.recompute or self.cfg.mega.attention):
+                # from the K/V cache: a q-entry forward (adapters or MegaAttention: the cache is not the plain base's)
+                return self.cache.tail_attention(self.wc.entries, self.source, queries)
             inputs = assemble(self.wc.entries, self.source, self.gist_embedding, positions=self.positions)
             with self.plain():
                 return wc_attention(self.base.model, inputs, queries)
