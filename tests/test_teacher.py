@@ -136,3 +136,60 @@ def test_jt2_snapshots_of_an_attention_reading_lensnet_carry_the_working_context
     loss, _ = phase.loss(["s00000"], 1)
     loss.backward()
     assert lensnet.attention_proj.weight.grad is not None and lensnet.attention_proj.weight.grad.abs().sum() > 0
+
+
+def test_jt2_snapshots_are_focused_once_by_the_warm_start_never_by_the_lensnet_being_trained(corpus, tmp_path) -> None:
+    from megacontext.context.focus_policy import Policy
+
+    cfg = corpus
+    base = load_base_model(cfg)
+    docs = read_split(shards_dir(cfg), "train")
+    gistnet = build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=0)
+    labels = tmp_path / "labels"
+    generate_labels(cfg, base, gistnet, docs, cold_start_policy(cfg), labels)
+    write_manifest(labels, kind="lens_labels", format_version=1, config_hash="test")
+    focused = []
+    cold = cold_start_policy(cfg)
+    policy = Policy(lambda window: (focused.append(window.start) or cold(window), {}))
+    lensnet = build_lensnet(cfg.lensnet, base.d_model, seed=0, head_std=0.5)
+    phase = JT2LensNet(cfg, base, gistnet, lensnet, docs, policy, labels)
+    assert len(focused) == len(phase.snapshot_ids) == 3  # every snapshot, when the phase starts
+    optimiser = torch.optim.SGD(lensnet.parameters(), lr=0.1)
+    for step in range(3):  # training changes the LensNet the policy of run_jt2 would focus with ...
+        loss, _ = phase.loss(phase.make_batch(step, [0, 1]), 2)
+        loss.backward()
+        optimiser.step()
+    assert len(focused) == 3  # ... but no snapshot is focused again: labels keep indexing the WC they were made on
+
+
+def test_jt2_validation_is_the_loss_on_held_out_teacher_windows(corpus, tmp_path) -> None:
+    from megacontext.data.windows import SeedOffset
+
+    cfg = corpus
+    base = load_base_model(cfg)
+    docs = read_split(shards_dir(cfg), "train")
+    usable = eligible(docs, cfg.train.history, cfg.train.horizon)
+    heldout = [snapshot_window(cfg, usable, i, SeedOffset.JT2_HELDOUT) for i in range(2)]
+    assert {(w.doc_id, w.start) for w in heldout}.isdisjoint({(snapshot_window(cfg, usable, i).doc_id,
+                                                              snapshot_window(cfg, usable, i).start) for i in range(6)})
+    masses, _ = teacher.teacher_masses(cfg, base, heldout)
+    embedding = base.model.get_input_embeddings()
+    gistnet = build_gistnet(cfg.gistnet, embedding, seed=0)
+    labels = tmp_path / "labels"
+    generate_labels(cfg, base, gistnet, docs, cold_start_policy(cfg), labels)
+    write_manifest(labels, kind="lens_labels", format_version=1, config_hash="test")
+    lensnet = build_lensnet(cfg.lensnet, base.d_model, seed=0, head_std=0.5)
+    phase = JT2LensNet(cfg, base, gistnet, lensnet, docs, cold_start_policy(cfg), labels, heldout=masses)
+    by_hand = []
+    for window, m in zip(heldout, masses):  # the loss of each held-out WC against its teacher targets
+        wc = cold_start_policy(cfg)(window)
+        inputs = phase._build(window, m)
+        target, labelled = teacher.relevance_targets(wc.entries, wc.cursor, wc.protected_tail, wc.w_max, m)
+        assert torch.equal(inputs[1], target) and torch.equal(inputs[2], labelled)
+        with torch.no_grad():
+            by_hand.append(lensnet_loss(lensnet(inputs[0]), target[None], labelled[None], inputs[3][None],
+                                        inputs[4][None], cfg.lensnet)[0].item())
+    assert phase.validate(2) == pytest.approx(sum(by_hand) / 2)
+    assert phase.validate(1) == pytest.approx(by_hand[0])
+    with pytest.raises(ValueError, match="held-out teacher windows"):
+        phase.validate(3)

@@ -28,6 +28,7 @@ class SeedOffset(IntEnum):
     JT3_GUARD = 4  # the plain-reading guard's unseen windows
     JT1_GUARD = 5  # the gist guard's unseen windows
     JT1_HELDOUT = 6  # JT1's early-stopping windows (never the guard's: the guard judges what early stopping chose)
+    JT2_HELDOUT = 7  # JT2's early-stopping windows (teacher-labelled, never trained on)
 
 
 @dataclass(frozen=True)

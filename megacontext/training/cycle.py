@@ -26,7 +26,7 @@ from megacontext.context.focus_policy import lens_policy
 from megacontext.context.tree_build import build_trees
 from megacontext.errors import ConfigError
 from megacontext.data.shards import TokenizedDocument, read_split, shards_dir
-from megacontext.data.windows import eligible
+from megacontext.data.windows import SeedOffset, eligible
 from megacontext.lifecycle.lineage import MANIFEST, stale_inputs, verify_files, write_manifest
 from megacontext.lifecycle.locks import artifact_lock
 from megacontext.lifecycle.tracking import Run, start_run
@@ -226,22 +226,26 @@ def run_jt2(cfg: Config, cycle: int, previous: Path | None = None) -> Path:
         gistnet, lensnet = _gistnet(cfg, base, out, previous), _lensnet(cfg, base, out, previous)
         gistnet.requires_grad_(False)
         policy = lens_policy(cfg, base.model.get_input_embeddings(), gistnet, lensnet, model=base.model)
-        masses, teacher = _teacher(cfg, base, docs)
+        masses, teacher = _teacher(cfg, base, docs, cfg.train.teacher_windows)
+        jt2 = cfg.train.jt2
+        heldout, heldout_dir = _teacher(cfg, base, docs, jt2.eval_windows if jt2.eval_every else 0,
+                                        SeedOffset.JT2_HELDOUT)
         with _tracked(cfg, cycle, "jt2") as run:
-            _log_fit(run, fit(JT2LensNet(cfg, base, gistnet, lensnet, docs, policy, labels, masses), cfg.train.jt2,
-                              out / "jt2", checkpoint_every=cfg.train.checkpoint_every), out / "jt2")
+            phase = JT2LensNet(cfg, base, gistnet, lensnet, docs, policy, labels, masses, heldout)
+            _log_fit(run, fit(phase, jt2, out / "jt2", checkpoint_every=cfg.train.checkpoint_every), out / "jt2")
             _seal(cfg, out / "jt2" / "final", PHASE_KINDS["jt2"], cycle, previous, labels, out / "jt1" / "final",
-                  _warm(previous, "jt2"), teacher)
+                  _warm(previous, "jt2"), teacher, heldout_dir)
     _barrier()  # every rank sees the sealed output before going on
     return out / "jt2" / "final"
 
 
-def _teacher(cfg: Config, base: BaseLM, docs: list[TokenizedDocument]) -> tuple[list[np.ndarray], Path | None]:
-    """Teacher block masses of the first `train.teacher_windows` JT2 snapshot windows (cached across cycles)."""
-    if not cfg.train.teacher_windows:
+def _teacher(cfg: Config, base: BaseLM, docs: list[TokenizedDocument], count: int,
+             stream: SeedOffset = SeedOffset.JT2_SNAPSHOTS) -> tuple[list[np.ndarray], Path | None]:
+    """Teacher block masses of the first `count` windows of a JT2 stream (cached across cycles)."""
+    if not count:
         return [], None
     usable = eligible(docs, cfg.train.history, cfg.train.horizon)
-    windows = [snapshot_window(cfg, usable, i) for i in range(cfg.train.teacher_windows)]
+    windows = [snapshot_window(cfg, usable, i, stream) for i in range(count)]
     built = teacher_masses(cfg, base, windows) if _rank0() else None  # rank 0 builds; the others read its cache
     _barrier()
     return built or teacher_masses(cfg, base, windows)
