@@ -46,6 +46,10 @@ def test_a_tiny_cycle_runs_end_to_end_and_is_evaluated(first_cycle) -> None:
     validated = [row["step"] for row in summary["telemetry"]["jt1"] if "val_loss" in row]
     assert validated == [2, 4] and summary["best_steps"]["jt1"]["step"] in (0, 2, 4)  # tiny: eval_every 2
     assert "best.json" in json.loads((out / "jt1/final/manifest.json").read_text())["files"]
+    validated = [row["step"] for row in summary["telemetry"]["jt2"] if "val_loss" in row]  # JT2 on held-out teacher windows
+    assert validated == [2, 4] and summary["best_steps"]["jt2"]["step"] in (0, 2, 4)
+    jt2_inputs = [i["kind"] for i in json.loads((out / "jt2/final/manifest.json").read_text())["inputs"]]
+    assert "lens-teacher" in jt2_inputs  # the held-out masses are part of its lineage
     report = evaluate(cfg, checkpoint=out)
     assert report == report_dir(cfg, out) and not report.is_relative_to(out)
     assert verify_files(out) == []  # evaluating a cycle leaves the cycle (the DVC `cycle` stage's output) untouched
