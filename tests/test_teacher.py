@@ -26,22 +26,28 @@ def _raw(block: int) -> list[Node]:
 
 
 def test_relevance_targets_known_answers() -> None:
-    # 10 blocks, the last 2 protected; 8 free blocks, so K = (134 - 64 - 8) // 31 = 2 raw blocks fit: θ = 8
-    mass = np.array([8, 1, 1, 2, 16, 1, 0.5, 4, 9, 9], dtype=np.float64)
+    # 10 blocks, the last 2 protected; 8 free blocks, so K = (134 - 64 - 8) // 31 = 2 raw blocks fit. Block 0 is
+    # the attention sink (mass 80): it takes no part, so θ = 4, the 2nd largest of blocks 1-7 (1, 1, 2, 16, 1, 0.5, 4)
+    mass = np.array([80, 1, 1, 2, 16, 1, 0.5, 4, 9, 9], dtype=np.float64)
     entries = [Node(0, 1), Node(32, 1), *_raw(2), *_raw(3), Node(128, 1), Node(160, 1), Node(192, 1), *_raw(7),
                *_raw(8), *_raw(9)]
     target, labelled = teacher.relevance_targets(entries, 320, 64, 134, mass)
-    want = {0: 0.0, 1: -1.0, 2: -1.0, 34: np.log(2 / 8) / LOG4, 66: 0.5, 67: -1.0, 68: -1.0, 69: np.log(4 / 8) / LOG4}
+    want = {1: -1.0, 2: -1.0, 34: np.log(2 / 4) / LOG4, 66: 1.0, 67: -1.0, 68: -1.0, 69: 0.0}
     for i, value in want.items():
         assert target[i].item() == pytest.approx(value, abs=1e-6), i
     assert torch.equal(target[2:34], target[2].expand(32)) and torch.equal(target[69:101], target[69].expand(32))
-    assert labelled[:101].all() and not labelled[101:].any()  # the protected tail has no legal action
-    # a gist takes the largest block mass it covers; a token never asks to expand (its target is <= 0)
+    assert not labelled[0] and target[0] == 0  # the sink's own gist: no label
+    assert labelled[1:101].all() and not labelled[101:].any()  # the protected tail has no legal action
+    # a gist takes the largest block mass it covers, the sink's aside; a token never asks to expand (target <= 0)
     lod2 = [Node(0, 2), *[Node(t, 0) for t in range(1_024, 1_280)]]
     mass = np.ones(40)
     mass[5] = 10.0
     target, labelled = teacher.relevance_targets(lod2, 1_280, 64, 300, mass)
     assert target[0].item() == 1.0 and target[1].item() == pytest.approx(0.0, abs=1e-6)
+    mass[0] = 1_000.0  # a heavier sink changes nothing
+    assert torch.equal(teacher.relevance_targets(lod2, 1_280, 64, 300, mass)[0], target)
+    mass[5] = 1.0  # without a relevant block the LOD2 gist no longer asks to expand, however heavy its sink
+    assert teacher.relevance_targets(lod2, 1_280, 64, 300, mass)[0][0].item() == pytest.approx(0.0, abs=1e-6)
     assert (target <= 1).all() and (target[1:] <= 0).all() and labelled[:1 + 256 - 64].all()
     with pytest.raises(ValueError, match="block masses"):
         teacher.relevance_targets(lod2, 1_280, 64, 300, mass[:30])

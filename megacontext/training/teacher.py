@@ -33,6 +33,7 @@ from megacontext.progress import progress_bar
 KIND = "lens-teacher"
 FORMAT_VERSION = 1
 MASS_FILE = "block_mass.npz"
+SINK_BLOCKS = 1  # the window's first block: the attention sink (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", 2023)
 TARGET_RANGE = 4.0  # a block this many times above (below) the budget's threshold mass gets target +1 (-1)
 
 
@@ -61,22 +62,31 @@ def relevance_targets(entries: Sequence[Node], cursor: int, protected_tail: int,
     is log(value / θ) / log(TARGET_RANGE) clipped to [-1, 1]: gists above θ should expand, blocks
     below it should collapse. A token's target is at most 0 (it cannot expand); tokens of the protected
     tail are unlabelled (no legal action). `mass` [≥ blocks before the cursor] from `horizon_block_mass`.
+
+    The window's first `SINK_BLOCKS` blocks are the attention sink: the base's first positions draw a
+    large share of every query's attention whatever they hold (36-51 % of the horizon's mass on
+    SmolLM2 windows of 2,048 tokens), and whatever entry comes first in a working context plays that
+    part. Their mass says nothing about relevance, so it takes no part in θ or in any entry's value;
+    an entry that covers only sink blocks is unlabelled.
     """
     tail_from = max(0, cursor - protected_tail)
     free = tail_from // BLOCK  # U: blocks wholly before the protected tail
     if len(mass) < cursor // BLOCK:
         raise ValueError(f"{len(mass)} block masses for a {cursor}-token history ({cursor // BLOCK} blocks)")
     mass = np.asarray(mass, dtype=np.float64)
-    floor = 1e-9 * max(float(mass.sum()), 1e-30)  # zero mass -> a finite, very negative log
+    floor = 1e-9 * max(float(mass[SINK_BLOCKS:].sum()), 1e-30)  # zero mass -> a finite, very negative log
     keep = max(1, (w_max - protected_tail - free) // (BLOCK - 1))
-    ranked = np.sort(mass[:free])[::-1]
-    theta = (ranked[min(keep, len(ranked)) - 1] if len(ranked) else float(mass.max(initial=0.0))) + floor
+    ranked = np.sort(mass[SINK_BLOCKS:free])[::-1]
+    theta = (ranked[min(keep, len(ranked)) - 1] if len(ranked) else float(mass[SINK_BLOCKS:].max(initial=0.0))) + floor
     target = torch.zeros(len(entries))
     labelled = torch.zeros(len(entries), dtype=torch.bool)
     for i, node in enumerate(entries):
         if node.level == 0 and node.start >= tail_from:
             continue
-        blocks = mass[node.start // BLOCK : max(node.end // BLOCK, node.start // BLOCK + 1)]
+        first = max(node.start // BLOCK, SINK_BLOCKS)
+        blocks = mass[first : max(node.end // BLOCK, node.start // BLOCK + 1)]
+        if not len(blocks):  # only sink blocks
+            continue
         value = float(blocks.max()) + floor
         t = float(np.clip(np.log(value / theta) / np.log(TARGET_RANGE), -1.0, 1.0))
         target[i] = min(t, 0.0) if node.level == 0 else t
