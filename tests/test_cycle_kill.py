@@ -55,4 +55,5 @@ def test_killed_cycle_resumes_to_the_uninterrupted_result(tmp_path: Path) -> Non
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     best = [json.loads((root / "artifacts/cycles/cycle-0001/cycle.json").read_text())["best_steps"]
             for root in (tmp_path / "straight", tmp_path / "killed")]
-    assert best[0] == best[1] and set(best[0]) == {"jt1"} and best[0]["jt1"]["step"] in (0, 2, 4, 6)
+    assert best[0] == best[1] and set(best[0]) == {"jt1", "jt2"} and best[0]["jt1"]["step"] in (0, 2, 4, 6)
+    assert best[0]["jt2"]["step"] in (0, 2, 4)  # the tiny profile validates JT2 too
