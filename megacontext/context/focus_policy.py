@@ -100,16 +100,26 @@ def lens_inputs_for(wc: WorkingContext, tokens: torch.Tensor, embedding: nn.Modu
     """
     if queries and model is None:
         raise ValueError("a LensNet that reads the working context's attention needs the base model")
+    # the WC's gists once: LensNet's entry vectors and the base's input are the same vectors
+    whole = assemble_live(wc.entries, tokens, embedding, gistnet, cursor=wc.cursor, positions=positions)
 
     def read(nodes: Sequence[Node]) -> torch.Tensor:
+        if nodes is wc.entries:
+            return whole.inputs_embeds[0]
         return assemble_live(nodes, tokens, embedding, gistnet, cursor=wc.cursor).inputs_embeds[0]
 
     def attention() -> np.ndarray:
-        inputs = assemble_live(wc.entries, tokens, embedding, gistnet, cursor=wc.cursor, positions=positions)
         with plain():
-            return wc_attention(model, inputs, queries)
+            return wc_attention(model, whole, queries)
 
     return wc_lens_inputs(wc, tail_lod1, read, attention if queries else None)
+
+
+def check_attention_queries(queries: int, protected_tail: int) -> None:
+    """ConfigError when a LensNet reads the attention of more tail tokens than the protected tail keeps raw."""
+    if queries > protected_tail:
+        raise ConfigError(f"this LensNet reads the attention of the last {queries} tokens, more than "
+                          f"wc.protected_tail ({protected_tail}) keeps raw; use the profile it was trained with")
 
 
 def cold_start_policy(cfg: Config, budget: int | None = None) -> Policy:
@@ -132,9 +142,7 @@ def lens_policy(cfg: Config, embedding: nn.Module, gistnet: nn.Module, lensnet: 
     queries = getattr(lensnet, "cfg", cfg.lensnet).wc_attention_queries  # the checkpoint's own setting
     if queries and model is None:
         raise ValueError("this LensNet reads the working context's attention: lens_policy needs the base model")
-    if queries > cfg.wc.protected_tail:
-        raise ConfigError(f"this LensNet reads the attention of the last {queries} tokens, more than "
-                          f"wc.protected_tail ({cfg.wc.protected_tail}) keeps raw; use the profile it was trained with")
+    check_attention_queries(queries, cfg.wc.protected_tail)
     positions = PositionScheme.of(cfg.wc)
 
     @torch.no_grad()

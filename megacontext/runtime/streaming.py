@@ -30,7 +30,7 @@ from megacontext.model.base_model import BaseLM, load_base_model
 from megacontext.config import Config
 from megacontext.errors import ArtifactError, ConfigError, InputDataError
 from megacontext.context.focus_allocator import Edit, FocusAllocator
-from megacontext.context.focus_policy import wc_attention, wc_lens_inputs
+from megacontext.context.focus_policy import check_attention_queries, wc_attention, wc_lens_inputs
 from megacontext.model.gaussian_rope import install_gaussian_rope
 from megacontext.model.gistnet import GistNet, TreeGistEncoder, build_gistnet, load_gistnet
 from megacontext.model.lora import load_lora
@@ -119,10 +119,7 @@ class Runtime:
                 f"({cfg.wc.protected_tail}), a refocus interval of headroom ({self.every}) and {2 * BLOCK} positions "
                 f"of gists, i.e. at least {need}; raise wc.w_max or lower wc.protected_tail")
         self.cfg, self.base, self.lensnet, self.plain = cfg, base, lensnet, plain
-        queries = lensnet.cfg.wc_attention_queries if lensnet is not None else 0
-        if queries > cfg.wc.protected_tail:
-            raise ConfigError(f"this LensNet reads the attention of the last {queries} tokens, more than "
-                              f"wc.protected_tail ({cfg.wc.protected_tail}) keeps raw; use the profile it was trained with")
+        check_attention_queries(lensnet.cfg.wc_attention_queries if lensnet is not None else 0, cfg.wc.protected_tail)
         install_gaussian_rope(base.model)
         self.embedding = base.model.get_input_embeddings()
         self.gist_embedding = gist_embedding or self.embedding
