@@ -40,7 +40,8 @@ def main() -> int:
     torch.set_grad_enabled(False)
     base = load_base_model(cfg)
     install_gaussian_rope(base.model)
-    gistnet = build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=cfg.seed, levels=cfg.wc.levels)
+    gistnet = build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=cfg.seed, levels=cfg.wc.levels,
+                            model=base.model)
     docs = eligible(read_split(shards_dir(cfg), "train", base.tokenizer.name), cfg.train.history, cfg.train.horizon)
     policy = cold_start_policy(cfg)
     totals = {"reuse": [0, 0.0], "naive": [0, 0.0]}

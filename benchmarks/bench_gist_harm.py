@@ -58,12 +58,12 @@ def gist_variant(spec: str, base, cfg) -> torch.nn.Module:
     """A callable (x [N, 32, d], level) -> [N, d] standing in for GistNet in `assemble_live`."""
     embedding = base.model.get_input_embeddings()
     if spec == "mean" or spec.startswith("mean@"):
-        net = build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels)
+        net = build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels, model=base.model)
         with torch.no_grad():  # mean@s: the untrained gist at s times the token norm
             net.log_scale.fill_(float(np.log(float(spec[5:]))) if "@" in spec else 0.0)
         return net
     if spec.startswith("cycle:"):
-        return load_gistnet(Path(spec.split(":", 1)[1]) / "jt1" / "final")
+        return load_gistnet(Path(spec.split(":", 1)[1]) / "jt1" / "final", base.model)
     if spec == "zero":
         return lambda x, level: torch.zeros(x.shape[0], x.shape[-1], dtype=x.dtype)
     if spec.startswith("token:"):

@@ -72,7 +72,7 @@ def main() -> int:
     embedding = base.model.get_input_embeddings()
 
     def mean_init():
-        return build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels)
+        return build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels, model=base.model)
 
     results = {}
     for name, pcfg in settings.items():

@@ -96,7 +96,7 @@ def main() -> None:
     install_gaussian_rope(base.model)
     embedding = base.model.get_input_embeddings()
     gistnet = (load_gistnet(args.checkpoint / "jt1" / "final") if args.checkpoint else
-               build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels)).eval()
+               build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels)).attach(base.model).eval()
     docs = read_split(shards_dir(cfg), "val", tokenizer_name=base.tokenizer.name)
     h, w = cfg.eval.horizon, cfg.wc.w_max
     absolute = PositionScheme("absolute", tuple(cfg.wc.slot_widths))

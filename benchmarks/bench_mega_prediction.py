@@ -105,10 +105,10 @@ def main() -> int:
     install_mega_attention(base.model, cfg.mega.layers)
     embedding = base.model.get_input_embeddings()
     if args.checkpoint:
-        gistnet = load_gistnet(args.checkpoint / "jt1" / "final")
+        gistnet = load_gistnet(args.checkpoint / "jt1" / "final", base.model)
         policy = lens_policy(cfg, embedding, gistnet, load_lensnet(args.checkpoint / "jt2" / "final"), model=base.model)
     else:
-        gistnet = build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels)
+        gistnet = build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels, model=base.model)
         policy = cold_start_policy(cfg)
     gistnet.requires_grad_(False)
     t = cfg.train

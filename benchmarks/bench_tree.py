@@ -49,7 +49,8 @@ def main() -> int:
     torch.set_grad_enabled(False)
     base = load_base_model(cfg)
     embedding = base.model.get_input_embeddings()
-    encoder = TreeGistEncoder(build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels), embedding)
+    encoder = TreeGistEncoder(build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels,
+                                         model=base.model), embedding)
     tokens = np.concatenate([d.tokens for d in read_split(shards_dir(cfg), "train", base.tokenizer.name)])[: args.tokens]
     results: dict = {"profile": args.profile, "model_id": base.model_id, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:

@@ -110,3 +110,138 @@ def test_checkpoint_round_trip_and_tamper_detection(base, tmp_path) -> None:
     (tmp_path / "gistnet.json").write_text(meta)
     with pytest.raises(ArtifactError, match="do not match the recorded identity"):
         load_gistnet(tmp_path)
+
+
+# Contextual (hidden-state) level-1 inputs: gistnet.inputs=hidden
+
+
+def _hidden(base, layers: int = 2):
+    return _gistnet(base, inputs="hidden", input_layers=layers).attach(base.model)
+
+
+def test_hidden_inputs_are_the_residual_stream_after_the_first_layers_of_each_block_read_alone(tmp_path) -> None:
+    """Known answer: HF's hidden_states[k] of a forward over each 32-token block on its own (the tiny base has
+    2 layers; hidden_states[2] would be after the final norm, so k = 1). Its own base: HF records hidden
+    states with hooks it leaves installed."""
+    from megacontext.model.base_model import load_base_model
+    from megacontext.model.gistnet import level1_reader
+    from tests.conftest import tiny_config
+
+    base = load_base_model(tiny_config(tmp_path))
+
+    ids = torch.randint(0, 256, (2, 96), generator=torch.Generator().manual_seed(0))  # 2 rows of 3 blocks
+    got = level1_reader(_hidden(base, 1), base.model.get_input_embeddings())(ids)
+    assert got.shape == (2, 96, 64)
+    with torch.no_grad():
+        for row in range(2):
+            for b in range(3):
+                block = ids[row, 32 * b : 32 * (b + 1)][None]
+                want = base.model(input_ids=block, output_hidden_states=True).hidden_states[1][0]
+                assert torch.allclose(got[row, 32 * b : 32 * (b + 1)], want, atol=1e-5)
+    changed = ids.clone()
+    changed[0, :32] = (changed[0, :32] + 1) % 256  # another first block: the others' inputs are unchanged
+    again = level1_reader(_hidden(base, 1), base.model.get_input_embeddings())(changed)
+    assert torch.equal(again[0, 32:], got[0, 32:]) and not torch.allclose(again[0, :32], got[0, :32])
+    assert not torch.allclose(got[0, :32], base.model.get_input_embeddings()(ids[0, :32]))  # not the embeddings
+
+
+def test_untrained_hidden_input_gist_is_the_mean_of_rms_normalised_states_at_token_norm(base) -> None:
+    from megacontext.model.gistnet import level1_reader
+
+    net = _hidden(base)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    h = level1_reader(net, None)(ids)  # [4, 32, d]
+    g = net(h, 1)
+    normalised = h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    cos = torch.nn.functional.cosine_similarity(g, normalised.mean(1), dim=-1)
+    assert torch.allclose(cos, torch.ones(4), atol=1e-5)
+    assert torch.allclose(g.norm(dim=-1), net.target_norm.expand(4), rtol=1e-4)
+    assert {n for n, _ in net.named_parameters()} >= {"input_norm.weight", "input_proj.weight", "input_proj.bias"}
+    assert not any(n.startswith("reader") for n, _ in net.named_parameters())  # the base is not GistNet's
+
+
+def test_hidden_inputs_are_read_with_the_adapters_off_and_outside_gaussian_positions(tmp_path) -> None:
+    from megacontext.model.base_model import load_base_model
+    from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
+    from megacontext.model.gistnet import level1_reader
+    from megacontext.model.lora import attach_lora
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    base = load_base_model(cfg)
+    install_gaussian_rope(base.model)
+    net = _gistnet(base, inputs="hidden", input_layers=1).attach(base.model)
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(2))
+    plain = level1_reader(net, None)(ids)
+    peft = attach_lora(base, cfg.train.lora, seed=0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # live adapters (LoRA's B starts at 0)
+        for name, p in peft.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    grads = {name: p.requires_grad for name, p in peft.named_parameters()}
+    assert torch.allclose(level1_reader(net, None)(ids), plain, atol=1e-6)
+    with torch.no_grad():  # the adapters are live again afterwards, their requires_grad untouched
+        adapted = base.model(input_ids=ids[:1], output_hidden_states=True).hidden_states[1][0]
+    assert not torch.allclose(adapted, plain[0], atol=1e-3)
+    assert grads == {name: p.requires_grad for name, p in peft.named_parameters()}
+    mu, sigma = torch.full((1, 32), 5000.0), torch.full((1, 32), 7.0)
+    with peft.disable_adapter(), gaussian_positions(base.model, mu, sigma):
+        assert torch.allclose(level1_reader(net, None)(ids), plain, atol=1e-6)
+
+
+def test_hidden_input_gists_agree_between_tree_live_assembly_and_a_reload(base, tmp_path) -> None:
+    import copy
+
+    from megacontext.context.nodes import Node
+    from megacontext.context.working_context import assemble_live
+    from megacontext.errors import ConfigError
+    from megacontext.model.gistnet import load_gistnet, save_gistnet
+
+    net = _hidden(base)
+    with torch.no_grad():
+        net.input_proj.weight.add_(0.05 * torch.randn(64, 64, generator=torch.Generator().manual_seed(4)))
+    embedding = base.model.get_input_embeddings()
+    tokens = torch.randint(0, 256, (1024 + 64,), generator=torch.Generator().manual_seed(5))
+    entries = [Node(0, 2), Node(1024, 1), Node(1056, 0)]
+    with torch.no_grad():
+        live = assemble_live(entries, tokens, embedding, net).inputs_embeds[0]  # [3, d]
+    enc = TreeGistEncoder(net, embedding, batch=5)
+    lod1 = enc.encode_tokens(tokens[:1056].numpy().reshape(33, 32).astype(np.uint32))
+    lod2 = enc.encode_gists(lod1[None, :32], level=2)
+    assert np.allclose(live[0].numpy(), lod2[0], atol=1e-5) and np.allclose(live[1].numpy(), lod1[32], atol=1e-5)
+    assert torch.allclose(enc.encode_block(tokens[1024:1056]), live[1], atol=1e-5)
+    save_gistnet(tmp_path, net)
+    with pytest.raises(ConfigError, match="attach it to the base model"):
+        TreeGistEncoder(load_gistnet(tmp_path), embedding)
+    reloaded = TreeGistEncoder(load_gistnet(tmp_path, base.model), embedding)
+    assert np.allclose(reloaded.encode_tokens(tokens[:64].numpy().reshape(2, 32).astype(np.uint32)), lod1[:2], atol=1e-6)
+    assert copy.deepcopy(net).reader is net.reader  # a warm-start copy reads the same base, never a copy of it
+
+
+def test_hidden_inputs_refuse_a_layer_count_the_base_lacks_and_megaattention(base, tmp_path) -> None:
+    from megacontext.errors import ConfigError
+    from tests.conftest import tiny_config
+
+    layers = base.model.config.num_hidden_layers
+    with pytest.raises(ConfigError, match=f"must be in \\[1, {layers}\\]"):
+        _gistnet(base, inputs="hidden", input_layers=layers + 1).attach(base.model)
+    with pytest.raises(ConfigError, match="does not combine with MegaAttention"):
+        tiny_config(tmp_path, "gistnet.inputs=hidden", "mega.attention=true")
+
+
+def test_gradients_reach_the_hidden_input_projector_never_the_base(tmp_path) -> None:
+    from megacontext.context.nodes import Node
+    from megacontext.context.working_context import assemble_live
+    from megacontext.model.base_model import load_base_model
+    from tests.conftest import tiny_config
+
+    base = load_base_model(tiny_config(tmp_path))
+    base.model.requires_grad_(True)  # even a base that would take gradients gets none through the reader
+    net = _gistnet(base, inputs="hidden", input_layers=1).attach(base.model)
+    tokens = torch.randint(0, 256, (1024 + 32,), generator=torch.Generator().manual_seed(6))
+    vectors = assemble_live([Node(0, 2), Node(1024, 1)], tokens, base.model.get_input_embeddings(), net).inputs_embeds
+    vectors.pow(2).sum().backward()
+    assert net.input_proj.weight.grad is not None and net.input_proj.weight.grad.abs().sum() > 0
+    assert net.input_norm.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in base.model.model.layers.parameters())

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
+
 from megacontext.model.base_model import BaseLM, load_base_model
 from megacontext.config import Config, config_hash
 from megacontext.errors import ArtifactError
@@ -40,7 +42,7 @@ def build_trees(cfg: Config, *, base: BaseLM | None = None, gistnet: GistNet | N
     """
     base = base or load_base_model(cfg)
     embedding = base.model.get_input_embeddings()
-    gistnet = gistnet or build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels)
+    gistnet = (gistnet or build_gistnet(cfg.gistnet, embedding, seed=cfg.seed, levels=cfg.wc.levels)).attach(base.model)
     encoder = TreeGistEncoder(gistnet, embedding)
     source = shards_dir(cfg)
     out = out or trees_dir(cfg)
@@ -74,8 +76,9 @@ def open_tree(trees: Path, split: str, doc_id: str, *, base_model_id: str, encod
     return MegaContextTree.open(trees / split / doc_id, base_model_id=base_model_id, encoder_identity=encoder_identity)
 
 
-def load_tree_gistnet(trees: Path, base_model_id: str) -> GistNet:
-    """The GistNet saved with a trees artifact; refuses trees built for another base model."""
+def load_tree_gistnet(trees: Path, base_model_id: str, model: nn.Module | None = None) -> GistNet:
+    """The GistNet saved with a trees artifact; refuses trees built for another base model.
+    `model`: the base a hidden-input GistNet reads (`GistNet.attach`)."""
     manifest = read_manifest(trees)
     if manifest.get("kind") != KIND:
         raise ArtifactError(f"{trees}: not a megacontext_trees artifact; run `megacontext build-trees`")
@@ -84,4 +87,4 @@ def load_tree_gistnet(trees: Path, base_model_id: str) -> GistNet:
             f"{trees}: trees were built with base model {manifest['base_model_id']}, not {base_model_id}; "
             "rebuild them with `megacontext build-trees` for this profile"
         )
-    return load_gistnet(trees / "gistnet")
+    return load_gistnet(trees / "gistnet", model)

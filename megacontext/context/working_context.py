@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from megacontext.context.nodes import BLOCK, Node, span
+from megacontext.model.gistnet import level1_reader
 
 
 class BudgetExceeded(ValueError):
@@ -350,7 +351,7 @@ def assemble_live(
     `tokens` [T] holds the window's history followed by `horizon` teacher-forced
     tokens. LOD2 gists are two-stage (32 LOD1 gists of their children, then 32 -> 1),
     exactly as the tree builds them, so gradients reach GistNet through both levels.
-    `gist_embedding` (default: `embedding`) is what GistNet reads: the plain base
+    `gist_embedding` (default: `embedding`) is what an embedding-input GistNet reads: the plain base
     embedding when `embedding` carries a LoRA adapter, as the trees were built.
     `entries` may be a suffix of a working context; `cursor` (default: the end of
     the last entry) is where the horizon starts in the tokens; `positions` and `first` as in `assemble`.
@@ -365,8 +366,8 @@ def assemble_live(
     for level, rows in sorted(by_level.items()):
         starts = torch.tensor([entries[i].start for i in rows])
         ids = starts[:, None] + torch.arange(span(level))  # [n, 32**level] token positions
-        reader = embedding if level == 0 or gist_embedding is None else gist_embedding
-        x = reader(tokens[ids])  # [n, 32**level, d]
+        reader = embedding if level == 0 else level1_reader(gistnet, gist_embedding or embedding)
+        x = reader(tokens[ids])  # [n, 32**level, d]: tokens, or what GistNet's level 1 reads
         for stage in range(1, level + 1):  # 32**level tokens -> 32**(level-1) gists -> ... -> 1
             x = gistnet(x.reshape(-1, BLOCK, x.shape[-1]), stage).reshape(len(rows), -1, x.shape[-1])
         parts.append(x[:, 0])  # [n, d]

@@ -238,7 +238,7 @@ def _evaluate_into(cfg: Config, *, checkpoint: Path | None, out: Path, without: 
     refs = load_references(cfg, base)  # before any adapter or MegaAttention is installed: plain base numbers
     install_gaussian_rope(base.model)
     trees = checkpoint / "trees" if checkpoint and "gistnet" not in without else trees_dir(cfg)
-    gistnet = load_tree_gistnet(trees, base.model_id)
+    gistnet = load_tree_gistnet(trees, base.model_id, base.model)
     identity = gistnet_identity(gistnet)
     mega = None
     if cfg.mega.attention:  # NLL_mc through MegaAttention (per-level and baselines stay full attention)

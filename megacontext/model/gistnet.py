@@ -8,6 +8,14 @@ base model's token embeddings, so gists sit at the scale the base expects.
 LOD2 is two-stage: GistNet over 32 LOD1 gists. Training lives in the JT1 phase.
 Precedents: gist tokens (Mu et al. 2023); pooling by a learned query as in Set Transformer (Lee et al. 2019).
 
+Level 1 reads either the base's static token embeddings (`gistnet.inputs=embeddings`, the default)
+or its contextual hidden states (`hidden`): the residual stream after the base's first
+`gistnet.input_layers` decoder layers, each 32-token block read on its own (`BlockReader`), so a
+block's gist is a function of its 32 tokens wherever it is computed (tree, training window,
+runtime). A trainable RMSNorm + linear projector (identity at initialisation) maps them towards the
+embedding space; in-context encoders that pool a frozen LM's hidden states are the precedent
+(ICAE, Ge et al. 2024; AutoCompressors, Chevalier et al. 2023).
+
 Notation: N blocks, S = 32 slots, d = base width, w = internal width.
 """
 
@@ -19,7 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 from megacontext.config import GistNetConfig
+from megacontext.errors import ConfigError
 from megacontext.model.checkpoints import load_module, module_identity, save_module
 from megacontext.context.nodes import BLOCK
 
@@ -57,13 +69,28 @@ class GistNet(nn.Module):
         self.bodies = nn.ModuleList(GistBody(cfg, d_model, levels) for _ in range(n_bodies))
         self.register_buffer("target_norm", torch.tensor(float(embed_rms) * d_model**0.5))  # typical token-embedding norm
         self.log_scale = nn.Parameter(torch.zeros(()))
+        self.reader: BlockReader | None = None  # hidden inputs: the base's first layers (`attach`), not weights of ours
+        if cfg.inputs == "hidden":  # level-1 projector: RMSNorm at token-embedding RMS, then identity-initialised linear
+            self.input_norm = nn.RMSNorm(d_model, eps=1e-6)
+            nn.init.constant_(self.input_norm.weight, float(embed_rms))
+            self.input_proj = nn.Linear(d_model, d_model)
+            nn.init.eye_(self.input_proj.weight)
+            nn.init.zeros_(self.input_proj.bias)
+
+    def attach(self, model: nn.Module) -> "GistNet":
+        """Give a hidden-input GistNet the base model whose first layers it reads (no-op for embeddings)."""
+        if self.cfg.inputs == "hidden":
+            self.reader = BlockReader(model, self.cfg.input_layers)
+        return self
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        """x: [N, 32, d] (token embeddings for level 1, level-1 gists for level 2) -> [N, d]."""
+        """x: [N, 32, d] (what `level1_reader` returns for level 1, level-1 gists for level 2) -> [N, d]."""
         if x.shape[1:] != (BLOCK, self.d_model):
             raise ValueError(f"GistNet expects [N, {BLOCK}, {self.d_model}] inputs, got {list(x.shape)}")
         if not 1 <= level <= self.levels:
             raise ValueError(f"level must be in [1, {self.levels}], got {level}")
+        if level == 1 and self.cfg.inputs == "hidden":
+            x = self.input_proj(self.input_norm(x))  # [N, 32, d]
         body = self.bodies[0 if len(self.bodies) == 1 else level - 1]
         g = x.mean(dim=1) + body(x, level)  # [N, d]: residual on the mean
         return g * (self.target_norm * self.log_scale.exp() / g.norm(dim=-1, keepdim=True).clamp_min(1e-6))
@@ -86,12 +113,15 @@ def embedding_output_rms(embedding: nn.Module, chunk: int = 16384) -> float:
     return (total / count) ** 0.5
 
 
-def build_gistnet(cfg: GistNetConfig, embedding: nn.Embedding, *, seed: int, levels: int = 2) -> GistNet:
-    """A fresh GistNet for this base embedding; same seed -> same weights."""
+def build_gistnet(cfg: GistNetConfig, embedding: nn.Embedding, *, seed: int, levels: int = 2,
+                  model: nn.Module | None = None) -> GistNet:
+    """A fresh GistNet for this base embedding; same seed -> same weights. `model`: the base model a
+    hidden-input GistNet reads (`GistNet.attach`); ignored for embedding inputs."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         rms = embedding_output_rms(embedding)  # per-coordinate RMS of the token embeddings the base reads
-        return GistNet(cfg, embedding.weight.shape[1], embed_rms=rms, levels=levels)
+        net = GistNet(cfg, embedding.weight.shape[1], embed_rms=rms, levels=levels)
+    return net.attach(model) if model is not None else net
 
 
 def gistnet_identity(gistnet: GistNet) -> str:
@@ -99,11 +129,102 @@ def gistnet_identity(gistnet: GistNet) -> str:
     return module_identity("gistnet", gistnet)
 
 
+class _Stop(Exception):
+    """Raised by `BlockReader`'s hook: the layers after the ones read are never run."""
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Turn every enabled PEFT adapter layer inside `model` off for the block; restore them (and their
+    parameters' requires_grad, which peft's toggle rewrites) on exit, exceptions included."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    grads = [[(p, p.requires_grad) for p in m.parameters()] for m in layers]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m, saved in zip(layers, grads):
+            m.enable_adapters(True)
+            for p, flag in saved:
+                p.requires_grad_(flag)
+
+
+class BlockReader:
+    """Contextual level-1 inputs: the base's residual stream after its first `layers` decoder layers.
+
+    Each 32-token block is read on its own (positions 0..31, standard RoPE, causal), with every
+    adapter off and without gradients: the base is frozen and the block's hidden states depend on
+    its 32 tokens only, so trees, training windows and the runtime compute the same gists. Only
+    `layers` layers run (a forward hook stops the decoder after them): the cost per token is
+    `layers` / (the base's layer count) of a forward. Raises ConfigError if the base has fewer layers.
+    """
+
+    def __init__(self, model: nn.Module, layers: int):
+        from megacontext.model.gaussian_rope import _decoder
+
+        self.model, self.decoder = model, _decoder(model)
+        if not 1 <= layers <= len(self.decoder.layers):
+            raise ConfigError(f"gistnet.input_layers {layers} must be in [1, {len(self.decoder.layers)}] "
+                              f"(the base's decoder layers)")
+        self.layers = layers
+
+    def __deepcopy__(self, memo: dict) -> "BlockReader":  # a copied GistNet reads the same frozen base
+        return self
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [..., 32·m] token ids -> [..., 32·m, d] hidden states (fp32), block by block."""
+        if ids.shape[-1] % BLOCK:
+            raise ValueError(f"BlockReader reads whole {BLOCK}-token blocks; got {ids.shape[-1]} tokens")
+        flat = ids.reshape(-1, BLOCK)
+        if len(flat) == 0:
+            return torch.zeros(*ids.shape, self.decoder.config.hidden_size)
+        captured: list[torch.Tensor] = []
+
+        def stop(module, args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _Stop
+
+        rotary = self.decoder.rotary_emb
+        active = getattr(rotary, "_active", None)  # a Gaussian-positions block around us must not reach the blocks
+        handle = self.decoder.layers[self.layers - 1].register_forward_hook(stop)
+        try:
+            if active is not None:
+                rotary._active = None
+            with adapters_off(self.model):
+                self.decoder(input_ids=flat, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+            if active is not None:
+                rotary._active = active
+        return captured[0].float().reshape(*ids.shape, -1)
+
+
+def level1_reader(gistnet: nn.Module, embedding: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What level 1 of `gistnet` (or a DDP wrapper of it) reads from token ids [..., n] -> [..., n, d]:
+    `embedding` for `inputs=embeddings`, the attached `BlockReader` for `inputs=hidden`.
+    Raises ConfigError for a hidden-input GistNet that was never `attach`ed to its base model."""
+    net = getattr(gistnet, "module", gistnet)
+    cfg = getattr(net, "cfg", None)  # benchmarks stand in plain callables for GistNet
+    if cfg is None or cfg.inputs == "embeddings":
+        return embedding
+    if net.reader is None:
+        raise ConfigError("this GistNet reads the base's hidden states (gistnet.inputs=hidden): "
+                          "attach it to the base model first (gistnet.attach(base.model))")
+    return net.reader
+
+
 class TreeGistEncoder:
     """Adapts GistNet + the base embedding to the tree's numpy `GistEncoder` protocol."""
 
     def __init__(self, gistnet: GistNet, embedding: nn.Embedding, batch: int = 256):
         self.gistnet, self.embedding, self.batch = gistnet, embedding, batch
+        self.reader = level1_reader(gistnet, embedding)
         self.identity = gistnet_identity(gistnet)
         self.d = gistnet.d_model
 
@@ -111,7 +232,12 @@ class TreeGistEncoder:
     def encode_tokens(self, blocks: np.ndarray) -> np.ndarray:
         """[N, 32] token ids -> [N, d] LOD1 gists."""
         ids = torch.as_tensor(blocks.astype(np.int64))
-        return self._run(lambda i: self.embedding(ids[i : i + self.batch]), len(ids), level=1)
+        return self._run(lambda i: self.reader(ids[i : i + self.batch]), len(ids), level=1)
+
+    @torch.no_grad()
+    def encode_block(self, ids: torch.Tensor) -> torch.Tensor:
+        """[32] token ids -> [d] the LOD1 gist (a tensor, for callers that stay in torch)."""
+        return self.gistnet(self.reader(ids[None]).float(), 1)[0]
 
     @torch.no_grad()
     def encode_gists(self, blocks: np.ndarray, level: int) -> np.ndarray:
@@ -130,7 +256,9 @@ def save_gistnet(folder: Path, gistnet: GistNet) -> None:
     save_module(folder, "gistnet", gistnet, {"d_model": gistnet.d_model, "levels": gistnet.levels})
 
 
-def load_gistnet(folder: Path) -> GistNet:
-    """Rebuild a saved GistNet; refuses weights whose hash is not the recorded identity."""
-    return load_module(folder, "gistnet", lambda meta: GistNet(GistNetConfig(**meta["config"]), meta["d_model"],
-                                                               embed_rms=0.0, levels=meta["levels"]), label="GistNet")
+def load_gistnet(folder: Path, model: nn.Module | None = None) -> GistNet:
+    """Rebuild a saved GistNet; refuses weights whose hash is not the recorded identity. `model`: as in
+    `build_gistnet`."""
+    net = load_module(folder, "gistnet", lambda meta: GistNet(GistNetConfig(**meta["config"]), meta["d_model"],
+                                                              embed_rms=0.0, levels=meta["levels"]), label="GistNet")
+    return net.attach(model) if model is not None else net

@@ -123,7 +123,7 @@ class Runtime:
         install_gaussian_rope(base.model)
         self.embedding = base.model.get_input_embeddings()
         self.gist_embedding = gist_embedding or self.embedding
-        self.encoder = TreeGistEncoder(gistnet, self.gist_embedding)
+        self.encoder = TreeGistEncoder(gistnet.attach(base.model), self.gist_embedding)
         self.tree = MegaContextTree.create(tree_dir, base_model_id=base.model_id, encoder=self.encoder,
                                            levels=cfg.wc.levels, gist_dtype=cfg.gistnet.gist_dtype)
         self.wc = WorkingContext([], 0, cfg.wc.w_max, cfg.wc.protected_tail, cfg.wc.levels)
@@ -347,7 +347,7 @@ class Runtime:
             if i + 1 < n:
                 logits = self.cache.next_logits(entries, self.source)
         ids = torch.as_tensor(draft, dtype=torch.long)
-        gist = self.encoder.gistnet(self.gist_embedding(ids)[None].float(), 1)[0]
+        gist = self.encoder.encode_block(ids)
         score = float(torch.nn.functional.cosine_similarity(predicted, gist, dim=0))
         self.telemetry.drafts += 1
         committed = score >= threshold

@@ -157,10 +157,11 @@ def _setup(cfg: Config, cycle: int) -> tuple[Path, BaseLM, list[TokenizedDocumen
 def _gistnet(cfg: Config, base: BaseLM, out: Path, previous: Path | None) -> GistNet:
     """This cycle's GistNet if JT1 finished, else the warm start (previous cycle's, or fresh)."""
     if phase_done(out / "jt1"):
-        return load_gistnet(out / "jt1" / "final")
+        return load_gistnet(out / "jt1" / "final", base.model)
     if previous:
-        return load_gistnet(previous / "jt1" / "final")
-    return build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=cfg.seed, levels=cfg.wc.levels)
+        return load_gistnet(previous / "jt1" / "final", base.model)
+    return build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=cfg.seed, levels=cfg.wc.levels,
+                         model=base.model)
 
 
 def _lensnet(cfg: Config, base: BaseLM, out: Path, previous: Path | None) -> LensNet:
@@ -351,7 +352,7 @@ def _finish(cfg: Config, cycle: int, previous: Path | None) -> Path:
     base = load_base_model(cfg)  # plain (no adapters): trees hold what GistNet makes of the base embedding
     tick = time.perf_counter()
     with torch.no_grad():
-        build_trees(cfg, base=base, gistnet=load_gistnet(out / "jt1" / "final"), out=out / "trees",
+        build_trees(cfg, base=base, gistnet=load_gistnet(out / "jt1" / "final", base.model), out=out / "trees",
                     splits=(cfg.eval.split,), gistnet_source=out / "jt1" / "final")
     telemetry = {p: json.loads((out / p / "final" / "telemetry.json").read_text()) for p in PHASES}
     labels = json.loads((out / "jt2" / "labels" / "stats.json").read_text())
