@@ -21,14 +21,13 @@ Notation: N blocks, S = 32 slots, d = base width, w = internal width.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 from megacontext.config import GistNetConfig
 from megacontext.errors import ConfigError
