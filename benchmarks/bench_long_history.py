@@ -11,8 +11,9 @@ says how many), the H horizon tokens after L tokens of history are scored by:
 - `full`: the whole history, only where L + H fits the base's positions.
 
 It also runs the passkey probe (key sentence outside the recency window) at each length with
-the same rows. NLLs are nats/token over the horizon; differences vs recency are paired per sample
-with a bootstrap 95 % CI (samples resampled). Positions past the base's trained range are
+the same rows. NLLs are nats/token over the horizon; differences vs recency, and compressed vs
+absolute positions, are paired per sample with a bootstrap 95 % CI (samples resampled); the JSON
+holds the per-sample NLLs. Positions past the base's trained range are
 reported as the largest position each row reads.
 
     .venv/bin/python benchmarks/bench_long_history.py --profile default --docs 8 --passkey-trials 4 \
@@ -134,6 +135,9 @@ def main() -> None:
                 if row != "recency":
                     diff = values - np.asarray(nll["recency"])
                     entry["minus_recency"][row] = {"mean": float(diff.mean()), "ci95": bootstrap_ci(diff, rng)}
+        pair = np.asarray(nll["mc_compressed"]) - np.asarray(nll["mc_absolute"])  # the position schemes, paired
+        entry["compressed_minus_absolute"] = {"mean": float(pair.mean()), "ci95": bootstrap_ci(pair, rng)}
+        entry["per_sample_nll"] = {row: [round(v, 5) for v in values] for row, values in nll.items() if values}
         if fits and nll["full"]:
             gap = np.asarray(nll["recency"]) - np.asarray(nll["full"])
             entry["gap_recency_minus_full"] = {"mean": float(gap.mean()), "ci95": bootstrap_ci(gap, rng)}
