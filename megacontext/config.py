@@ -105,8 +105,9 @@ class GistNetConfig(Section):
     gist_dtype: Literal["float16", "float32"] = "float16"  # storage in the tree
     # What level 1 reads (docs/architecture.md §2.3): the base's static token embeddings, or its
     # hidden states after the first `input_layers` decoder layers, each 32-token block read on its own
-    # (contextual within the block; adapters off), through a trainable RMSNorm + linear projector
-    inputs: Literal["embeddings", "hidden"] = "embeddings"
+    # (contextual within the block; adapters off), through a trainable RMSNorm + linear projector:
+    # instead of the embeddings (hidden) or as a zero-initialised residual on them (embeddings+hidden)
+    inputs: Literal["embeddings", "hidden", "embeddings+hidden"] = "embeddings"
     input_layers: int = Field(2, ge=1)
 
     @model_validator(mode="after")
@@ -328,9 +329,10 @@ class Config(Section):
         if self.lensnet.wc_attention_queries > self.wc.protected_tail:
             raise ValueError(f"lensnet.wc_attention_queries ({self.lensnet.wc_attention_queries}) must be <= "
                              f"wc.protected_tail ({self.wc.protected_tail}): the queries are raw tail tokens")
-        if self.gistnet.inputs == "hidden" and (self.mega.attention or self.mega.prediction):
-            raise ValueError("gistnet.inputs=hidden does not combine with MegaAttention/MegaPrediction yet (their "
-                             "summaries run GistNet over layer states, not token blocks); use gistnet.inputs=embeddings")
+        if self.gistnet.inputs != "embeddings" and (self.mega.attention or self.mega.prediction):
+            raise ValueError(f"gistnet.inputs={self.gistnet.inputs} does not combine with MegaAttention/MegaPrediction "
+                             "yet (their summaries run GistNet over layer states, not token blocks); "
+                             "use gistnet.inputs=embeddings")
         if ev.tail_queries >= min([shortest, *(ev.passkey.lengths if ev.passkey.enabled else [])]):
             raise ValueError(f"eval.tail_queries ({ev.tail_queries}) must be shorter than every history")
         if ev.passkey.enabled and min(ev.passkey.lengths) <= self.wc.w_max:

@@ -284,21 +284,22 @@ def test_a_flipped_byte_in_a_phase_output_stops_its_consumers_and_the_advice_rep
 
 
 @pytest.mark.slow
-def test_a_cycle_with_contextual_gists_trains_builds_its_trees_from_hidden_states_and_streams(tmp_path) -> None:
-    """gistnet.inputs=hidden end to end: JT1 -> JT2 -> JT3, the cycle's trees, the evaluation and the runtime."""
+@pytest.mark.parametrize("inputs", ["hidden", "embeddings+hidden"])
+def test_a_cycle_with_contextual_gists_trains_builds_its_trees_from_hidden_states_and_streams(tmp_path, inputs) -> None:
+    """Contextual gists end to end: JT1 -> JT2 -> JT3, the cycle's trees, the evaluation and the runtime."""
     from megacontext.context.tree_build import open_tree
     from megacontext.model.base_model import load_base_model
     from megacontext.model.gistnet import BlockReader, TreeGistEncoder
     from megacontext.runtime.streaming import load_runtime
 
     cfg = tiny_config(tmp_path, "data.max_documents=5", "data.val_fraction=0.45", "data.test_fraction=0",
-                      "gistnet.inputs=hidden", "gistnet.input_layers=1")
+                      f"gistnet.inputs={inputs}", "gistnet.input_layers=1")
     build_corpus(cfg)
     build_shards(cfg)
     out = run_cycle(cfg, 1)
     base = load_base_model(cfg)
     gistnet = load_gistnet(out / "jt1" / "final", base.model)
-    assert gistnet.cfg.inputs == "hidden" and gistnet.reader is not None
+    assert gistnet.cfg.inputs == inputs and gistnet.reader is not None
     tree_manifest = json.loads((out / "trees" / "manifest.json").read_text())
     doc_id = next(iter((out / "trees" / "val").iterdir())).name
     tree = open_tree(out / "trees", "val", doc_id, base_model_id=base.model_id, encoder_identity=tree_manifest["gistnet"])

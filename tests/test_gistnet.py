@@ -245,3 +245,33 @@ def test_gradients_reach_the_hidden_input_projector_never_the_base(tmp_path) -> 
     assert net.input_proj.weight.grad is not None and net.input_proj.weight.grad.abs().sum() > 0
     assert net.input_norm.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in base.model.model.layers.parameters())
+
+
+def test_embeddings_plus_hidden_reads_both_and_starts_as_exactly_the_static_gist(tmp_path) -> None:
+    """inputs=embeddings+hidden: [embeddings ‖ hidden states] per token, the hidden part a zero-initialised
+    residual, so the untrained GistNet is the static one (same seed) bit for bit; training moves it."""
+    from megacontext.model.base_model import load_base_model
+    from megacontext.model.gistnet import level1_reader
+    from tests.conftest import tiny_config
+
+    base = load_base_model(tiny_config(tmp_path))
+    embedding = base.model.get_input_embeddings()
+    both = _gistnet(base, inputs="embeddings+hidden", input_layers=1).attach(base.model)
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(7))
+    x = level1_reader(both, embedding)(ids)  # [3, 32, 2d]
+    with torch.no_grad():
+        want = base.model(input_ids=ids[:1], output_hidden_states=True).hidden_states[1][0]
+    assert x.shape == (3, 32, 128) and torch.equal(x[..., :64], embedding(ids).detach())
+    assert torch.allclose(x[0, :, 64:], want, atol=1e-5)
+    static = _gistnet(base)
+    assert torch.equal(both(x, 1), static(embedding(ids), 1))
+    with pytest.raises(ValueError, match=r"expects \[N, 32, 128\] inputs at level 1"):
+        both(embedding(ids), 1)
+    opt = torch.optim.Adam(both.parameters(), lr=1e-2)
+    target = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))
+    for _ in range(5):
+        loss = 1 - torch.nn.functional.cosine_similarity(both(x, 1), target).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert both.input_proj.weight.abs().sum() > 0 and not torch.allclose(both(x, 1), static(embedding(ids), 1))

@@ -369,7 +369,8 @@ def assemble_live(
         reader = embedding if level == 0 else level1_reader(gistnet, gist_embedding or embedding)
         x = reader(tokens[ids])  # [n, 32**level, d]: tokens, or what GistNet's level 1 reads
         for stage in range(1, level + 1):  # 32**level tokens -> 32**(level-1) gists -> ... -> 1
-            x = gistnet(x.reshape(-1, BLOCK, x.shape[-1]), stage).reshape(len(rows), -1, x.shape[-1])
+            x = gistnet(x.reshape(-1, BLOCK, x.shape[-1]), stage)  # [n * 32**(level-stage), d]
+            x = x.reshape(len(rows), -1, x.shape[-1])
         parts.append(x[:, 0])  # [n, d]
         order[rows] = torch.arange(offset, offset + len(rows))
         offset += len(rows)

@@ -8,12 +8,14 @@ base model's token embeddings, so gists sit at the scale the base expects.
 LOD2 is two-stage: GistNet over 32 LOD1 gists. Training lives in the JT1 phase.
 Precedents: gist tokens (Mu et al. 2023); pooling by a learned query as in Set Transformer (Lee et al. 2019).
 
-Level 1 reads either the base's static token embeddings (`gistnet.inputs=embeddings`, the default)
-or its contextual hidden states (`hidden`): the residual stream after the base's first
-`gistnet.input_layers` decoder layers, each 32-token block read on its own (`BlockReader`), so a
-block's gist is a function of its 32 tokens wherever it is computed (tree, training window,
-runtime). A trainable RMSNorm + linear projector (identity at initialisation) maps them towards the
-embedding space; in-context encoders that pool a frozen LM's hidden states are the precedent
+Level 1 reads the base's static token embeddings (`gistnet.inputs=embeddings`, the default), or
+its contextual hidden states: the residual stream after the base's first `gistnet.input_layers`
+decoder layers, each 32-token block read on its own (`BlockReader`), so a block's gist is a
+function of its 32 tokens wherever it is computed (tree, training window, runtime). A trainable
+RMSNorm + linear projector carries them into the embedding space: with `hidden` they replace the
+embeddings (the projector starts as the identity); with `embeddings+hidden` they are added to
+the embeddings as a residual (the projector starts at zero, so an untrained GistNet gives exactly
+the static gist). In-context encoders that pool a frozen LM's hidden states are the precedent
 (ICAE, Ge et al. 2024; AutoCompressors, Chevalier et al. 2023).
 
 Notation: N blocks, S = 32 slots, d = base width, w = internal width.
@@ -69,27 +71,33 @@ class GistNet(nn.Module):
         self.register_buffer("target_norm", torch.tensor(float(embed_rms) * d_model**0.5))  # typical token-embedding norm
         self.log_scale = nn.Parameter(torch.zeros(()))
         self.reader: BlockReader | None = None  # hidden inputs: the base's first layers (`attach`), not weights of ours
-        if cfg.inputs == "hidden":  # level-1 projector: RMSNorm at token-embedding RMS, then identity-initialised linear
+        if cfg.inputs != "embeddings":  # level-1 projector of the hidden states: RMSNorm at token-embedding RMS + linear
             self.input_norm = nn.RMSNorm(d_model, eps=1e-6)
             nn.init.constant_(self.input_norm.weight, float(embed_rms))
             self.input_proj = nn.Linear(d_model, d_model)
-            nn.init.eye_(self.input_proj.weight)
+            # hidden: the projected states replace the embeddings (identity at initialisation);
+            # embeddings+hidden: they are a residual on the embeddings (zero at initialisation: untrained = static)
+            (nn.init.eye_ if cfg.inputs == "hidden" else nn.init.zeros_)(self.input_proj.weight)
             nn.init.zeros_(self.input_proj.bias)
 
     def attach(self, model: nn.Module) -> "GistNet":
         """Give a hidden-input GistNet the base model whose first layers it reads (no-op for embeddings)."""
-        if self.cfg.inputs == "hidden":
-            self.reader = BlockReader(model, self.cfg.input_layers)
+        if self.cfg.inputs != "embeddings":
+            self.reader = BlockReader(model, self.cfg.input_layers, embeddings=self.cfg.inputs == "embeddings+hidden")
         return self
 
     def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
-        """x: [N, 32, d] (what `level1_reader` returns for level 1, level-1 gists for level 2) -> [N, d]."""
-        if x.shape[1:] != (BLOCK, self.d_model):
-            raise ValueError(f"GistNet expects [N, {BLOCK}, {self.d_model}] inputs, got {list(x.shape)}")
+        """x: [N, 32, d] (level 2: level-1 gists) or what `level1_reader` returns for level 1: [N, 32, d]
+        token embeddings or hidden states, [N, 32, 2d] embeddings ‖ hidden states -> [N, d]."""
         if not 1 <= level <= self.levels:
             raise ValueError(f"level must be in [1, {self.levels}], got {level}")
+        width = 2 * self.d_model if level == 1 and self.cfg.inputs == "embeddings+hidden" else self.d_model
+        if x.shape[1:] != (BLOCK, width):
+            raise ValueError(f"GistNet expects [N, {BLOCK}, {width}] inputs at level {level}, got {list(x.shape)}")
         if level == 1 and self.cfg.inputs == "hidden":
             x = self.input_proj(self.input_norm(x))  # [N, 32, d]
+        elif level == 1 and self.cfg.inputs == "embeddings+hidden":
+            x = x[..., : self.d_model] + self.input_proj(self.input_norm(x[..., self.d_model :]))  # [N, 32, d]
         body = self.bodies[0 if len(self.bodies) == 1 else level - 1]
         g = x.mean(dim=1) + body(x, level)  # [N, d]: residual on the mean
         return g * (self.target_norm * self.log_scale.exp() / g.norm(dim=-1, keepdim=True).clamp_min(1e-6))
@@ -158,38 +166,47 @@ class BlockReader:
     adapter off and without gradients: the base is frozen and the block's hidden states depend on
     its 32 tokens only, so trees, training windows and the runtime compute the same gists. Only
     `layers` layers run (a forward hook stops the decoder after them): the cost per token is
-    `layers` / (the base's layer count) of a forward. Raises ConfigError if the base has fewer layers.
+    `layers` / (the base's layer count) of a forward. With `embeddings` it returns the plain token
+    embeddings (what the decoder's embedding module gave this forward) and the hidden states side by side.
+    Raises ConfigError if the base has fewer layers.
     """
 
-    def __init__(self, model: nn.Module, layers: int):
+    def __init__(self, model: nn.Module, layers: int, *, embeddings: bool = False):
         from megacontext.model.gaussian_rope import _decoder
 
         self.model, self.decoder = model, _decoder(model)
         if not 1 <= layers <= len(self.decoder.layers):
             raise ConfigError(f"gistnet.input_layers {layers} must be in [1, {len(self.decoder.layers)}] "
                               f"(the base's decoder layers)")
-        self.layers = layers
+        self.layers, self.embeddings = layers, embeddings
 
     def __deepcopy__(self, memo: dict) -> "BlockReader":  # a copied GistNet reads the same frozen base
         return self
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [..., 32·m] token ids -> [..., 32·m, d] hidden states (fp32), block by block."""
+        """ids [..., 32·m] token ids -> [..., 32·m, d] hidden states (fp32), block by block; with
+        `embeddings`, [..., 32·m, 2d]: embeddings ‖ hidden states."""
         if ids.shape[-1] % BLOCK:
             raise ValueError(f"BlockReader reads whole {BLOCK}-token blocks; got {ids.shape[-1]} tokens")
         flat = ids.reshape(-1, BLOCK)
+        width = self.decoder.config.hidden_size * (2 if self.embeddings else 1)
         if len(flat) == 0:
-            return torch.zeros(*ids.shape, self.decoder.config.hidden_size)
-        captured: list[torch.Tensor] = []
+            return torch.zeros(*ids.shape, width)
+        captured: dict[str, torch.Tensor] = {}
+
+        def embedded(module, args, output):
+            captured["embeddings"] = output
 
         def stop(module, args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output
             raise _Stop
 
         rotary = self.decoder.rotary_emb
         active = getattr(rotary, "_active", None)  # a Gaussian-positions block around us must not reach the blocks
-        handle = self.decoder.layers[self.layers - 1].register_forward_hook(stop)
+        handles = [self.decoder.layers[self.layers - 1].register_forward_hook(stop)]
+        if self.embeddings:
+            handles.append(self.decoder.embed_tokens.register_forward_hook(embedded))
         try:
             if active is not None:
                 rotary._active = None
@@ -198,22 +215,24 @@ class BlockReader:
         except _Stop:
             pass
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             if active is not None:
                 rotary._active = active
-        return captured[0].float().reshape(*ids.shape, -1)
+        parts = [captured["embeddings"], captured["hidden"]] if self.embeddings else [captured["hidden"]]
+        return torch.cat(parts, dim=-1).float().reshape(*ids.shape, width)
 
 
 def level1_reader(gistnet: nn.Module, embedding: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What level 1 of `gistnet` (or a DDP wrapper of it) reads from token ids [..., n] -> [..., n, d]:
-    `embedding` for `inputs=embeddings`, the attached `BlockReader` for `inputs=hidden`.
+    """What level 1 of `gistnet` (or a DDP wrapper of it) reads from token ids [..., n] -> [..., n, d or 2d]:
+    `embedding` for `inputs=embeddings`, the attached `BlockReader` otherwise.
     Raises ConfigError for a hidden-input GistNet that was never `attach`ed to its base model."""
     net = getattr(gistnet, "module", gistnet)
     cfg = getattr(net, "cfg", None)  # benchmarks stand in plain callables for GistNet
     if cfg is None or cfg.inputs == "embeddings":
         return embedding
     if net.reader is None:
-        raise ConfigError("this GistNet reads the base's hidden states (gistnet.inputs=hidden): "
+        raise ConfigError(f"this GistNet reads the base's hidden states (gistnet.inputs={cfg.inputs}): "
                           "attach it to the base model first (gistnet.attach(base.model))")
     return net.reader
 
