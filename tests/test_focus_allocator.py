@@ -57,6 +57,27 @@ def test_expands_are_ordered_by_score_and_make_room_by_collapsing() -> None:
     assert len(wc) <= 2_048
 
 
+def test_make_room_follows_lensnet_only_where_it_asks_to_collapse_else_summarises_the_oldest_coarsest() -> None:
+    """Known answer (bug: an undecided LensNet's raw-tail scores sat below its LOD1 scores, so forced collapses
+    ate the raw tail: a 105k-token document streamed into 268 raw tokens and 1,710 LOD1 gists)."""
+    def start():
+        return single_level_start(8_128, w_max=2_048, protected_tail=256, level=1)  # 197 LOD1 + 1,824 raw: 27 free
+
+    wc = start()
+    undecided = {n: (0.1 if n.level else -0.1) for n in wc.entries}  # inside the thresholds (0.2) everywhere
+    edits = FocusAllocator(AllocatorConfig()).make_room(wc, 64, undecided)
+    assert [(e.action, e.node) for e in edits] == [("collapse", Node(0, 2)), ("collapse", Node(1024, 2))]
+    wc = start()
+    raw = next(i for i, n in enumerate(wc.entries) if n.level == 0)  # the oldest raw block: LensNet asks to collapse
+    block = Node(wc.entries[raw].start, 1)
+    asked = dict(undecided) | {n: -0.9 for n in wc.entries[raw : raw + 32]}
+    edits = FocusAllocator(AllocatorConfig()).make_room(wc, 64, asked)
+    assert [(e.action, e.node) for e in edits] == [("collapse", block), ("collapse", Node(0, 2))]
+    assert len(wc) <= 2_048 - 64
+    wc = start()  # without scores: the same oldest, coarsest order
+    assert [e.node for e in FocusAllocator(AllocatorConfig()).make_room(wc, 64)] == [Node(0, 2), Node(1024, 2)]
+
+
 def test_no_ping_pong_within_cooldown_and_residency() -> None:
     wc2 = _roomy()
     a2 = FocusAllocator(AllocatorConfig(cooldown=2, min_residency=3))

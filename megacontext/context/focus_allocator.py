@@ -155,11 +155,15 @@ class FocusAllocator:
         """Collapse until at least `free` positions are free under W_max (the budget is a hard limit).
 
         Streaming appends grow the WC between refocuses, so the runtime keeps a block of
-        headroom. Groups go in order: not held by hysteresis first, then the lowest mean
-        score (`scores` by node; unscored nodes count 0), then the coarser, then the oldest. Hysteresis
-        yields only when nothing else can free the room. Raises `BudgetExceeded` when no
-        legal collapse is left (the budget cannot hold this history). Without scores the
-        oldest, coarsest groups go first: the past is summarised, recent tokens stay LOD0.
+        headroom. Groups go in order: not held by hysteresis first; then the groups LensNet asks
+        to collapse (mean score `scores` by node, unscored nodes 0, below −τ_c), lowest first; then
+        every other group coarser first, then oldest, whatever its score. So the past is summarised
+        and the recent tokens stay LOD0, the cold start's shape (docs/architecture.md §2.4), unless
+        LensNet wants otherwise: scores inside the thresholds do not rank forced collapses (they
+        used to, and an undecided LensNet then collapsed the raw tail first: a 105k-token
+        document streamed into 268 raw tokens and 1,710 LOD1 gists). Hysteresis yields only
+        when nothing else can free the room. Raises `BudgetExceeded` when no legal collapse is
+        left (the budget cannot hold this history).
         """
         scores = scores or {}
         edits: list[Edit] = []
@@ -170,13 +174,17 @@ class FocusAllocator:
                     f"W_max {wc.w_max} cannot hold {wc.cursor:,} tokens with a {wc.protected_tail}-token protected tail "
                     f"and {free} positions of headroom: nothing is left to collapse; raise wc.w_max or wc.levels")
 
+            def mean_score(group: tuple[int, Node]) -> float:
+                return float(np.mean([scores.get(n, 0.0) for n in wc.entries[group[0] : group[0] + BLOCK]]))
+
             def order(group: tuple[int, Node]) -> tuple[bool, float, int, int]:
-                members = wc.entries[group[0] : group[0] + BLOCK]
-                held = any(self._blocked(n, "collapse") for n in members)
-                return held, float(np.mean([scores.get(n, 0.0) for n in members])), -group[1].level, group[1].start
+                held = any(self._blocked(n, "collapse") for n in wc.entries[group[0] : group[0] + BLOCK])
+                mean = mean_score(group)
+                wanted = min(mean + self.cfg.collapse_threshold, 0.0)  # < 0 only where LensNet asks to collapse
+                return held, wanted, -group[1].level, group[1].start
 
             i, parent = min(groups, key=order)
-            self._collapse(wc, order((i, parent))[1], parent, edits)
+            self._collapse(wc, mean_score((i, parent)), parent, edits)
         return edits
 
     def _index(self, wc: WorkingContext, node: Node) -> int | None:
