@@ -76,6 +76,10 @@ def test_make_room_follows_lensnet_only_where_it_asks_to_collapse_else_summarise
     assert len(wc) <= 2_048 - 64
     wc = start()  # without scores: the same oldest, coarsest order
     assert [e.node for e in FocusAllocator(AllocatorConfig()).make_room(wc, 64)] == [Node(0, 2), Node(1024, 2)]
+    wc = start()  # the oldest LOD1 group is detail LensNet wants (above tau_e): it goes after every undecided group
+    kept = dict(undecided) | {n: 0.9 for n in wc.entries[:32]}
+    edits = FocusAllocator(AllocatorConfig()).make_room(wc, 64, kept)
+    assert [e.node for e in edits] == [Node(1024, 2), Node(2048, 2)]
 
 
 def test_no_ping_pong_within_cooldown_and_residency() -> None:

@@ -179,6 +179,7 @@ def test_hidden_inputs_are_read_with_the_adapters_off_and_outside_gaussian_posit
         for name, p in peft.named_parameters():
             if "lora_B" in name or "lora_embedding_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
+    peft.requires_grad_(False)  # frozen adapters, as evaluation and the runtime load them: peft's toggle would unfreeze
     grads = {name: p.requires_grad for name, p in peft.named_parameters()}
     assert torch.allclose(level1_reader(net, None)(ids), plain, atol=1e-6)
     with torch.no_grad():  # the adapters are live again afterwards, their requires_grad untouched
@@ -186,8 +187,9 @@ def test_hidden_inputs_are_read_with_the_adapters_off_and_outside_gaussian_posit
     assert not torch.allclose(adapted, plain[0], atol=1e-3)
     assert grads == {name: p.requires_grad for name, p in peft.named_parameters()}
     mu, sigma = torch.full((1, 32), 5000.0), torch.full((1, 32), 7.0)
-    with peft.disable_adapter(), gaussian_positions(base.model, mu, sigma):
+    with peft.disable_adapter(), gaussian_positions(base.model, mu, sigma) as rotary:
         assert torch.allclose(level1_reader(net, None)(ids), plain, atol=1e-6)
+        assert rotary._active is not None and torch.equal(rotary._active[0], mu)  # the caller's positions are back
 
 
 def test_hidden_input_gists_agree_between_tree_live_assembly_and_a_reload(base, tmp_path) -> None:
@@ -275,3 +277,25 @@ def test_embeddings_plus_hidden_reads_both_and_starts_as_exactly_the_static_gist
         loss.backward()
         opt.step()
     assert both.input_proj.weight.abs().sum() > 0 and not torch.allclose(both(x, 1), static(embedding(ids), 1))
+
+
+def test_a_warm_start_gistnet_must_read_the_inputs_the_config_asks_for(tmp_path) -> None:
+    from megacontext.errors import ConfigError
+    from megacontext.model.base_model import load_base_model
+    from megacontext.model.gistnet import save_gistnet
+    from megacontext.training.cycle import _gistnet
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path)
+    base = load_base_model(cfg)
+    previous = tmp_path / "cycle-0001"
+    save_gistnet(previous / "jt1" / "final", build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=0))
+    assert _gistnet(cfg, base, tmp_path / "cycle-0002", previous).cfg.inputs == "embeddings"
+    hidden = tiny_config(tmp_path, "gistnet.inputs=embeddings+hidden", "gistnet.input_layers=1")
+    with pytest.raises(ConfigError, match="its GistNet reads gistnet.inputs=embeddings"):
+        _gistnet(hidden, base, tmp_path / "cycle-0002", previous)
+    save_gistnet(previous / "jt1" / "final", build_gistnet(hidden.gistnet, base.model.get_input_embeddings(), seed=0))
+    assert _gistnet(hidden, base, tmp_path / "cycle-0002", previous).reader is not None
+    with pytest.raises(ConfigError, match="input_layers 1"):
+        _gistnet(tiny_config(tmp_path, "gistnet.inputs=embeddings+hidden", "gistnet.input_layers=2"), base,
+                 tmp_path / "cycle-0002", previous)

@@ -157,7 +157,8 @@ class FocusAllocator:
         Streaming appends grow the WC between refocuses, so the runtime keeps a block of
         headroom. Groups go in order: not held by hysteresis first; then the groups LensNet asks
         to collapse (mean score `scores` by node, unscored nodes 0, below −τ_c), lowest first; then
-        every other group coarser first, then oldest, whatever its score. So the past is summarised
+        the undecided groups coarser first, then oldest, whatever their score; last the groups it
+        wants kept (mean above τ_e), in the same order. So the past is summarised
         and the recent tokens stay LOD0, the cold start's shape (docs/architecture.md §2.4), unless
         LensNet wants otherwise: scores inside the thresholds do not rank forced collapses (they
         used to, and an undecided LensNet then collapsed the raw tail first: a 105k-token
@@ -177,11 +178,12 @@ class FocusAllocator:
             def mean_score(group: tuple[int, Node]) -> float:
                 return float(np.mean([scores.get(n, 0.0) for n in wc.entries[group[0] : group[0] + BLOCK]]))
 
-            def order(group: tuple[int, Node]) -> tuple[bool, float, int, int]:
+            def order(group: tuple[int, Node]) -> tuple[bool, float, bool, int, int]:
                 held = any(self._blocked(n, "collapse") for n in wc.entries[group[0] : group[0] + BLOCK])
                 mean = mean_score(group)
                 wanted = min(mean + self.cfg.collapse_threshold, 0.0)  # < 0 only where LensNet asks to collapse
-                return held, wanted, -group[1].level, group[1].start
+                kept = mean > self.cfg.expand_threshold  # LensNet wants this detail: it goes last
+                return held, wanted, kept, -group[1].level, group[1].start
 
             i, parent = min(groups, key=order)
             self._collapse(wc, mean_score((i, parent)), parent, edits)

@@ -239,6 +239,9 @@ def _evaluate_into(cfg: Config, *, checkpoint: Path | None, out: Path, without: 
     install_gaussian_rope(base.model)
     trees = checkpoint / "trees" if checkpoint and "gistnet" not in without else trees_dir(cfg)
     gistnet = load_tree_gistnet(trees, base.model_id, base.model)
+    if cfg.mega.attention and gistnet.cfg.inputs != "embeddings":
+        raise ConfigError(f"{trees}: its GistNet reads gistnet.inputs={gistnet.cfg.inputs}, which does not combine with "
+                          "MegaAttention yet; evaluate it with mega.attention=false")
     identity = gistnet_identity(gistnet)
     mega = None
     if cfg.mega.attention:  # NLL_mc through MegaAttention (per-level and baselines stay full attention)

@@ -5,8 +5,8 @@ working context over it, the Focus Allocator's hysteresis state and the K/V
 cache. `feed` takes any number of tokens (a long prompt, a multi-token append,
 one decoded token): they join the WC as LOD0 entries, and at every refocus
 boundary the completed blocks go into the tree, LensNet scores the WC, the
-allocator edits it, and `make_room` collapses the lowest-scored groups so that
-the next `refocus_every` tokens fit: the budget holds after every token and
+allocator edits it, and `make_room` collapses (the groups LensNet asks to
+collapse, then the oldest, coarsest) so that the next `refocus_every` tokens fit: the budget holds after every token and
 the WC never silently turns into a sliding window. `next_logits` runs the base
 model on the WC through the cache (only what changed since the last call).
 No base-model forward happens while a prompt is ingested: LensNet reads the

@@ -159,7 +159,13 @@ def _gistnet(cfg: Config, base: BaseLM, out: Path, previous: Path | None) -> Gis
     if phase_done(out / "jt1"):
         return load_gistnet(out / "jt1" / "final", base.model)
     if previous:
-        return load_gistnet(previous / "jt1" / "final", base.model)
+        net = load_gistnet(previous / "jt1" / "final", base.model)
+        saved, asked = (net.cfg.inputs, net.cfg.input_layers), (cfg.gistnet.inputs, cfg.gistnet.input_layers)
+        if saved[0] != asked[0] or (asked[0] != "embeddings" and saved != asked):
+            raise ConfigError(f"{previous}: its GistNet reads gistnet.inputs={saved[0]} (input_layers {saved[1]}), this "
+                              f"config asks for {asked[0]} (input_layers {asked[1]}); start a new lineage (a cycle "
+                              "without --previous) or keep the setting")
+        return net
     return build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=cfg.seed, levels=cfg.wc.levels,
                          model=base.model)
 
