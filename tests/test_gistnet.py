@@ -164,8 +164,8 @@ def test_hidden_inputs_are_read_with_the_adapters_off_and_outside_gaussian_posit
     from megacontext.model.base_model import load_base_model
     from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
     from megacontext.model.gistnet import level1_reader
-    from megacontext.model.lora import attach_lora
     from tests.conftest import tiny_config
+    from tests.helpers.lora import live_lora
 
     cfg = tiny_config(tmp_path)
     base = load_base_model(cfg)
@@ -173,12 +173,7 @@ def test_hidden_inputs_are_read_with_the_adapters_off_and_outside_gaussian_posit
     net = _gistnet(base, inputs="hidden", input_layers=1).attach(base.model)
     ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(2))
     plain = level1_reader(net, None)(ids)
-    peft = attach_lora(base, cfg.train.lora, seed=0)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # live adapters (LoRA's B starts at 0)
-        for name, p in peft.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
+    peft = live_lora(base, cfg.train.lora, seed=0, b_seed=3)
     peft.requires_grad_(False)  # frozen adapters, as evaluation and the runtime load them: peft's toggle would unfreeze
     grads = {name: p.requires_grad for name, p in peft.named_parameters()}
     assert torch.allclose(level1_reader(net, None)(ids), plain, atol=1e-6)

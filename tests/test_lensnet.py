@@ -343,8 +343,8 @@ def test_the_attention_input_is_read_with_the_adapters_off(tmp_path: Path) -> No
     from megacontext.context.working_context import assemble_live
     from megacontext.model.base_model import load_base_model
     from megacontext.model.gistnet import build_gistnet
-    from megacontext.model.lora import attach_lora
     from tests.conftest import tiny_config
+    from tests.helpers.lora import live_lora
 
     cfg = tiny_config(tmp_path)
     base = load_base_model(cfg)
@@ -354,12 +354,7 @@ def test_the_attention_input_is_read_with_the_adapters_off(tmp_path: Path) -> No
     wc = cold_start(3000, w_max=256, protected_tail=64)
     with torch.no_grad():
         plain_attention = wc_attention(base.model, assemble_live(wc.entries, tokens, embedding, gistnet), 16)
-    peft = attach_lora(base, cfg.train.lora, seed=0)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # live adapters (LoRA's B starts at 0)
-        for name, p in peft.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
+    peft = live_lora(base, cfg.train.lora, seed=0, b_seed=2)
     args = (wc, tokens, embedding, gistnet, 5)
     off = lens_inputs_for(*args, model=base.model, queries=16, plain=peft.disable_adapter).attention[0].numpy()
     on = lens_inputs_for(*args, model=base.model, queries=16).attention[0].numpy()

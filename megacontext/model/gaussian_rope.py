@@ -116,3 +116,22 @@ def gaussian_positions(
         yield module
     finally:
         module._active = previous
+
+
+@contextmanager
+def standard_positions(model_or_module: nn.Module) -> Iterator[None]:
+    """Forwards inside the block get the base's own RoPE (`position_ids`), even inside an enclosing
+    `gaussian_positions` block, whose positions are restored on exit, exceptions included. A no-op where
+    Gaussian RoPE is not installed."""
+    module = model_or_module
+    if not isinstance(module, GaussianRotaryEmbedding):
+        module = _decoder(model_or_module).rotary_emb
+    if not isinstance(module, GaussianRotaryEmbedding):
+        yield
+        return
+    previous = module._active
+    module._active = None
+    try:
+        yield
+    finally:
+        module._active = previous

@@ -202,23 +202,19 @@ class BlockReader:
             captured["hidden"] = output[0] if isinstance(output, tuple) else output
             raise _Stop
 
-        rotary = self.decoder.rotary_emb
-        active = getattr(rotary, "_active", None)  # a Gaussian-positions block around us must not reach the blocks
+        from megacontext.model.gaussian_rope import standard_positions
+
         handles = [self.decoder.layers[self.layers - 1].register_forward_hook(stop)]
         if self.embeddings:
             handles.append(self.decoder.embed_tokens.register_forward_hook(embedded))
-        try:
-            if active is not None:
-                rotary._active = None
-            with adapters_off(self.model):
+        try:  # a Gaussian-positions block around us must not reach the blocks
+            with standard_positions(self.decoder), adapters_off(self.model):
                 self.decoder(input_ids=flat, use_cache=False)
         except _Stop:
             pass
         finally:
             for handle in handles:
                 handle.remove()
-            if active is not None:
-                rotary._active = active
         parts = [captured["embeddings"], captured["hidden"]] if self.embeddings else [captured["hidden"]]
         return torch.cat(parts, dim=-1).float().reshape(*ids.shape, width)
 
