@@ -185,11 +185,20 @@ class PhaseConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     warmup: int = Field(0, ge=0)  # steps of linear learning-rate warm-up (0: the full lr from the first step)
+    # Per-parameter learning-rate multipliers: a parameter whose name contains a key trains at lr x value
+    # (the first matching key, in order), e.g. {input_proj: 10} for GistNet's zero-initialised projector
+    lr_scales: dict[str, float] = {}
     # Early stopping (docs/lifecycle.md §3.2): every `eval_every` steps the phase's held-out loss on
     # `eval_windows` unseen windows; the best step (step 0, the warm start, included) is exported.
     eval_every: int = Field(0, ge=0)  # 0: no held-out validation, the last step is exported
     eval_windows: int = Field(8, ge=1)
     patience: int = Field(0, ge=0)  # stop after this many validations without improvement (0: run every step)
+
+    @model_validator(mode="after")
+    def _scales_positive(self) -> "PhaseConfig":
+        if any(not key or value <= 0 for key, value in self.lr_scales.items()):
+            raise ValueError("lr_scales maps non-empty parameter-name parts to multipliers > 0")
+        return self
 
 
 class LoraSettings(Section):

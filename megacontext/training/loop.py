@@ -66,6 +66,16 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def param_groups(params: dict[str, nn.Parameter], pcfg: PhaseConfig) -> list[dict]:
+    """The optimiser's parameter groups: one per learning-rate multiplier of `pcfg.lr_scales` (a parameter
+    takes the first key its name contains; 1.0 otherwise), each with its `lr_scale`; empty groups dropped."""
+    scales = [*pcfg.lr_scales.values(), 1.0]
+    members: list[list[nn.Parameter]] = [[] for _ in scales]
+    for name, p in params.items():
+        members[next((i for i, key in enumerate(pcfg.lr_scales) if key in name), len(scales) - 1)].append(p)
+    return [{"params": ps, "lr_scale": scale} for ps, scale in zip(members, scales) if ps]
+
+
 def learning_rate(pcfg: PhaseConfig, step: int) -> float:
     """The learning rate of optimiser step `step` (0-based): linear warm-up over `pcfg.warmup` steps, then `pcfg.lr`."""
     return pcfg.lr * min(1.0, (step + 1) / pcfg.warmup) if pcfg.warmup else pcfg.lr
@@ -86,7 +96,7 @@ def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) ->
     validating = pcfg.eval_every > 0
     if validating and not callable(getattr(phase, "validate", None)):
         raise ValueError(f"{phase.name}: eval_every={pcfg.eval_every} needs a phase with validate(windows)")
-    optimizer = torch.optim.AdamW(list(params.values()), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(params, pcfg), lr=pcfg.lr, weight_decay=pcfg.weight_decay)
     start, telemetry = load_latest_checkpoint(out, params, optimizer)
     began = time.perf_counter()
     items = [i for i in range(pcfg.batch) if i % size == rank]
@@ -105,7 +115,7 @@ def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) ->
         for step in range(start, pcfg.steps if not stopped else start):
             tick = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(pcfg, step)
+                group["lr"] = learning_rate(pcfg, step) * group["lr_scale"]
             loss, metrics = phase.loss(phase.make_batch(step, items), pcfg.batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,7 +134,7 @@ def fit(phase: Phase, pcfg: PhaseConfig, out: Path, *, checkpoint_every: int) ->
                 row["tokens_per_s"] = row["tokens"] / seconds
             if row.get("blocks"):  # 32-token blocks of history + horizon this step processed
                 row["ms_per_block"] = 1000 * seconds / row["blocks"]
-            row["lr"] = optimizer.param_groups[0]["lr"]  # what this step used
+            row["lr"] = learning_rate(pcfg, step)  # what this step used (before any lr_scales)
             if validating and ((step + 1) % pcfg.eval_every == 0 or step + 1 == pcfg.steps):
                 row["val_loss"] = _validate(phase, pcfg.eval_windows)
                 if row["val_loss"] < best["val_loss"]:
