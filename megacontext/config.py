@@ -171,6 +171,9 @@ class AllocatorConfig(Section):
     cooldown: int = Field(2, ge=0)  # refocuses before the opposite action is allowed
     min_residency: int = Field(3, ge=0)  # refocuses an entry stays after a change
     refocus_every: int = Field(32, ge=1)  # tokens between refocuses
+    # Runtime only: when the budget forces collapses, free this many positions more than the next
+    # refocus_every tokens need, so the K/V after a forced collapse is recomputed once per ~this many tokens
+    room_slack: int = Field(0, ge=0)
     # How a new window (training snapshot, evaluation cursor) is focused from its cold start:
     # "refocus" = a few N_diff-capped refocuses; "reach" = one uncapped best-first reach (§2.6)
     new_window: Literal["refocus", "reach"] = "refocus"

@@ -82,6 +82,24 @@ def test_make_room_follows_lensnet_only_where_it_asks_to_collapse_else_summarise
     assert [e.node for e in edits] == [Node(1024, 2), Node(2048, 2)]
 
 
+def test_make_room_frees_its_slack_only_when_it_must_collapse_and_never_against_hysteresis() -> None:
+    def start():
+        return single_level_start(8_128, w_max=2_048, protected_tail=256, level=1)  # 197 LOD1 + 1,824 raw: 27 free
+
+    wc = start()
+    assert FocusAllocator(AllocatorConfig()).make_room(wc, 16, extra=500) == [] and len(wc) == 2_021
+    edits = FocusAllocator(AllocatorConfig()).make_room(wc, 64, extra=100)  # 27 + 31 k >= 164: five LOD2 collapses
+    assert [e.node for e in edits] == [Node(i * 1024, 2) for i in range(5)] and 2_048 - len(wc) == 182
+    wc = _roomy()
+    alloc = FocusAllocator(AllocatorConfig())
+    alloc.refocus(wc, _scores(wc, i0=0.9))  # Node(0, 1) expands: its 32 fresh tokens are held
+    assert wc.entries[:32] == Node(0, 1).children()
+    edits = alloc.make_room(wc, 96, extra=10_000)  # slack beyond what any legal collapse frees: no error
+    assert edits and wc.entries[:32] == Node(0, 1).children()  # everything else collapsed, the held block kept
+    assert all(e.node != Node(0, 1) for e in edits) and 700 - len(wc) >= 96
+    wc.check()
+
+
 def test_no_ping_pong_within_cooldown_and_residency() -> None:
     wc2 = _roomy()
     a2 = FocusAllocator(AllocatorConfig(cooldown=2, min_residency=3))

@@ -254,6 +254,25 @@ def test_without_lensnet_the_past_coarsens_oldest_first_and_recent_tokens_stay_l
     assert rt.telemetry.edits == 0 and rt.telemetry.forced_collapses > 0
 
 
+def test_room_slack_makes_forced_collapses_rarer_so_decoding_recomputes_less_within_budget(cfg, base, tmp_path):
+    """`allocator.room_slack`: a forced collapse invalidates the K/V after it; freeing 128 more positions at
+    once instead of one block's worth means one such recompute per ~160 decoded tokens, not per 32 (tiny profile: W_max 256)."""
+    slack = cfg.model_copy(update={"allocator": cfg.allocator.model_copy(update={"room_slack": 128})})
+    recomputed_entries, events = {}, {}
+    for name, c in (("none", cfg), ("slack", slack)):
+        rt = runtime(c, base, tmp_path / name, lens=False, keep_snapshots=True)
+        rt.feed(text_tokens(6_000))
+        rt.next_logits()
+        computed, seen = rt.cache.stats.computed, len(rt.snapshots)
+        for _ in rt.generate(320, stop_at_eos=False):
+            assert len(rt.wc) <= rt.wc.w_max
+        recomputed_entries[name] = rt.cache.stats.computed - computed - 320  # beyond one entry per decoded token
+        events[name] = sum(any(e.action == "collapse" for e in s.edits) for s in rt.snapshots[seen:])
+        rt.wc.check(tree_tokens=None)
+    assert events["none"] == 10 and 2 <= events["slack"] <= 3  # a forced collapse at every refocus, or every ~5th
+    assert recomputed_entries["slack"] < recomputed_entries["none"] / 3
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 

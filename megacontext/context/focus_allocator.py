@@ -151,8 +151,12 @@ class FocusAllocator:
         self.refocuses += 1
         return edits
 
-    def make_room(self, wc: WorkingContext, free: int, scores: Mapping[Node, float] | None = None) -> list[Edit]:
-        """Collapse until at least `free` positions are free under W_max (the budget is a hard limit).
+    def make_room(self, wc: WorkingContext, free: int, scores: Mapping[Node, float] | None = None, *,
+                  extra: int = 0) -> list[Edit]:
+        """Collapse until at least `free` positions are free under W_max (the budget is a hard limit),
+        When it must collapse at all, it goes on to `free + extra` with groups hysteresis does not hold
+        (`extra`: slack, so that the next forced collapse, which invalidates the K/V after the
+        collapsed entries, comes about that many tokens later instead of at the next block).
 
         Streaming appends grow the WC between refocuses, so the runtime keeps a block of
         headroom. Groups go in order: not held by hysteresis first; then the groups LensNet asks
@@ -168,8 +172,12 @@ class FocusAllocator:
         """
         scores = scores or {}
         edits: list[Edit] = []
-        while wc.w_max - len(wc) < free:
+        if wc.w_max - len(wc) >= free:
+            return edits
+        while wc.w_max - len(wc) < free + extra:
             groups = self.collapsible(wc)
+            if not groups and wc.w_max - len(wc) >= free:
+                break
             if not groups:
                 raise BudgetExceeded(
                     f"W_max {wc.w_max} cannot hold {wc.cursor:,} tokens with a {wc.protected_tail}-token protected tail "
@@ -186,6 +194,8 @@ class FocusAllocator:
                 return held, wanted, kept, -group[1].level, group[1].start
 
             i, parent = min(groups, key=order)
+            if wc.w_max - len(wc) >= free and order((i, parent))[0]:
+                break  # the slack never overrides hysteresis
             self._collapse(wc, mean_score((i, parent)), parent, edits)
         return edits
 

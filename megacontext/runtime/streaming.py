@@ -237,7 +237,7 @@ class Runtime:
 
     def _make_room(self, free: int) -> list[Edit]:
         try:
-            forced = self.allocator.make_room(self.wc, free, self._scores)
+            forced = self.allocator.make_room(self.wc, free, self._scores, extra=self.cfg.allocator.room_slack)
         except BudgetExceeded as exc:
             raise ConfigError(f"{exc} (wc.w_max)") from exc
         self.telemetry.forced_collapses += len(forced)
