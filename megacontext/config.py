@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -171,8 +171,9 @@ class AllocatorConfig(Section):
     cooldown: int = Field(2, ge=0)  # refocuses before the opposite action is allowed
     min_residency: int = Field(3, ge=0)  # refocuses an entry stays after a change
     refocus_every: int = Field(32, ge=1)  # tokens between refocuses
-    # Runtime only: when the budget forces collapses, free this many positions more than the next
-    # refocus_every tokens need, so the K/V after a forced collapse is recomputed once per ~this many tokens
+    # Runtime only (left out of config_hash): when the budget forces collapses, free this many positions
+    # more than the append needs, where LensNet and hysteresis allow, so the K/V after a forced collapse
+    # is recomputed once per ~this many tokens (LensNet's expands may spend the slack sooner)
     room_slack: int = Field(0, ge=0)
     # How a new window (training snapshot, evaluation cursor) is focused from its cold start:
     # "refocus" = a few N_diff-capped refocuses; "reach" = one uncapped best-first reach (§2.6)
@@ -190,7 +191,7 @@ class PhaseConfig(Section):
     warmup: int = Field(0, ge=0)  # steps of linear learning-rate warm-up (0: the full lr from the first step)
     # Per-parameter learning-rate multipliers: a parameter whose name contains a key trains at lr x value
     # (the first matching key, in order), e.g. {input_proj: 10} for GistNet's zero-initialised projector
-    lr_scales: dict[str, float] = {}
+    lr_scales: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = {}
     # Early stopping (docs/lifecycle.md §3.2): every `eval_every` steps the phase's held-out loss on
     # `eval_windows` unseen windows; the best step (step 0, the warm start, included) is exported.
     eval_every: int = Field(0, ge=0)  # 0: no held-out validation, the last step is exported
@@ -198,9 +199,9 @@ class PhaseConfig(Section):
     patience: int = Field(0, ge=0)  # stop after this many validations without improvement (0: run every step)
 
     @model_validator(mode="after")
-    def _scales_positive(self) -> "PhaseConfig":
-        if any(not key or value <= 0 for key, value in self.lr_scales.items()):
-            raise ValueError("lr_scales maps non-empty parameter-name parts to multipliers > 0")
+    def _scale_keys(self) -> "PhaseConfig":
+        if any(not key for key in self.lr_scales):
+            raise ValueError("lr_scales keys are parts of parameter names, not empty")
         return self
 
 
@@ -362,11 +363,12 @@ class Config(Section):
 def config_hash(cfg: Config, sections: Sequence[str] | None = None) -> str:
     """sha256 of the canonical JSON of the config (or of `sections`), without paths/profile/model.device
     (where the numbers are computed does not change what an artifact is: a cycle trained on a GPU is
-    re-evaluated by the CPU nightly)."""
+    re-evaluated by the CPU nightly) and allocator.room_slack (only the streaming runtime reads it)."""
     data = cfg.to_dict()
     data.pop("paths")
     data.pop("profile")
     data["model"].pop("device", None)
+    data["allocator"].pop("room_slack", None)  # the streaming runtime's K/V schedule: no artifact reads it
     if sections is not None:
         data = {name: data[name] for name in sections}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

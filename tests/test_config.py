@@ -102,6 +102,9 @@ def test_config_hash_ignores_paths_but_not_content() -> None:
     assert config_hash(a, ["model"]) == config_hash(c, ["model"])
     gpu = load_config("tiny", ["model.device=cuda:1"], env={})  # where it runs is not what it is
     assert gpu.model.device == "cuda:1" and config_hash(gpu) == config_hash(a)
+    slack = load_config("tiny", ["allocator.room_slack=480"], env={})  # the runtime's K/V schedule: no artifact reads it
+    assert slack.allocator.room_slack == 480 and config_hash(slack) == config_hash(a)
+    assert config_hash(load_config("tiny", ["allocator.refocus_every=64"], env={})) != config_hash(a)
     with pytest.raises(ConfigError, match="model.device"):
         load_config("tiny", ["model.device=gpu"], env={})
 

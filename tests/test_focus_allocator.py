@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -82,22 +83,35 @@ def test_make_room_follows_lensnet_only_where_it_asks_to_collapse_else_summarise
     assert [e.node for e in edits] == [Node(1024, 2), Node(2048, 2)]
 
 
-def test_make_room_frees_its_slack_only_when_it_must_collapse_and_never_against_hysteresis() -> None:
+def test_optional_room_stops_at_hysteresis_at_detail_lensnet_wants_and_when_nothing_is_left() -> None:
     def start():
         return single_level_start(8_128, w_max=2_048, protected_tail=256, level=1)  # 197 LOD1 + 1,824 raw: 27 free
 
-    wc = start()
-    assert FocusAllocator(AllocatorConfig()).make_room(wc, 16, extra=500) == [] and len(wc) == 2_021
-    edits = FocusAllocator(AllocatorConfig()).make_room(wc, 64, extra=100)  # 27 + 31 k >= 164: five LOD2 collapses
+    wc = start()  # wanted room frees what the budget would: 27 + 31 k >= 164, five LOD2 collapses
+    edits = FocusAllocator(AllocatorConfig()).make_room(wc, 164, optional=True)
     assert [e.node for e in edits] == [Node(i * 1024, 2) for i in range(5)] and 2_048 - len(wc) == 182
+    wc = start()  # LensNet wants the third LOD1 group kept: optional room stops there, needed room does not
+    kept = {n: 0.9 for n in wc.entries[64:96]}
+    assert [e.node for e in FocusAllocator(AllocatorConfig()).make_room(wc, 164, kept, optional=True)] == [
+        Node(0, 2), Node(1024, 2), Node(3072, 2), Node(4096, 2), Node(5120, 2)]  # the undecided ones, all of them
+    wc = start()
+    everything_kept = {n: 0.9 for n in wc.entries}
+    assert FocusAllocator(AllocatorConfig()).make_room(wc, 164, everything_kept, optional=True) == []
+    assert len(FocusAllocator(AllocatorConfig()).make_room(wc, 164, everything_kept)) == 5  # needed: kept goes too
     wc = _roomy()
     alloc = FocusAllocator(AllocatorConfig())
     alloc.refocus(wc, _scores(wc, i0=0.9))  # Node(0, 1) expands: its 32 fresh tokens are held
     assert wc.entries[:32] == Node(0, 1).children()
-    edits = alloc.make_room(wc, 96, extra=10_000)  # slack beyond what any legal collapse frees: no error
-    assert edits and wc.entries[:32] == Node(0, 1).children()  # everything else collapsed, the held block kept
-    assert all(e.node != Node(0, 1) for e in edits) and 700 - len(wc) >= 96
+    edits = alloc.make_room(wc, 10_000, optional=True)  # more than any legal collapse frees: no error
+    assert edits and wc.entries[:32] == Node(0, 1).children()  # collapsed up to the held block, which stays
+    assert all(e.node != Node(0, 1) for e in edits)
     wc.check()
+    wc = _roomy()  # no hysteresis: everything collapses until nothing is left, and no error
+    free = FocusAllocator(AllocatorConfig(cooldown=0, min_residency=0))
+    edits = free.make_room(wc, 10_000, optional=True)
+    assert edits and free.collapsible(wc) == [] and len(wc) < 700
+    with pytest.raises(BudgetExceeded):
+        free.make_room(wc, 10_000)
 
 
 def test_no_ping_pong_within_cooldown_and_residency() -> None:

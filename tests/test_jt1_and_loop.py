@@ -367,36 +367,49 @@ def test_warm_up_sets_the_optimiser_learning_rate_of_each_step(tmp_path: Path) -
     assert [row["lr"] for row in result.telemetry] == pytest.approx([0.05, 0.1, 0.1])
 
 
-class _TwoRamps(_Ramp):
-    """A _Ramp with a second weight, `proj.v`, that each AdamW step also raises by its own learning rate."""
+class _ThreeRamps(_Ramp):
+    """A _Ramp with two more weights, `proj.v` and `proj.norm.u`, that each AdamW step also raises by its own
+    learning rate (the gradient of every weight is constant)."""
 
     def __init__(self) -> None:
         super().__init__(target=0.0)
         self.v = torch.nn.Parameter(torch.zeros(()))
+        self.u = torch.nn.Parameter(torch.zeros(()))
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {"w": self.w, "proj.v": self.v}
+        return {"w": self.w, "proj.v": self.v, "proj.norm.u": self.u}
 
     def loss(self, batch: list[int], global_batch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        return -(self.w + self.v) * len(batch) / global_batch, {}
+        return -(self.w + self.v + self.u) * len(batch) / global_batch, {}
+
+
+class _ThreeRampsDying(_ThreeRamps):
+    dies_at = 1
+    make_batch = _DiesAt.make_batch
 
 
 def test_lr_scales_multiply_the_learning_rate_of_the_parameters_they_name_through_warm_up_and_resume(
         tmp_path: Path) -> None:
-    pcfg = PhaseConfig(steps=4, lr=0.1, batch=1, warmup=2, lr_scales={"proj": 10.0, "nothing": 3.0})
-    phase = _TwoRamps()
-    result = fit(phase, pcfg, tmp_path / "straight", checkpoint_every=2)
-    assert phase.w.item() == pytest.approx(0.05 + 0.1 * 3, abs=1e-5)  # unscaled: 0.05, 0.1, 0.1, 0.1
-    assert phase.v.item() == pytest.approx(0.5 + 1.0 * 3, abs=1e-4)  # x10
-    assert [row["lr"] for row in result.telemetry] == pytest.approx([0.05, 0.1, 0.1, 0.1])
-    with pytest.raises(_Killed):
-        fit(type("Dies", (_TwoRamps,), {"make_batch": _DiesAt.make_batch, "dies_at": 3})(), pcfg, tmp_path / "run",
-            checkpoint_every=2)
-    resumed = _TwoRamps()
-    fit(resumed, pcfg, tmp_path / "run", checkpoint_every=2)  # from the step-2 checkpoint
-    assert (resumed.w.item(), resumed.v.item()) == pytest.approx((phase.w.item(), phase.v.item()), abs=1e-5)
-    with pytest.raises(ValueError, match="lr_scales"):
-        PhaseConfig(lr_scales={"proj": 0.0})
+    from megacontext.errors import ConfigError
+
+    pcfg = PhaseConfig(steps=4, lr=0.1, batch=1, warmup=3, lr_scales={"norm": 3.0, "proj": 10.0})  # first key wins
+    phase = _ThreeRamps()
+    result = fit(phase, pcfg, tmp_path / "straight", checkpoint_every=1)
+    warm = 0.1 / 3 + 0.2 / 3 + 0.1 + 0.1  # unscaled: warm-up over 3 steps, then 0.1
+    assert (phase.w.item(), phase.v.item(), phase.u.item()) == pytest.approx((warm, 10 * warm, 3 * warm), abs=1e-4)
+    assert [row["lr"] for row in result.telemetry] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.1])
+    with pytest.raises(_Killed):  # checkpoint after step 1, inside the warm-up
+        fit(_ThreeRampsDying(), pcfg, tmp_path / "run", checkpoint_every=1)
+    resumed = _ThreeRamps()
+    assert fit(resumed, pcfg, tmp_path / "run", checkpoint_every=1).resumed_from == 1
+    assert (resumed.w.item(), resumed.v.item(), resumed.u.item()) == pytest.approx(
+        (phase.w.item(), phase.v.item(), phase.u.item()), abs=1e-5)
+    with pytest.raises(ConfigError, match="input_projector"):  # a key no parameter carries is a typo, not a no-op
+        fit(_ThreeRamps(), PhaseConfig(steps=1, lr=0.1, batch=1, lr_scales={"input_projector": 10.0}), tmp_path / "typo",
+            checkpoint_every=1)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            PhaseConfig(lr_scales={"proj": bad})
 
 
 def test_a_run_killed_after_publishing_a_best_step_its_checkpoint_lacks_ends_like_an_uninterrupted_one(

@@ -269,6 +269,7 @@ def test_room_slack_makes_forced_collapses_rarer_so_decoding_recomputes_less_wit
         recomputed_entries[name] = rt.cache.stats.computed - computed - 320  # beyond one entry per decoded token
         events[name] = sum(any(e.action == "collapse" for e in s.edits) for s in rt.snapshots[seen:])
         rt.wc.check(tree_tokens=None)
+        assert (rt.telemetry.slack_collapses > 0) == (name == "slack")
     assert events["none"] == 10 and 2 <= events["slack"] <= 3  # a forced collapse at every refocus, or every ~5th
     assert recomputed_entries["slack"] < recomputed_entries["none"] / 3
 

@@ -127,7 +127,10 @@ def test_the_ui_materializes_a_tiny_cycle_and_shows_the_gate_check(dagster_ui) -
                 shown = shown or page.locator("body").inner_text()[-2000:]
                 if time.monotonic() > deadline:
                     page.screenshot(path=str(artifacts.parent / "launch.png"))
-                    held = DagsterInstance.from_config(str(artifacts.parent / "dagster_home")).get_dynamic_partitions("cycles")
+                    try:
+                        held = DagsterInstance.from_config(str(artifacts.parent / "dagster_home")).get_dynamic_partitions("cycles")
+                    except Exception as exc:  # the diagnosis must not hide the failure it explains
+                        held = f"unknown ({exc!r})"
                     raise AssertionError(f"no 'Launch 1 run' button within {LAUNCH_TIMEOUT_S} s of adding the "
                                          f"partition (the instance holds {held}), reopening the dialog; the page said first:\n" + shown
                                          + "\nand last:\n" + page.locator("body").inner_text()[-2000:]) from None

@@ -152,11 +152,12 @@ class FocusAllocator:
         return edits
 
     def make_room(self, wc: WorkingContext, free: int, scores: Mapping[Node, float] | None = None, *,
-                  extra: int = 0) -> list[Edit]:
-        """Collapse until at least `free` positions are free under W_max (the budget is a hard limit),
-        When it must collapse at all, it goes on to `free + extra` with groups hysteresis does not hold
-        (`extra`: slack, so that the next forced collapse, which invalidates the K/V after the
-        collapsed entries, comes about that many tokens later instead of at the next block).
+                  optional: bool = False) -> list[Edit]:
+        """Collapse until at least `free` positions are free under W_max (the budget is a hard limit).
+
+        With `optional` the room is wanted, not needed (the runtime's `room_slack`): collapsing stops
+        before the first group hysteresis holds or LensNet wants kept, or when nothing is left to
+        collapse, and never raises.
 
         Streaming appends grow the WC between refocuses, so the runtime keeps a block of
         headroom. Groups go in order: not held by hysteresis first; then the groups LensNet asks
@@ -172,11 +173,9 @@ class FocusAllocator:
         """
         scores = scores or {}
         edits: list[Edit] = []
-        if wc.w_max - len(wc) >= free:
-            return edits
-        while wc.w_max - len(wc) < free + extra:
+        while wc.w_max - len(wc) < free:
             groups = self.collapsible(wc)
-            if not groups and wc.w_max - len(wc) >= free:
+            if not groups and optional:
                 break
             if not groups:
                 raise BudgetExceeded(
@@ -194,8 +193,9 @@ class FocusAllocator:
                 return held, wanted, kept, -group[1].level, group[1].start
 
             i, parent = min(groups, key=order)
-            if wc.w_max - len(wc) >= free and order((i, parent))[0]:
-                break  # the slack never overrides hysteresis
+            held, _, kept, _, _ = order((i, parent))
+            if optional and (held or kept):
+                break  # wanted room never overrides hysteresis nor detail LensNet wants
             self._collapse(wc, mean_score((i, parent)), parent, edits)
         return edits
 

@@ -6,7 +6,8 @@ cache. `feed` takes any number of tokens (a long prompt, a multi-token append,
 one decoded token): they join the WC as LOD0 entries, and at every refocus
 boundary the completed blocks go into the tree, LensNet scores the WC, the
 allocator edits it, and `make_room` collapses (the groups LensNet asks to
-collapse, then the oldest, coarsest) so that the next `refocus_every` tokens fit: the budget holds after every token and
+collapse, then the undecided ones coarser first, then older; `allocator.room_slack` more at once) so that the next
+`refocus_every` tokens fit: the budget holds after every token and
 the WC never silently turns into a sliding window. `next_logits` runs the base
 model on the WC through the cache (only what changed since the last call).
 No base-model forward happens while a prompt is ingested: LensNet reads the
@@ -78,6 +79,7 @@ class Telemetry:
     refocuses: int = 0
     edits: int = 0
     forced_collapses: int = 0  # make_room collapses (the budget as a hard limit)
+    slack_collapses: int = 0  # collapses for allocator.room_slack beyond what the budget needed
     max_entries: int = 0  # the largest WC seen after any token
     focus_seconds: float = 0.0  # LensNet + allocator
     tree_seconds: float = 0.0
@@ -92,7 +94,7 @@ class Telemetry:
         focus = allocator.telemetry()
         return {
             "tokens_fed": self.tokens_fed, "tokens_decoded": self.tokens_decoded, "refocuses": self.refocuses,
-            "edits": self.edits, "forced_collapses": self.forced_collapses,
+            "edits": self.edits, "forced_collapses": self.forced_collapses, "slack_collapses": self.slack_collapses,
             "swap_rate": focus["swap_rate"], "residency_mean": focus["residency_mean"],
             "budget_utilisation_mean": float(np.mean(self.budget_samples)) if self.budget_samples else 0.0,
             "max_entries": self.max_entries, "w_max": w_max,
@@ -235,13 +237,20 @@ class Runtime:
             self.snapshots.append(Snapshot(self.wc.cursor, scored, scores, edits + forced, list(self.wc.entries)))
         return edits + forced
 
-    def _make_room(self, free: int) -> list[Edit]:
+    def _make_room(self, free: int, *, slack: bool = True) -> list[Edit]:
+        """Collapse so that `free` positions are free; when that took any collapse, free
+        `allocator.room_slack` more where LensNet and hysteresis allow (`slack`), so the next forced
+        collapse, which invalidates the K/V after it, comes that many tokens later."""
         try:
-            forced = self.allocator.make_room(self.wc, free, self._scores, extra=self.cfg.allocator.room_slack)
+            forced = self.allocator.make_room(self.wc, free, self._scores)
         except BudgetExceeded as exc:
             raise ConfigError(f"{exc} (wc.w_max)") from exc
+        extra = []
+        if forced and slack and self.cfg.allocator.room_slack:
+            extra = self.allocator.make_room(self.wc, free + self.cfg.allocator.room_slack, self._scores, optional=True)
         self.telemetry.forced_collapses += len(forced)
-        return forced
+        self.telemetry.slack_collapses += len(extra)
+        return forced + extra
 
     @torch.no_grad()
     def score(self) -> np.ndarray:
@@ -322,7 +331,7 @@ class Runtime:
         """
         n = BLOCK
         if len(self.wc) + n > self.wc.w_max:
-            self._make_room(n)
+            self._make_room(n, slack=False)  # a rolled-back draft leaves no more collapses than it needed
         entries = list(self.wc.entries)
         logits = self.cache.next_logits(entries, self.source)
         predicted = None

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from megacontext.config import PhaseConfig
-from megacontext.errors import ArtifactError
+from megacontext.errors import ArtifactError, ConfigError
 from megacontext.lifecycle.lineage import file_entry, recorded_problems, staged_folder, sweep_leftovers
 from megacontext.progress import progress_bar
 
@@ -68,7 +68,12 @@ def world() -> tuple[int, int]:
 
 def param_groups(params: dict[str, nn.Parameter], pcfg: PhaseConfig) -> list[dict]:
     """The optimiser's parameter groups: one per learning-rate multiplier of `pcfg.lr_scales` (a parameter
-    takes the first key its name contains; 1.0 otherwise), each with its `lr_scale`; empty groups dropped."""
+    takes the first key its name contains; 1.0 otherwise), each with its `lr_scale`; empty groups dropped.
+    Raises ConfigError for a key no parameter name contains (a typo would silently train at lr)."""
+    unmatched = [key for key in pcfg.lr_scales if not any(key in name for name in params)]
+    if unmatched:
+        raise ConfigError(f"lr_scales: no trainable parameter name contains {unmatched}; the names start with "
+                          f"{sorted({name.split('.')[0] for name in params})}")
     scales = [*pcfg.lr_scales.values(), 1.0]
     members: list[list[nn.Parameter]] = [[] for _ in scales]
     for name, p in params.items():
