@@ -1,7 +1,7 @@
 """Compare rows of several validation reports on the same samples: paired differences and gap-recovery ratios.
 
 Each `--row NAME=REPORT:METHOD` names one reading (METHOD: mc, recency_adapted, training_free, oracle,
-oracle_raw, lod1, lod2, recency, full) of one report folder (its results.parquet). All reports must
+oracle_raw, training_free_raw, lod1, lod2, recency, full) of one report folder (its results.parquet). All reports must
 hold the same samples (the same cached references: equal full and recency NLLs, checked). For every
 row, on all tokens and on key tokens (full beats recency by > --key-margin nats), it prints the NLL,
 the row minus recency, the gap recovery, the row minus the `--baseline` row, and the ratio of its gap

@@ -75,14 +75,16 @@ def test_evaluation_scores_every_sample_and_the_gate_follows_the_numbers(built) 
     assert "Gate: **" in (out / "report.md").read_text() and (out / "report.png").stat().st_size > 1_000
     # NLL_full and NLL_recency are exactly the base model's scores on the raw windows
     assert samples == 4 * cfg.eval.cursors_per_window and summary["n_samples"] == samples
-    for column in ("nll_oracle", "nll_training_free", "nll_oracle_raw"):  # the bounds and baselines, every sample
+    for column in ("nll_oracle", "nll_training_free", "nll_oracle_raw", "nll_training_free_raw"):  # every sample
         assert table[column].null_count() == 0
     assert table["nll_recency_adapted"].null_count() == table.height  # no LoRA without a checkpoint
-    assert {"oracle", "training_free", "oracle_raw", "mc"} <= set(summary["all"]["methods"])
+    assert {"oracle", "training_free", "oracle_raw", "training_free_raw", "mc"} <= set(summary["all"]["methods"])
+    assert "training-free focus without gists" in (out / "report.md").read_text()
     assert summary["passkey"]["settings"] and (out / "passkey.png").stat().st_size > 1_000
     passkey = pl.read_parquet(out / "passkey.parquet")
     assert passkey["exact_recency_adapted"].null_count() == passkey.height  # no LoRA: no adapted row
     assert passkey["exact_lod1"].null_count() == 0  # the LOD1-only cold start, every trial
+    assert passkey["exact_training_free_raw"].null_count() == 0
     # the untrained system's focus is the cold start: same working context, so the same score
     assert passkey["logp_lod1"].to_list() == passkey["logp_mc"].to_list()
     base = load_base_model(cfg)
@@ -114,6 +116,12 @@ def test_evaluation_scores_every_sample_and_the_gate_follows_the_numbers(built) 
     assert {e.start // 32 for e in entries if e.start < (cursor - start) - focus_tail(cfg)} >= {int(np.argmax(mass))}
     raw = wc_token_nll(base, entries, _Tokens(doc.tokens), start, doc.tokens[cursor : cursor + h])
     assert np.allclose(sample.sort("t")["nll_oracle_raw"].to_numpy(), raw, atol=1e-4)
+    # the training-free row without gists: the raw tail + the blocks the last history tokens attend to most
+    tail_mass = refs.block_scores(doc_id, cursor, "mass_tail")
+    entries = select_blocks(cursor - start, w, focus_tail(cfg), tail_mass, gists=False)
+    assert all(e.level == 0 for e in entries) and len(entries) <= w
+    free = wc_token_nll(base, entries, _Tokens(doc.tokens), start, doc.tokens[cursor : cursor + h])
+    assert np.allclose(sample.sort("t")["nll_training_free_raw"].to_numpy(), free, atol=1e-4)
     assert rows["nll_mc_lod2"].null_count() == h  # LOD2 alone cannot fit W_max 256 over L 1,984: recorded as null
 
 

@@ -52,7 +52,7 @@ def validate(df: pl.DataFrame, schema: pa.DataFrameSchema, where: str) -> pl.Dat
 EVAL_NLL_COLUMNS = ("nll_full", "nll_recency", "nll_mc")
 # Optional rows (null where a sample has no such working context): per-level WCs, the bounds and baselines.
 EVAL_LEVEL_COLUMNS = ("nll_mc_lod1", "nll_mc_lod2", "nll_recency_adapted", "nll_oracle", "nll_training_free",
-                      "nll_oracle_raw")
+                      "nll_oracle_raw", "nll_training_free_raw")
 _SAMPLE = ("doc_id", "cursor")
 
 

@@ -135,7 +135,7 @@ def score_sample(base: BaseLM, tree: NodeSource, sample: Sample, refs: Reference
         recent = torch.as_tensor(sample.doc.tokens[c - w : c + h].astype(np.int64))[None]
         columns["nll_recency_adapted"] = token_nll(last_logits(base.model, h + 1, input_ids=recent)[0, :-1],
                                                    sample.doc.tokens[c : c + h])
-    columns["nll_oracle"] = columns["nll_training_free"] = nan
+    columns["nll_oracle"] = columns["nll_training_free"] = columns["nll_training_free_raw"] = nan
     columns["nll_oracle_raw"] = cached["nll_oracle_raw"].to_numpy()  # the base alone reads the raw oracle
     if ev.baselines:  # read exactly like NLL_mc (same adapters, same attention), so only the focus differs
         tail = focus_tail(cfg)
@@ -151,6 +151,11 @@ def score_sample(base: BaseLM, tree: NodeSource, sample: Sample, refs: Reference
         if rows.adapted or rows.mega:  # the value of gists: the same raw oracle through this read path
             raw = select_blocks(n, w, tail, by_horizon, levels=wcc.levels, gists=False)
             columns["nll_oracle_raw"] = wc_token_nll(base, raw, tree, sample.window_start, horizon, rows.mega, pos)
+        # the training-free selection's raw blocks and tail only: is a cheap focus worth more without gists?
+        raw = select_blocks(n, w, tail, refs.block_scores(sample.doc.doc_id, c, "mass_tail"), levels=wcc.levels,
+                            gists=False)
+        columns["nll_training_free_raw"] = (wc_token_nll(base, raw, tree, sample.window_start, horizon, rows.mega, pos)
+                                            if rows.mega else score(raw))
     return columns
 
 
@@ -334,7 +339,8 @@ def passkey_accuracy(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-PASSKEY_METHODS = ("full", "recency", "recency_adapted", "oracle_raw", "mc", "lod1", "oracle", "training_free")
+PASSKEY_METHODS = ("full", "recency", "recency_adapted", "oracle_raw", "mc", "lod1", "oracle", "training_free",
+                   "training_free_raw")
 
 
 @torch.no_grad()
@@ -384,12 +390,14 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
                 if rows.adapted or rows.mega:  # the raw oracle through this evaluation's read path
                     candidates["oracle_raw"] = (select_blocks(trial.length, wcc.w_max, tail, np.asarray(row["mass_horizon"]),
                                                               levels=wcc.levels, gists=False), rows.mega)
+                candidates["training_free_raw"] = (select_blocks(trial.length, wcc.w_max, tail, np.asarray(row["mass_tail"]),
+                                                                 levels=wcc.levels, gists=False), rows.mega)
             for name in ("oracle_raw",) if "oracle_raw" in candidates else ():
                 entries, mega = candidates[name]
                 logits = entries_logits(base, entries, tree, offset=0, horizon=trial.answer, mega=mega, positions=pos)
                 record[f"logp_{name}"], record[f"exact_{name}"] = answer_scores(logits.cpu().numpy(), trial.answer)
             scored: dict[tuple, tuple[float, bool]] = {}  # identical working contexts are read once
-            for name in ("mc", "lod1", "oracle", "training_free"):
+            for name in ("mc", "lod1", "oracle", "training_free", "training_free_raw"):
                 record[f"logp_{name}"], record[f"exact_{name}"] = None, None
                 if name in candidates:
                     entries, mega = candidates[name]

@@ -63,7 +63,7 @@ def check_gate_setting(*, history: int, horizon: int, w_max: int, base_positions
 METHODS = {
     "full": "nll_full", "recency": "nll_recency", "recency_adapted": "nll_recency_adapted", "mc": "nll_mc",
     "lod1": "nll_mc_lod1", "lod2": "nll_mc_lod2", "oracle": "nll_oracle", "training_free": "nll_training_free",
-    "oracle_raw": "nll_oracle_raw",
+    "oracle_raw": "nll_oracle_raw", "training_free_raw": "nll_training_free_raw",
 }
 _PARTS = ("n", "nll", "full", "recency")
 METHOD_METRICS = ("nll", "delta_nll", "minus_recency", "gap_recovery")

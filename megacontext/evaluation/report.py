@@ -39,6 +39,7 @@ ROW_LABELS = {
     "oracle": "attention oracle (raw tail + top blocks, gists)",
     "training_free": "training-free focus (last-token attention, gists)",
     "oracle_raw": "attention oracle without gists",
+    "training_free_raw": "training-free focus without gists",
 }
 
 
