@@ -86,6 +86,22 @@ def compare(table: pl.DataFrame, names: list[str], *, baseline: str, bound: str 
     return out
 
 
+def print_comparison(result: dict) -> None:
+    """The comparison as text: per subset, each row's NLL, − recency, gap recovery and − baseline / share, CIs."""
+    fmt = lambda s: f"{s['value']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]"  # noqa: E731
+    for subset, block in result.items():
+        if not block["tokens"]:
+            print(f"\n{subset} tokens: none")
+            continue
+        print(f"\n{subset} tokens: {block['samples']} samples, {block['tokens']} tokens; "
+              f"full {block['full']['value']:.3f}, recency {block['recency']['value']:.3f}")
+        for name, r in block["rows"].items():
+            extra = "".join(f"  {k} {fmt(v)}" for k, v in r.items() if k.startswith(("minus_", "share_"))
+                            and k != "minus_recency")
+            print(f"  {name:>16}: NLL {r['nll']['value']:.3f}  - recency {fmt(r['minus_recency'])}  "
+                  f"gap recovery {fmt(r['gap_recovery'])}{extra}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--row", action="append", required=True, help="NAME=REPORT_FOLDER:METHOD (repeat)")
@@ -104,18 +120,7 @@ def main() -> int:
         print("error: --baseline and --bound must name rows", file=sys.stderr)
         return 2
     result = compare(table, names, baseline=baseline, bound=args.bound, key_margin=args.key_margin)
-    fmt = lambda s: f"{s['value']:+.3f} [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]"  # noqa: E731
-    for subset, block in result.items():
-        if not block["tokens"]:
-            print(f"\n{subset} tokens: none")
-            continue
-        print(f"\n{subset} tokens: {block['samples']} samples, {block['tokens']} tokens; "
-              f"full {block['full']['value']:.3f}, recency {block['recency']['value']:.3f}")
-        for name, r in block["rows"].items():
-            extra = "".join(f"  {k} {fmt(v)}" for k, v in r.items() if k.startswith(("minus_", "share_"))
-                            and k != "minus_recency")
-            print(f"  {name:>16}: NLL {r['nll']['value']:.3f}  - recency {fmt(r['minus_recency'])}  "
-                  f"gap recovery {fmt(r['gap_recovery'])}{extra}")
+    print_comparison(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"rows": args.row, "baseline": baseline, "bound": args.bound,

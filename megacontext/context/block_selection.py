@@ -12,6 +12,7 @@ paying +31 positions, plus +31 when it is the first block opened inside an untou
 
 `expanded_blocks` measures any working context against the cold start (how many
 older blocks it reads raw, and how far back they are): the report's focus health.
+`recall_at_k` measures a ranking of blocks against another (a scorer against the oracle).
 Related: H2O (Zhang et al., 2023), SnapKV (Li et al., 2024) and NSA (Yuan et al., 2025) select tokens or blocks by
 attention scores in the same spirit.
 """
@@ -88,3 +89,17 @@ def expanded_blocks(entries: list[Node], n: int, w_max: int, protected_tail: int
     cold_raw_from = next((node.start for node in cold if node.level == 0), n)
     raw = {node.start // BLOCK for node in entries if node.level == 0 and node.end <= cold_raw_from}
     return sorted(n - (b + 1) * BLOCK for b in raw)
+
+
+def recall_at_k(scores: np.ndarray, reference: np.ndarray, k: int) -> float:
+    """Share of `reference`'s k best blocks that are also among `scores`' k best ([B] each, higher = better).
+
+    Ties are broken as `select_blocks` breaks them (stable: earlier blocks first), so the sets are
+    the ones those scores would select. k is clipped to [1, B]; ValueError on unequal lengths.
+    """
+    scores, reference = np.asarray(scores, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if scores.shape != reference.shape or scores.ndim != 1 or not len(scores):
+        raise ValueError(f"recall_at_k needs two non-empty score vectors of one length; got {scores.shape} and {reference.shape}")
+    k = min(max(k, 1), len(scores))
+    best = lambda v: set(np.argsort(-v, kind="stable")[:k].tolist())  # noqa: E731
+    return len(best(scores) & best(reference)) / k

@@ -4,7 +4,8 @@
 exactly as the base reads them, tail gists, features); `lens_policy` refocuses a
 window's cold-start WC a few times, which is how training phases get on-policy
 working contexts. Streaming refocus every 32 tokens belongs to the runtime.
-A policy keeps focus telemetry (swap rate, residency, budget utilisation, time
+`gist_probe_scores` is a training-free block relevance that needs no full-context pass: the
+base's own attention to each block's gist. A policy keeps focus telemetry (swap rate, residency, budget utilisation, time
 spent focusing) that phases and the evaluation drain into their own telemetry.
 """
 
@@ -22,7 +23,8 @@ from megacontext.config import Config
 from megacontext.errors import ConfigError
 from megacontext.context.focus_allocator import FocusAllocator
 from megacontext.model.lensnet import LensInputs, LensNet, lens_inputs, tail_nodes
-from megacontext.context.nodes import Node
+from megacontext.context.block_selection import tail_start
+from megacontext.context.nodes import BLOCK, Node
 from megacontext.data.windows import Window
 from megacontext.context.working_context import ABSOLUTE, PositionScheme, WCInputs, WorkingContext, assemble_live, cold_start
 from megacontext.model.attention_mass import attention_mass
@@ -74,6 +76,35 @@ def wc_attention(model: nn.Module, inputs: WCInputs, queries: int) -> np.ndarray
     with gaussian_positions(model, inputs.mu, inputs.sigma):
         mass, _ = attention_mass(model, [torch.arange(n - q, n)], inputs_embeds=inputs.inputs_embeds)
     return (mass[0] / mass[0].sum()).float().numpy()  # every watched row's softmax sums to 1 in each layer and head
+
+
+def probe_entries(n: int, tail: int) -> list[Node]:
+    """The gist probe's working context over an n-token history: every aligned 32-token block before the raw
+    tail (`tail` tokens, widened back to a block boundary as `select_blocks` widens it) as its LOD1 gist, then
+    the tail raw. Length start/32 + (n - start): not bounded by any budget."""
+    start = tail_start(n, tail)
+    return [Node(s, 1) for s in range(0, start, BLOCK)] + [Node(t, 0) for t in range(start, n)]
+
+
+@torch.no_grad()
+def gist_probe_scores(model: nn.Module, tokens: torch.Tensor, embedding: nn.Module, gistnet: nn.Module, *, n: int,
+                      tail: int, queries: int, positions: PositionScheme = ABSOLUTE) -> np.ndarray:
+    """[n_blocks] relevance of every 32-token block before the raw tail, read from gists: no full-context pass.
+
+    The base `model` reads the probe working context (`probe_entries`: each older block as its LOD1
+    gist, computed now by `gistnet` from `tokens` [≥ n], then the raw tail) and a block's score is the
+    attention the last `queries` tail tokens put on its gist (`wc_attention`: mean softmax weight over
+    layers, heads and those rows). It is SnapKV's observation-window vote (Li et al., 2024) cast on
+    gists instead of cached keys, so it costs one forward of n/32 + tail entries instead of n tokens.
+    Block b's score is comparable with `select_blocks`' scores (higher = keep raw). Apply the
+    adapters the reader should see (e.g. none: the plain base) before calling.
+    """
+    entries = probe_entries(n, tail)
+    n_blocks = tail_start(n, tail) // BLOCK
+    if queries > n - n_blocks * BLOCK:
+        raise ValueError(f"{queries} query tokens is more than the probe's {n - n_blocks * BLOCK}-token raw tail")
+    inputs = assemble_live(entries, tokens, embedding, gistnet, cursor=n, positions=positions)
+    return wc_attention(model, inputs, queries)[:n_blocks]
 
 
 @torch.no_grad()
