@@ -8,6 +8,10 @@ says how many), the H horizon tokens after L tokens of history are scored by:
 - `mc_absolute`, `mc_compressed`: the cold-start working context (the longest raw tail plus gists
   of everything older, docs/architecture.md §2.4) read at absolute or compressed Gaussian-RoPE
   positions (§2.7); gists from the checkpoint's GistNet (`--checkpoint`) or an untrained one;
+- `probe_raw`, `probe_gists`: the gist probe's focus (`focus_policy.gist_probe_scores`: the base reads
+  every block older than the `eval.focus_tail` raw tail as its gist and the last `eval.tail_queries`
+  tokens' attention scores them; no full-context pass), keeping the tail plus the best-scored blocks
+  raw, the rest left out (`_raw`) or as gists (`_gists`, `select_blocks`), compressed positions;
 - `full`: the whole history, only where L + H fits the base's positions.
 
 It also runs the passkey probe (key sentence outside the recency window) at each length with
@@ -33,16 +37,20 @@ import numpy as np
 import torch
 
 from megacontext.config import load_config
+from megacontext.context.block_selection import select_blocks
+from megacontext.context.focus_policy import gist_probe_scores
 from megacontext.context.nodes import span
 from megacontext.context.working_context import PositionScheme, assemble_live, cold_start
 from megacontext.data.shards import TokenizedDocument, read_split, shards_dir
 from megacontext.evaluation.passkey import answer_scores, make_trials
+from megacontext.evaluation.references import focus_tail
 from megacontext.model.base_model import last_logits, load_base_model, token_nll
 from megacontext.model.gaussian_rope import install_gaussian_rope
 from megacontext.model.gistnet import build_gistnet, load_gistnet
 from megacontext.progress import progress_bar
 
-ROWS = ("recency", "mc_absolute", "mc_compressed", "full")
+ROWS = ("recency", "mc_absolute", "mc_compressed", "probe_raw", "probe_gists", "full")
+WC_ROWS = ROWS[1:-1]
 
 
 def samples(docs: list[TokenizedDocument], length: int, n: int) -> tuple[list[TokenizedDocument], int]:
@@ -70,12 +78,22 @@ def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, draws: int = 2_00
     return [float(v) for v in np.percentile(values[idx].mean(axis=1), [2.5, 97.5])]
 
 
-def wc_logits(base, gistnet, tokens: torch.Tensor, history: int, answer_len: int, cfg, scheme: PositionScheme):
-    """Logits [a, V] predicting the `answer_len` tokens after the cold-start WC of `tokens[:history]`."""
+def wc_logits(base, gistnet, tokens: torch.Tensor, history: int, answer_len: int, cfg, scheme: PositionScheme,
+              focus: str = "cold_start"):
+    """Logits [a, V] predicting the `answer_len` tokens after a WC of `tokens[:history]`, and its largest position.
+
+    `focus`: "cold_start", or "probe_raw" / "probe_gists" (the gist probe's selection without / with gists)."""
     wcc = cfg.wc
-    wc = cold_start(history, wcc.w_max, wcc.protected_tail, wcc.levels)
+    embedding = base.model.get_input_embeddings()
+    if focus == "cold_start":
+        entries = cold_start(history, wcc.w_max, wcc.protected_tail, wcc.levels).entries
+    else:
+        tail = focus_tail(cfg)
+        scores = gist_probe_scores(base.model, tokens, embedding, gistnet, n=history, tail=tail,
+                                   queries=cfg.eval.tail_queries, positions=scheme)
+        entries = select_blocks(history, wcc.w_max, tail, scores, levels=wcc.levels, gists=focus == "probe_gists")
     with torch.no_grad():
-        inputs = assemble_live(wc.entries, tokens, base.model.get_input_embeddings(), gistnet, horizon=answer_len,
+        inputs = assemble_live(entries, tokens, embedding, gistnet, horizon=answer_len, cursor=history,
                                positions=scheme)
         logits = last_logits(base.model, answer_len + 1, mu=inputs.mu, sigma=inputs.sigma,
                              inputs_embeds=inputs.inputs_embeds)
@@ -102,6 +120,8 @@ def main() -> None:
     h, w = cfg.eval.horizon, cfg.wc.w_max
     absolute = PositionScheme("absolute", tuple(cfg.wc.slot_widths))
     compressed = PositionScheme("compressed", tuple(cfg.wc.slot_widths))
+    wc_rows = (("mc_absolute", absolute, "cold_start"), ("mc_compressed", compressed, "cold_start"),
+               ("probe_raw", compressed, "probe_raw"), ("probe_gists", compressed, "probe_gists"))
     rng = np.random.default_rng(cfg.seed)
     report = {"profile": args.profile, "base": base.model_id, "base_positions": base.max_positions, "W_max": w, "H": h,
               "gistnet": str(args.checkpoint) if args.checkpoint else "untrained (seeded)",
@@ -110,7 +130,7 @@ def main() -> None:
         streams, joined = samples(docs, length + h, args.docs)
         fits = length + h <= base.max_positions
         nll = {row: [] for row in ROWS}
-        reach = {"mc_absolute": 0.0, "mc_compressed": 0.0}
+        reach = {row: 0.0 for row in WC_ROWS}
         tick = time.perf_counter()
         with progress_bar(f"L={length:,}: samples", total=len(streams), unit="samples") as advance:
             for doc in streams:
@@ -118,8 +138,8 @@ def main() -> None:
                 target = tokens[length:]
                 nll["recency"].append(token_nll(last_logits(base.model, h + 1, input_ids=tokens[None, length - w :])[0, :-1],
                                                 target).mean().item())
-                for row, scheme in (("mc_absolute", absolute), ("mc_compressed", compressed)):
-                    logits, top = wc_logits(base, gistnet, tokens, length, h, cfg, scheme)
+                for row, scheme, focus in wc_rows:
+                    logits, top = wc_logits(base, gistnet, tokens, length, h, cfg, scheme, focus)
                     nll[row].append(token_nll(logits, target).mean().item())
                     reach[row] = max(reach[row], top)
                 if fits:
@@ -152,8 +172,8 @@ def main() -> None:
                     n, a = trial.length, len(trial.answer)
                     logits = last_logits(base.model, a + 1, input_ids=tokens[None, n - w :])[0, :-1]
                     exact["recency"].append(answer_scores(logits.numpy(), trial.answer)[1])
-                    for row, scheme in (("mc_absolute", absolute), ("mc_compressed", compressed)):
-                        logits, _ = wc_logits(base, gistnet, tokens, n, a, cfg, scheme)
+                    for row, scheme, focus in wc_rows:
+                        logits, _ = wc_logits(base, gistnet, tokens, n, a, cfg, scheme, focus)
                         exact[row].append(answer_scores(logits.numpy(), trial.answer)[1])
                     if n + a <= base.max_positions:
                         logits = last_logits(base.model, a + 1, input_ids=tokens[None])[0, :-1]
