@@ -11,7 +11,8 @@ says how many), the H horizon tokens after L tokens of history are scored by:
 - `probe_raw`, `probe_gists`: the gist probe's focus (`focus_policy.gist_probe_scores`: the base reads
   every block older than the `eval.focus_tail` raw tail as its gist and the last `eval.tail_queries`
   tokens' attention scores them; no full-context pass), keeping the tail plus the best-scored blocks
-  raw, the rest left out (`_raw`) or as gists (`_gists`, `select_blocks`), compressed positions;
+  raw, the rest left out (`_raw`) or as gists (`_gists`, `select_blocks`), compressed positions (their
+  largest position is the larger of the probe's and the working context's);
 - `full`: the whole history, only where L + H fits the base's positions.
 
 It also runs the passkey probe (key sentence outside the recency window) at each length with
@@ -38,7 +39,7 @@ import torch
 
 from megacontext.config import load_config
 from megacontext.context.block_selection import select_blocks
-from megacontext.context.focus_policy import gist_probe_scores
+from megacontext.context.focus_policy import gist_probe_scores, probe_entries
 from megacontext.context.nodes import span
 from megacontext.context.working_context import PositionScheme, assemble_live, cold_start
 from megacontext.data.shards import TokenizedDocument, read_split, shards_dir
@@ -78,23 +79,30 @@ def bootstrap_ci(values: np.ndarray, rng: np.random.Generator, draws: int = 2_00
     return [float(v) for v in np.percentile(values[idx].mean(axis=1), [2.5, 97.5])]
 
 
+def probe_scores(base, gistnet, tokens: torch.Tensor, history: int, cfg, scheme: PositionScheme) -> tuple[np.ndarray, float]:
+    """The gist probe's block scores over `tokens[:history]` and the largest position the probe reads."""
+    tail = focus_tail(cfg)
+    scores = gist_probe_scores(base.model, tokens, base.model.get_input_embeddings(), gistnet, n=history, tail=tail,
+                               queries=cfg.eval.tail_queries, positions=scheme)
+    mu, _, _ = scheme.place(probe_entries(history, tail))
+    return scores, float(mu.max())
+
+
 def wc_logits(base, gistnet, tokens: torch.Tensor, history: int, answer_len: int, cfg, scheme: PositionScheme,
-              focus: str = "cold_start"):
+              focus: str = "cold_start", scores: np.ndarray | None = None):
     """Logits [a, V] predicting the `answer_len` tokens after a WC of `tokens[:history]`, and its largest position.
 
-    `focus`: "cold_start", or "probe_raw" / "probe_gists" (the gist probe's selection without / with gists)."""
+    `focus`: "cold_start", or "probe_raw" / "probe_gists" (the best `scores`-ranked blocks raw, the rest
+    left out / as gists: `select_blocks`)."""
     wcc = cfg.wc
-    embedding = base.model.get_input_embeddings()
     if focus == "cold_start":
         entries = cold_start(history, wcc.w_max, wcc.protected_tail, wcc.levels).entries
     else:
-        tail = focus_tail(cfg)
-        scores = gist_probe_scores(base.model, tokens, embedding, gistnet, n=history, tail=tail,
-                                   queries=cfg.eval.tail_queries, positions=scheme)
-        entries = select_blocks(history, wcc.w_max, tail, scores, levels=wcc.levels, gists=focus == "probe_gists")
+        entries = select_blocks(history, wcc.w_max, focus_tail(cfg), scores, levels=wcc.levels,
+                                gists=focus == "probe_gists")
     with torch.no_grad():
-        inputs = assemble_live(entries, tokens, embedding, gistnet, horizon=answer_len, cursor=history,
-                               positions=scheme)
+        inputs = assemble_live(entries, tokens, base.model.get_input_embeddings(), gistnet, horizon=answer_len,
+                               cursor=history, positions=scheme)
         logits = last_logits(base.model, answer_len + 1, mu=inputs.mu, sigma=inputs.sigma,
                              inputs_embeds=inputs.inputs_embeds)
     return logits[0, :-1].float(), float(inputs.mu.max())
@@ -138,10 +146,11 @@ def main() -> None:
                 target = tokens[length:]
                 nll["recency"].append(token_nll(last_logits(base.model, h + 1, input_ids=tokens[None, length - w :])[0, :-1],
                                                 target).mean().item())
+                scores, probe_top = probe_scores(base, gistnet, tokens, length, cfg, compressed)  # once for both rows
                 for row, scheme, focus in wc_rows:
-                    logits, top = wc_logits(base, gistnet, tokens, length, h, cfg, scheme, focus)
+                    logits, top = wc_logits(base, gistnet, tokens, length, h, cfg, scheme, focus, scores)
                     nll[row].append(token_nll(logits, target).mean().item())
-                    reach[row] = max(reach[row], top)
+                    reach[row] = max(reach[row], top, probe_top if focus != "cold_start" else 0.0)
                 if fits:
                     nll["full"].append(token_nll(last_logits(base.model, h + 1, input_ids=tokens[None])[0, :-1],
                                                  target).mean().item())
@@ -172,8 +181,9 @@ def main() -> None:
                     n, a = trial.length, len(trial.answer)
                     logits = last_logits(base.model, a + 1, input_ids=tokens[None, n - w :])[0, :-1]
                     exact["recency"].append(answer_scores(logits.numpy(), trial.answer)[1])
+                    scores, _ = probe_scores(base, gistnet, tokens, n, cfg, compressed)
                     for row, scheme, focus in wc_rows:
-                        logits, _ = wc_logits(base, gistnet, tokens, n, a, cfg, scheme, focus)
+                        logits, _ = wc_logits(base, gistnet, tokens, n, a, cfg, scheme, focus, scores)
                         exact[row].append(answer_scores(logits.numpy(), trial.answer)[1])
                     if n + a <= base.max_positions:
                         logits = last_logits(base.model, a + 1, input_ids=tokens[None])[0, :-1]

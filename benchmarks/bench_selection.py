@@ -5,10 +5,12 @@ mass per 32-token block from the horizon's queries, the attention oracle, and fr
 `eval.tail_queries` tokens, the training-free focus), every scorer ranks the blocks older than the
 raw tail (`eval.focus_tail`, default W_max/2) and a working context keeps the tail plus the scorer's
 best K blocks raw, no gists (K fills the budget: the evaluation's `*_raw` rows). Per scorer it reports
-recall@K of the oracle's K blocks (mean over samples) and that working context's NLL@H, its
+recall@K of the oracle's K blocks (mean over samples; also without block 0, the attention sink, which
+every attention scorer ranks high) and that working context's NLL@H, its
 difference from recency and from the training-free focus, its gap recovery and its share of the
 oracle's, with paired cluster-bootstrap CIs over samples (`compare_reports.compare`). Everything is
-read by the plain base (no adapters), like the cached oracle.
+read by the plain base (no adapters), like the cached oracle; the oracle's raw selection is read
+again here and must equal the cache's reading (`oracle_vs_cache_max_abs_nll`, a warning otherwise).
 
 Scorers: `oracle` and `training_free` (cached; they need the full-context pass), `recent` (the newest
 blocks: the recency window itself, recall only), `random` (seeded), `probe:<gists>` (the gist probe,
@@ -59,10 +61,12 @@ def main() -> int:
                         help="a gist-probe scorer reading these gists: mean | cycle:<folder> | zero | token:<text> (repeat)")
     parser.add_argument("--checkpoint", type=Path, help="a cycle folder: adds its LensNet as the `lensnet` scorer")
     parser.add_argument("--queries", type=int, help="tail tokens whose attention the probe reads (default eval.tail_queries)")
-    parser.add_argument("--samples", type=int, help="only the first this-many cached samples")
+    parser.add_argument("--samples", type=int, help="only the first this-many cached samples (>= 1)")
     parser.add_argument("--out", default="artifacts/benchmarks/selection.json")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
+    if args.samples is not None and args.samples < 1:
+        parser.error("--samples must be at least 1")
     cfg = load_config(args.profile, args.overrides)
     ev, wcc = cfg.eval, cfg.wc
     queries = args.queries or ev.tail_queries
@@ -91,7 +95,7 @@ def main() -> int:
             return horizon_token_nll(base.model, h, inputs_embeds=inputs.inputs_embeds,
                                      targets=tokens[None, n:]).numpy()[0]
 
-    frames, recalls, seconds = [], {}, {}
+    frames, recalls, seconds, drift = [], {}, {}, 0.0
     with progress_bar("samples", total=len(samples), unit="samples") as advance:
         for i, row in enumerate(samples):
             doc, start, cursor = docs[row["doc_id"]], row["window_start"], row["cursor"]
@@ -113,17 +117,21 @@ def main() -> int:
                 tick = time.perf_counter()
                 entries = probe_entries(n, tail)
                 wc = WorkingContext(entries, n, max(w, len(entries)), wcc.protected_tail, wcc.levels)
-                inputs = lens_inputs_for(wc, tokens, embedding, gistnet, cfg.lensnet.tail_lod1, model=base.model,
+                inputs = lens_inputs_for(wc, tokens, embedding, gistnet, lensnet.cfg.tail_lod1, model=base.model,
                                          queries=lensnet.cfg.wc_attention_queries, positions=positions)
                 scores["lensnet"] = lensnet(inputs)[0, :n_blocks].float().numpy()
                 seconds.setdefault("lensnet", []).append(time.perf_counter() - tick)
             for name, s in scores.items():
                 recalls.setdefault(name, []).append(recall_at_k(s, oracle, k))
+                # without block 0, the attention sink every attention scorer ranks high
+                recalls.setdefault(f"{name} (no sink)", []).append(recall_at_k(s[1:], oracle[1:], k))
             cached = refs.tokens.filter((pl.col("doc_id") == doc.doc_id) & (pl.col("cursor") == cursor)).sort("t")
             columns = {"full": cached["nll_full"].to_numpy(), "recency": cached["nll_recency"].to_numpy(),
                        "oracle": cached["nll_oracle_raw"].to_numpy()}
+            live = nll(select_blocks(n, w, tail, oracle, levels=wcc.levels, gists=False), tokens, n)
+            drift = max(drift, float(np.abs(live - columns["oracle"]).max()))  # known answer: the cache's reading
             for name, s in scores.items():
-                if name != "recent":  # the recent blocks are the recency window, scored in the cache
+                if name != "recent":  # the recent blocks are the recency window (n a multiple of 32), cached
                     columns[name] = nll(select_blocks(n, w, tail, s, levels=wcc.levels, gists=False), tokens, n)
             frames.append(pl.DataFrame({"doc_id": [doc.doc_id] * h, "cursor": [cursor] * h, "t": list(range(h)),
                                         **{c: v.astype(np.float64) for c, v in columns.items()}}))
@@ -139,13 +147,16 @@ def main() -> int:
         cost = f"  ({1000 * np.mean(seconds[name]):.0f} ms/sample)" if name in seconds else ""
         print(f"  {name:>16}: {r['value']:.3f} [{lo:.3f}, {hi:.3f}]{cost}")
     print_comparison(result)
+    if drift > 1e-3:
+        print(f"warning: the oracle's raw selection read here differs from the cache's by up to {drift:.4f} nats/token: "
+              "the samples or the read path are misaligned", file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "profile": cfg.profile, "base": base.model_id, "references": refs.folder.name, "samples": len(samples),
         "history": ev.history, "horizon": h, "w_max": w, "focus_tail": tail, "queries": queries,
         "positions": wcc.positions, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-        "recall_at_k": recall, "seconds_per_sample": {k: float(np.mean(v)) for k, v in seconds.items()},
+        "oracle_vs_cache_max_abs_nll": drift, "recall_at_k": recall, "seconds_per_sample": {k: float(np.mean(v)) for k, v in seconds.items()},
         "per_sample_recall": recalls, **result}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

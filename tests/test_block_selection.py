@@ -23,12 +23,15 @@ def test_recall_at_k_counts_the_reference_best_blocks_found() -> None:
 
 
 def test_recall_at_k_breaks_ties_as_select_blocks_selects() -> None:
-    flat = np.zeros(6)  # all tied: stable order picks the earliest blocks, as select_blocks does
-    reference = np.array([1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
-    assert recall_at_k(flat, reference, 2) == 1.0
-    # select_blocks with the same flat scores opens exactly blocks 0 and 1 (room for two beside a 64-token tail)
-    entries = select_blocks(8 * 32, 128, 64, flat, levels=1, gists=False)
-    assert sorted({e.start // 32 for e in entries if e.start < 6 * 32}) == [0, 1]
+    # mixed ties, where an unstable sort picks other members of a tied group: the earliest tied blocks win
+    scores = np.tile([1.0, 0.0], 20)  # 40 blocks, the even ones tied at the top
+    reference = np.zeros(40)
+    reference[[0, 2, 4]] = 1.0  # the first three of the tied group
+    assert recall_at_k(scores, reference, 3) == 1.0
+    assert recall_at_k(scores, np.eye(40)[38], 1) == 0.0  # a later member of the tie is not picked first
+    # select_blocks keeps exactly those blocks (room for three beside a 64-token tail)
+    entries = select_blocks(42 * 32, 64 + 3 * 32, 64, scores, levels=1, gists=False)
+    assert sorted({e.start // 32 for e in entries if e.start < 40 * 32}) == [0, 2, 4]
 
 
 def test_gist_probe_scores_are_the_tail_attention_on_each_block_gist(tmp_path: Path) -> None:

@@ -94,8 +94,10 @@ def expanded_blocks(entries: list[Node], n: int, w_max: int, protected_tail: int
 def recall_at_k(scores: np.ndarray, reference: np.ndarray, k: int) -> float:
     """Share of `reference`'s k best blocks that are also among `scores`' k best ([B] each, higher = better).
 
-    Ties are broken as `select_blocks` breaks them (stable: earlier blocks first), so the sets are
-    the ones those scores would select. k is clipped to [1, B]; ValueError on unequal lengths.
+    Ties are broken as `select_blocks` breaks them (stable: earlier blocks first), so with k = the
+    budget's room the sets are the blocks `select_blocks(..., gists=False)` keeps (with gists its
+    selection is greedy under LOD2-opening costs, not a top-k). k is clipped to [1, B]; ValueError on
+    unequal lengths.
     """
     scores, reference = np.asarray(scores, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     if scores.shape != reference.shape or scores.ndim != 1 or not len(scores):
