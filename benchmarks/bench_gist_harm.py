@@ -10,8 +10,10 @@ with the first `--variant`, paired on the same windows. The recency window of th
 budget is read alongside. Gists are computed live from the window's tokens (no trees needed).
 
 Structures: `cold_start` (the runtime's cold start: the longest raw tail, the rest as LOD2/LOD1
-gists), `tail1024_lod1` (a 1,024-token raw tail, every older block a LOD1 gist: as many gists as
-the attention-oracle rows of the evaluation carry). Gist variants: `mean` (an untrained GistNet:
+gists), `lod2_only` (the raw tail and LOD2 gists only: the evaluation's LOD2-only row),
+`tail1024_lod1` (a 1,024-token raw tail, every older block a LOD1 gist: as many gists as
+the attention-oracle rows of the evaluation carry). `+sink`: the same with the window's first 32 tokens,
+the base's attention sink, kept raw within the same budget. Gist variants: `mean` (an untrained GistNet:
 the block's mean embedding at token norm; `mean@0.5` at half that norm), `token:<text>` (every gist is the embedding of one
 filler token, e.g. `token:\\n`), `zero` (a zero vector), `cycle:<folder>` (that cycle's trained
 GistNet, read from `<folder>/jt1/final`).
@@ -26,13 +28,15 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from megacontext.config import load_config
 from megacontext.context.nodes import BLOCK, Node
-from megacontext.context.working_context import PositionScheme, assemble_live, cold_start
+from megacontext.context.working_context import (BudgetExceeded, PositionScheme, WorkingContext, assemble_live,
+                                                 cold_start, single_level_start)
 from megacontext.data.shards import read_split, shards_dir
 from megacontext.data.windows import eligible, sample_window
 from megacontext.evaluation.gate import cluster_mean_ci
@@ -44,13 +48,35 @@ from megacontext.progress import progress_bar
 SEED_STREAM = 7  # windows drawn from their own stream: never the training phases' (SeedOffset 0-6)
 
 
+def with_sink(start: Callable[[int], WorkingContext], w_max: int) -> list[Node]:
+    """A working context built by `start(budget)` with its first 32 tokens raw, within `w_max`.
+
+    The first block of a window is the base's attention sink (StreamingLLM, Xiao et al. 2023); here
+    it stays raw: the start is built at a budget lowered by what that costs (+31 per level expanded),
+    then its first gist is expanded down to the tokens, so the raw tail is that much shorter."""
+    probe = start(w_max)
+    cost = (BLOCK - 1) * probe.entries[0].level
+    wc = start(w_max - cost)
+    wc.w_max = w_max
+    while wc.entries[0].level:
+        wc.expand(0)
+    return wc.entries
+
+
 def structures(n: int, w_max: int, protected_tail: int, levels: int) -> dict[str, list[Node]]:
     """name -> entries of each working-context structure over an n-token history."""
     tail = min(1_024, n) // BLOCK * BLOCK
     lod1 = [Node(s, 1) for s in range(0, n - tail, BLOCK)] + [Node(t, 0) for t in range(n - tail, n)]
-    out = {"cold_start": cold_start(n, w_max, protected_tail, levels).entries}
-    if len(lod1) <= w_max:
+    cold = lambda budget: cold_start(n, budget, protected_tail, levels)  # noqa: E731
+    out = {"cold_start": cold(w_max).entries, "cold_start+sink": with_sink(cold, w_max)}
+    try:  # (with a sink its tail would shrink to the next 1,024 boundary: not compared)
+        out["lod2_only"] = single_level_start(n, w_max, protected_tail, 2, levels).entries
+    except BudgetExceeded:  # LOD2 alone cannot hold this history in the budget
+        pass
+    if len(lod1) + BLOCK - 1 <= w_max:
         out["tail1024_lod1"] = lod1
+        out["tail1024_lod1+sink"] = with_sink(lambda _: WorkingContext(list(lod1), n, w_max, protected_tail, levels),
+                                              w_max)
     return out
 
 
@@ -134,12 +160,15 @@ def main() -> int:
         "variant_minus_first": {f"{name}/{spec}": cluster_mean_ci(sums[f"{name}/{spec}"] - sums[f"{name}/{variants[0]}"],
                                                                   counts, **ci)
                                 for name in shapes for spec in variants[1:]},
+        # paired: each structure with the sink kept raw against the same structure without, per variant
+        "sink_minus_plain": {k: cluster_mean_ci(sums[k] - sums[k.replace("+sink", "", 1)], counts, **ci)
+                             for k in sums if "+sink/" in k and k.replace("+sink", "", 1) in sums},
         "per_window_nll_sums": {k: v.tolist() for k, v in sums.items()},  # nats over H tokens, window order
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    for key in ("gist_minus_left_out", "left_out_minus_recency", "variant_minus_first"):
+    for key in ("gist_minus_left_out", "left_out_minus_recency", "variant_minus_first", "sink_minus_plain"):
         for k, v in result[key].items():
             lo, hi = v["ci"] or (float("nan"), float("nan"))
             print(f"{key:24s} {k:28s} {v['value']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
