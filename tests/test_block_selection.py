@@ -37,16 +37,9 @@ def test_recall_at_k_breaks_ties_as_select_blocks_selects() -> None:
 def test_gist_probe_scores_are_the_tail_attention_on_each_block_gist(tmp_path: Path) -> None:
     from megacontext.context.focus_policy import gist_probe_scores, probe_entries
     from megacontext.context.working_context import PositionScheme, assemble_live
-    from megacontext.model.base_model import load_base_model
-    from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
-    from megacontext.model.gistnet import build_gistnet
-    from tests.conftest import tiny_config
+    from tests.helpers.attention import eager_tail_attention, tiny_reader
 
-    cfg = tiny_config(tmp_path, "wc.positions=compressed")
-    model = load_base_model(cfg).model
-    install_gaussian_rope(model)
-    embedding = model.get_input_embeddings()
-    gistnet = build_gistnet(cfg.gistnet, embedding, seed=0, levels=cfg.wc.levels)
+    cfg, model, embedding, gistnet = tiny_reader(tmp_path, "wc.positions=compressed")
     n, tail, queries = 1000, 190, 16  # the tail widens back to the block boundary 800: 25 older blocks
     tokens = torch.randint(0, 256, (n + 8,), generator=torch.Generator().manual_seed(1))
     entries = probe_entries(n, tail)
@@ -54,12 +47,8 @@ def test_gist_probe_scores_are_the_tail_attention_on_each_block_gist(tmp_path: P
     positions = PositionScheme.of(cfg.wc)
     got = gist_probe_scores(model, tokens, embedding, gistnet, n=n, tail=tail, queries=queries, positions=positions)
     assert got.shape == (25,) and np.all(got > 0) and got.sum() < 1
-    model.set_attn_implementation("eager")  # by hand: mean softmax weight of the last 16 rows on each gist
-    with torch.no_grad():
+    with torch.no_grad():  # by hand: mean softmax weight of the last 16 rows on each gist
         inputs = assemble_live(entries, tokens, embedding, gistnet, cursor=n, positions=positions)
-        with gaussian_positions(model, inputs.mu, inputs.sigma):
-            weights = torch.stack(model(inputs_embeds=inputs.inputs_embeds, output_attentions=True).attentions)[:, 0]
-    reference = weights[:, :, -queries:, :].mean(dim=(0, 1, 2))[:25]
-    assert np.allclose(got, reference.numpy(), atol=1e-5)
+    assert np.allclose(got, eager_tail_attention(model, inputs, queries)[:25], atol=1e-5)
     with pytest.raises(ValueError, match="raw tail"):
         gist_probe_scores(model, tokens, embedding, gistnet, n=n, tail=tail, queries=n - 799, positions=positions)

@@ -302,16 +302,9 @@ def test_a_lensnet_without_the_attention_input_ignores_it_and_one_with_it_reads_
 def test_wc_attention_is_the_mean_softmax_of_the_last_tail_tokens_over_the_working_context(tmp_path: Path) -> None:
     from megacontext.context.focus_policy import wc_attention
     from megacontext.context.working_context import PositionScheme, assemble_live
-    from megacontext.model.base_model import load_base_model
-    from megacontext.model.gaussian_rope import gaussian_positions, install_gaussian_rope
-    from megacontext.model.gistnet import build_gistnet
-    from tests.conftest import tiny_config
+    from tests.helpers.attention import eager_tail_attention, tiny_reader
 
-    cfg = tiny_config(tmp_path, "wc.positions=compressed")
-    model = load_base_model(cfg).model
-    install_gaussian_rope(model)
-    embedding = model.get_input_embeddings()
-    gistnet = build_gistnet(cfg.gistnet, embedding, seed=0, levels=cfg.wc.levels)
+    cfg, model, embedding, gistnet = tiny_reader(tmp_path, "wc.positions=compressed")
     tokens = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(0))
     wc = cold_start(3000, w_max=256, protected_tail=64)
     with torch.no_grad():
@@ -319,11 +312,7 @@ def test_wc_attention_is_the_mean_softmax_of_the_last_tail_tokens_over_the_worki
     got = wc_attention(model, inputs, 16)
     assert got.shape == (len(wc),) and got.sum() == pytest.approx(1.0, abs=1e-4)
     assert np.all(got[-15:] > 0) and got[0] > 0  # the queries themselves (causal) and the first gist
-    model.set_attn_implementation("eager")
-    with torch.no_grad(), gaussian_positions(model, inputs.mu, inputs.sigma):
-        weights = torch.stack(model(inputs_embeds=inputs.inputs_embeds, output_attentions=True).attentions)[:, 0]
-    reference = weights[:, :, -16:, :].mean(dim=(0, 1, 2))  # [N]: layers, heads, rows
-    assert np.allclose(got, reference.numpy(), atol=1e-5)
+    assert np.allclose(got, eager_tail_attention(model, inputs, 16), atol=1e-5)  # [N]: layers, heads, rows
 
 
 def test_a_policy_with_an_attention_reading_lensnet_needs_the_base_model() -> None:
