@@ -112,11 +112,13 @@ def test_the_ui_materializes_a_tiny_cycle_and_shows_the_gate_check(dagster_ui) -
         page.get_by_role("button", name="Add a partition").click()  # a new cycle partition, from the UI
         page.get_by_placeholder("name").fill("cycle-0001")
         page.get_by_role("button", name="Save").click()
-        # The dialog counts partitions from each asset's partition health, which the UI refetches after the
-        # Save; on a loaded 2-core machine that has taken minutes (fresh-clone CI runs showed "0 partitions"
-        # after 150 s while the storage already held the partition: "A partition this name already exists").
-        # So the dialog is reopened until it lists the partition, for up to LAUNCH_TIMEOUT_S.
+        # After the Save the dialog selects the new partition once it has refetched the partition health; on a
+        # loaded 2-core machine that refetch can lose the selection: fresh-clone CI runs showed the dialog on
+        # "Custom" with nothing selected ("0 partitions") while the storage already held the partition, and a
+        # reopened dialog comes back the same way. So the dialog is reopened and told to take all partitions
+        # (the one just added is the only one) until it offers one run, for up to LAUNCH_TIMEOUT_S.
         launch = page.get_by_role("button", name="Launch 1 run")
+        every_partition = page.get_by_role("button", name="All", exact=True)
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         shown = ""
         while True:
@@ -136,6 +138,7 @@ def test_the_ui_materializes_a_tiny_cycle_and_shows_the_gate_check(dagster_ui) -
                                          + "\nand last:\n" + page.locator("body").inner_text()[-2000:]) from None
             _goto(page, f"{jobs}/cycle")
             page.get_by_role("button", name="Materialize all…").click()
+            every_partition.click()
         _follow_launched_run(page, url)
 
         _goto(page, f"{url}/assets/validation_report?view=checks")
