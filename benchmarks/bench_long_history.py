@@ -96,7 +96,7 @@ def wc_logits(base, gistnet, tokens: torch.Tensor, history: int, answer_len: int
     left out / as gists: `select_blocks`)."""
     wcc = cfg.wc
     if focus == "cold_start":
-        entries = cold_start(history, wcc.w_max, wcc.protected_tail, wcc.levels).entries
+        entries = cold_start(history, wcc.w_max, wcc.protected_tail, wcc.levels, wcc.sink_tokens).entries
     else:
         entries = select_blocks(history, wcc.w_max, focus_tail(cfg), scores, levels=wcc.levels,
                                 gists=focus == "probe_gists")

@@ -127,11 +127,17 @@ class WorkingContextConfig(Section):
     # (a token advances the position by 1, a level-k gist by slot_widths[k]) that stay in the base's range
     positions: Literal["absolute", "compressed"] = "absolute"
     slot_widths: list[int] = Field([1, 2, 4], min_length=2)  # per level 0, 1, 2, ...; level 0 is always 1
+    # the history's first sink_tokens tokens stay LOD0 in every working context: the base's attention sink
+    # (StreamingLLM, Xiao et al. 2023); a gist in its place costs the cold start ~0.04 nats/token (bench_gist_harm)
+    sink_tokens: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _tail_fits(self) -> "WorkingContextConfig":
         if self.protected_tail + 32 > self.w_max:
             raise ValueError("protected_tail must leave room for at least one block under w_max")
+        if self.sink_tokens % 32 or self.sink_tokens + self.protected_tail + 2 * 32 > self.w_max:
+            raise ValueError(f"sink_tokens ({self.sink_tokens}) must be a multiple of 32 that leaves the protected tail "
+                             "and two blocks of room under w_max")
         widths = self.slot_widths
         if widths[0] != 1 or any(w < 1 for w in widths):
             raise ValueError("slot_widths must start with 1 (a token) and be >= 1")

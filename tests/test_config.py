@@ -38,6 +38,14 @@ def test_slot_widths_are_checked_only_where_they_are_used() -> None:
         load_config("tiny", ["wc.slot_widths=[2,2,4]"], env={})
 
 
+def test_the_attention_sink_is_whole_blocks_that_leave_room() -> None:
+    assert load_config("tiny", ["wc.sink_tokens=32"], env={}).wc.sink_tokens == 32
+    assert load_config("tiny", [], env={}).wc.sink_tokens == 0  # opt-in
+    for bad in ("wc.sink_tokens=40", "wc.sink_tokens=-32", "wc.sink_tokens=4096"):
+        with pytest.raises(ConfigError, match="sink_tokens"):
+            load_config("tiny", [bad], env={})
+
+
 def test_overrides_are_parsed_as_yaml_scalars() -> None:
     assert parse_override("data.val_fraction=0.2") == ("data.val_fraction", 0.2)
     assert parse_override("data.max_documents=null") == ("data.max_documents", None)

@@ -46,6 +46,21 @@ def test_a_weak_sibling_group_collapses_and_the_tail_never_does() -> None:
     assert first_token > 0
 
 
+def test_the_attention_sink_never_collapses_even_when_every_score_asks_for_it() -> None:
+    wc = cold_start(4_096, w_max=1_024, protected_tail=256, sink=32)  # [0, 32) raw, 31 LOD1, 2 LOD2, 3 LOD1, tail
+    alloc = FocusAllocator(AllocatorConfig(max_actions=100))
+    assert all(parent.start >= 32 for _, parent in alloc.collapsible(wc))
+    assert (0, Node(0, 1)) not in alloc.collapsible(wc)
+    alloc.refocus(wc, _scores(wc, -0.99))
+    # the smallest this WC gets: sink 32 + 31 LOD1 + 2 LOD2 + 24 LOD1 [3,072, 3,840) + the 256-token tail = 345
+    alloc.make_room(wc, 1_024 - 345)
+    assert len(wc) == 345 and wc.entries[:32] == [Node(t, 0) for t in range(32)]
+    with pytest.raises(BudgetExceeded, match="nothing is left to collapse"):
+        alloc.make_room(wc, 1_024 - 344)  # it raises rather than touch the sink
+    assert wc.entries[:32] == [Node(t, 0) for t in range(32)]
+    wc.check()
+
+
 def test_expands_are_ordered_by_score_and_make_room_by_collapsing() -> None:
     wc = single_level_start(8_128, w_max=2_048, protected_tail=256, level=1)  # 197 LOD1 + 1,824: no room to expand
     scores = _scores(wc, -0.9)
@@ -128,10 +143,10 @@ def test_no_ping_pong_within_cooldown_and_residency() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 30_000), w_max=st.integers(300, 2_500), tail=st.integers(0, 256),
-       seed=st.integers(0, 2**16), rounds=st.integers(1, 15))
-def test_budget_invariants_and_cooldown_hold_for_any_scores(n, w_max, tail, seed, rounds) -> None:
+       seed=st.integers(0, 2**16), rounds=st.integers(1, 15), sink=st.sampled_from([0, 32]))
+def test_budget_invariants_and_cooldown_hold_for_any_scores(n, w_max, tail, seed, rounds, sink) -> None:
     try:
-        wc = cold_start(n, w_max=w_max, protected_tail=tail)
+        wc = cold_start(n, w_max=w_max, protected_tail=tail, sink=sink)
     except BudgetExceeded:
         return
     cfg = AllocatorConfig()
@@ -211,10 +226,11 @@ def test_reach_never_reverses_itself_and_hysteresis_holds_after_it() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 30_000), w_max=st.integers(300, 2_500), tail=st.integers(0, 256),
-       seed=st.integers(0, 2**16), plan=st.lists(st.booleans(), min_size=1, max_size=8))
-def test_reach_and_refocus_keep_budget_coverage_and_hysteresis_for_any_scores(n, w_max, tail, seed, plan) -> None:
+       seed=st.integers(0, 2**16), plan=st.lists(st.booleans(), min_size=1, max_size=8),
+       sink=st.sampled_from([0, 32]))
+def test_reach_and_refocus_keep_budget_coverage_and_hysteresis_for_any_scores(n, w_max, tail, seed, plan, sink) -> None:
     try:
-        wc = cold_start(n, w_max=w_max, protected_tail=tail)
+        wc = cold_start(n, w_max=w_max, protected_tail=tail, sink=sink)
     except BudgetExceeded:
         return
     cfg = AllocatorConfig()

@@ -38,6 +38,15 @@ def test_candidates_cover_every_legal_action(snapshot) -> None:
     assert len(candidates(wc, limit=5, rng=np.random.default_rng(0))) == 5
 
 
+def test_no_candidate_collapses_the_attention_sink() -> None:
+    plain = candidates(cold_start(1_024, w_max=192, protected_tail=64), limit=10_000, rng=np.random.default_rng(0))
+    wc = cold_start(1_024, w_max=192, protected_tail=64, sink=32)
+    sunk = candidates(wc, limit=10_000, rng=np.random.default_rng(0))
+    assert any(c.action == "collapse" for c in sunk)
+    assert not any(c.action == "collapse" and c.node.parent().start < 32 for c in sunk)
+    assert {c.node for c in plain if c.action == "collapse"} - {c.node for c in sunk if c.action == "collapse"}
+
+
 @pytest.mark.parametrize("positions", [ABSOLUTE, PositionScheme("compressed", (1, 2, 4))])
 def test_prefix_reuse_gives_the_same_labels_as_naive_recompute(snapshot, positions) -> None:
     base, gistnet, window, wc = snapshot

@@ -143,6 +143,16 @@ def test_legality_on_a_cold_start_working_context() -> None:
         wc.collapse(len(wc) - 32)  # ... and what it forbids (protected tail), it refuses
 
 
+def test_legality_keeps_the_attention_sink_raw() -> None:
+    wc = cold_start(4_096, w_max=1_024, protected_tail=256, sink=32)  # [0, 32) raw, 31 LOD1, 2 LOD2, 3 LOD1, tail
+    _, free = legality_mask(wc.entries, 2, wc.cursor, 256)
+    _, can_collapse = legality_mask(wc.entries, 2, wc.cursor, 256, sink=wc.sink)
+    assert free[:32].all() and not can_collapse[:32].any()  # without the sink rule its tokens could collapse
+    assert torch.equal(can_collapse[32:], free[32:])  # nothing else changes
+    with pytest.raises(ValueError, match="attention sink"):
+        wc.collapse(0)  # what the mask forbids, WorkingContext refuses
+
+
 def test_masked_scores_zero_only_the_illegal_direction() -> None:
     scores = torch.tensor([0.5, -0.5, 0.5, -0.5])
     can_expand = torch.tensor([True, True, False, False])

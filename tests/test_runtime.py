@@ -20,7 +20,7 @@ from megacontext.model.gistnet import build_gistnet, save_gistnet
 from megacontext.runtime.kv_cache import WCKVCache
 from megacontext.model.lensnet import build_lensnet, save_lensnet
 from megacontext.lifecycle.lineage import write_manifest
-from megacontext.context.nodes import BLOCK
+from megacontext.context.nodes import BLOCK, Node
 from megacontext.runtime.streaming import Runtime, load_runtime
 from megacontext.context.working_context import check_invariants
 
@@ -252,6 +252,20 @@ def test_without_lensnet_the_past_coarsens_oldest_first_and_recent_tokens_stay_l
     assert rt.wc.levels_used[2] == 8_000 // 1024  # every complete old 1,024-span is one LOD2 gist
     assert len(rt.wc) > cfg.wc.w_max - cfg.allocator.refocus_every - BLOCK  # the budget is used, not wasted
     assert rt.telemetry.edits == 0 and rt.telemetry.forced_collapses > 0
+
+
+def test_with_an_attention_sink_the_first_block_stays_raw_through_streaming(cfg, base, tmp_path):
+    sunk = cfg.model_copy(update={"wc": cfg.wc.model_copy(update={"sink_tokens": 32})})
+    rt = runtime(sunk, base, tmp_path / "t", lens=True)  # a decisive LensNet: it edits, and may ask to collapse
+    rt.feed(text_tokens(8_000))
+    assert rt.wc.entries[:32] == [Node(t, 0) for t in range(32)] and rt.wc.sink == 32
+    assert rt.telemetry.forced_collapses > 0 and len(rt.wc) <= sunk.wc.w_max
+    rt.wc.check()
+    plain = runtime(cfg, base, tmp_path / "p", lens=True)
+    plain.feed(text_tokens(8_000))
+    assert plain.wc.entries[0].level > 0  # without the sink the first block is summarised like any old one
+    rt.close()
+    plain.close()
 
 
 def test_room_slack_makes_forced_collapses_rarer_so_decoding_recomputes_less_within_budget(cfg, base, tmp_path):

@@ -57,22 +57,56 @@ def test_at_long_histories_the_cold_start_keeps_the_longest_raw_tail_the_budget_
         cold_start(2_000_000, w_max=300, protected_tail=256)
 
 
+def test_the_attention_sink_stays_raw_and_the_tail_pays_for_it() -> None:
+    plain = cold_start(4_096, w_max=1_024, protected_tail=256)
+    # no sink: 3 LOD2 + 1 LOD1 tile [0, 3,104), a 992-token tail: 996 (from 3,072: 3 + 1,024 > 1,024)
+    assert plain.levels_used == {2: 3, 1: 1, 0: 992}
+    wc = cold_start(4_096, w_max=1_024, protected_tail=256, sink=32)
+    # the sink [0, 32) raw, 31 LOD1 to 1,024, 2 LOD2, 3 LOD1 to 3,168, a 928-token tail: 996 (from 3,136: 1,027)
+    assert wc.entries[:32] == [Node(t, 0) for t in range(32)]
+    assert wc.entries[32:63] == [Node(s, 1) for s in range(32, 1_024, 32)]
+    assert wc.entries[63:65] == [Node(1_024, 2), Node(2_048, 2)]
+    assert wc.entries[65:68] == [Node(3_072, 1), Node(3_104, 1), Node(3_136, 1)]
+    assert wc.entries[68:] == [Node(t, 0) for t in range(3_168, 4_096)] and wc.sink == 32
+    default = cold_start(8_128, w_max=2_048, protected_tail=256, sink=32)  # the default profile's evaluation WC
+    assert default.levels_used == {0: 32 + 1_952, 1: 31 + 1, 2: 5} and default.entries[69] == Node(6_176, 0)
+    with pytest.raises(ValueError, match="whole number of 32-token blocks"):
+        cold_start(4_096, w_max=1_024, protected_tail=256, sink=40)
+    with pytest.raises(ValueError, match="attention sink"):
+        wc.collapse(0)  # the sink's 32 tokens never collapse
+    with pytest.raises(InvariantViolation, match="attention sink"):
+        check_invariants(plain.entries, 4_096, 1_024, 256, 2, sink=32)
+    assert wc.may_collapse_into(Node(3_072, 2)) is False  # it would end at 4,096, inside the tail (from 3,840)
+    assert wc.may_collapse_into(Node(0, 1)) is False and wc.may_collapse_into(Node(0, 2)) is False  # the sink's
+    assert wc.may_collapse_into(Node(1_024, 2)) and wc.may_collapse_into(Node(3_168, 1))
+
+
+def _coarsest_count(start: int, levels: int, sink: int) -> int:
+    """Entries that tile [0, start) most coarsely with [0, sink) raw: counted span by span."""
+    sink = min(sink, start)
+    count, lo = sink, sink
+    while lo < start:
+        level = max(k for k in range(1, levels + 1) if lo % span(k) == 0 and lo + span(k) <= start)
+        count, lo = count + 1, lo + span(level)
+    return count
+
+
 @settings(max_examples=80, deadline=None)
-@given(n=st.integers(0, 300_000), w_max=st.integers(300, 9_000), tail=st.integers(0, 256), levels=st.integers(2, 3))
-def test_no_longer_raw_tail_would_fit_and_the_newest_gists_are_the_finest(n, w_max, tail, levels) -> None:
+@given(n=st.integers(0, 300_000), w_max=st.integers(300, 9_000), tail=st.integers(0, 256), levels=st.integers(2, 3),
+       sink=st.sampled_from([0, 0, 32, 96]))
+def test_no_longer_raw_tail_would_fit_and_the_newest_gists_are_the_finest(n, w_max, tail, levels, sink) -> None:
     try:
-        wc = cold_start(n, w_max=w_max, protected_tail=tail, levels=levels)
+        wc = cold_start(n, w_max=w_max, protected_tail=tail, levels=levels, sink=sink)
     except BudgetExceeded:
         return
-    wc.check()
-    raw = wc.levels_used.get(0, 0)
-    if raw < n:  # one more raw block, with everything older as coarse as it gets, is over budget
+    wc.check()  # with the sink: its tokens are raw
+    raw = sum(e.level == 0 and e.start >= sink for e in wc.entries)  # the raw tail
+    if n > w_max and n - raw - 32 >= sink:  # one more raw block, everything older as coarse as it gets, is over budget
         start = n - raw - 32
-        coarsest = sum((start % span(k + 1)) // span(k) for k in range(1, levels)) + start // span(levels)
-        assert coarsest + raw + 32 > w_max
-        gist_levels = [e.level for e in wc.entries if e.level > 0]
-        assert gist_levels == sorted(gist_levels, reverse=True)  # coarser older, finer newer
-        assert w_max - len(wc) < 31 or all(g == 1 for g in gist_levels)  # what is left was spent refining
+        assert _coarsest_count(start, levels, sink) + raw + 32 > w_max
+        gist_levels = [e.level for e in wc.entries if e.level > 0 and e.start >= span(levels) * (sink > 0)]
+        assert gist_levels == sorted(gist_levels, reverse=True)  # coarser older, finer newer (past the sink's span)
+        assert w_max - len(wc) < 31 or all(e.level < 2 for e in wc.entries)  # what is left was spent refining
 
 
 def test_single_level_starts_for_per_level_evaluation() -> None:
@@ -109,6 +143,8 @@ def test_invariant_checks_catch_each_violation() -> None:
     with pytest.raises(InvariantViolation, match="protected tail"):
         check_invariants([Node(t, 0) for t in range(32)] + [Node(32, 1)], 64, w_max=64,
                          protected_tail=16, levels=2)
+    with pytest.raises(InvariantViolation, match="attention sink"):
+        check_invariants(good, 64, w_max=64, protected_tail=16, levels=2, sink=32)
 
 
 def _random_edit(wc, do_expand: bool, where: float) -> None:
@@ -122,7 +158,8 @@ def _random_edit(wc, do_expand: bool, where: float) -> None:
                 pass
     else:
         starts = [i for i, e in enumerate(wc.entries) if e.level < 2 and e.start == e.parent().start
-                  and wc.entries[i : i + 32] == e.siblings() and e.parent().end <= wc.cursor - wc.protected_tail]
+                  and wc.entries[i : i + 32] == e.siblings() and e.parent().end <= wc.cursor - wc.protected_tail
+                  and e.parent().start >= wc.sink]
         if starts:
             wc.collapse(starts[int(where * len(starts)) % len(starts)])
 
@@ -133,10 +170,11 @@ def _random_edit(wc, do_expand: bool, where: float) -> None:
     w_max=st.integers(300, 3_000),
     tail=st.integers(0, 256),
     ops=st.lists(st.tuples(st.booleans(), st.floats(0, 1)), max_size=25),
+    sink=st.sampled_from([0, 32]),
 )
-def test_every_reachable_working_context_satisfies_the_invariants(n, w_max, tail, ops) -> None:
+def test_every_reachable_working_context_satisfies_the_invariants(n, w_max, tail, ops, sink) -> None:
     try:
-        wc = cold_start(n, w_max=w_max, protected_tail=tail)
+        wc = cold_start(n, w_max=w_max, protected_tail=tail, sink=sink)
     except BudgetExceeded:
         return
     wc.check()

@@ -56,12 +56,11 @@ class FocusAllocator:
     def collapsible(self, wc: WorkingContext) -> list[tuple[int, Node]]:
         """(index, parent) of every complete aligned run of 32 siblings that may legally collapse."""
         entries, groups = wc.entries, []
-        tail_start = wc.cursor - wc.protected_tail
         i = 0
         while i + BLOCK <= len(entries):
             node = entries[i]
             parent = node.parent() if node.level < wc.levels else None
-            if parent and node.start == parent.start and parent.end <= tail_start and entries[i + BLOCK - 1].end == parent.end \
+            if parent and node.start == parent.start and wc.may_collapse_into(parent) and entries[i + BLOCK - 1].end == parent.end \
                     and entries[i + BLOCK - 1].level == node.level:
                 groups.append((i, parent))
                 i += BLOCK

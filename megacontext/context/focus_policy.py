@@ -155,7 +155,7 @@ def check_attention_queries(queries: int, protected_tail: int) -> None:
 
 def cold_start_policy(cfg: Config, budget: int | None = None) -> Policy:
     budget = budget or cfg.train.budget
-    return Policy(lambda w: (cold_start(w.history, budget, cfg.wc.protected_tail, cfg.wc.levels), {}))
+    return Policy(lambda w: (cold_start(w.history, budget, cfg.wc.protected_tail, cfg.wc.levels, cfg.wc.sink_tokens), {}))
 
 
 def lens_policy(cfg: Config, embedding: nn.Module, gistnet: nn.Module, lensnet: LensNet,
@@ -178,7 +178,7 @@ def lens_policy(cfg: Config, embedding: nn.Module, gistnet: nn.Module, lensnet: 
 
     @torch.no_grad()
     def focus(window: Window) -> tuple[WorkingContext, dict[str, float]]:
-        wc = cold_start(window.history, budget, cfg.wc.protected_tail, cfg.wc.levels)
+        wc = cold_start(window.history, budget, cfg.wc.protected_tail, cfg.wc.levels, cfg.wc.sink_tokens)
         tokens = torch.as_tensor(window.tokens.astype(np.int64))
         allocator = FocusAllocator(cfg.allocator)
 

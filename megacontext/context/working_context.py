@@ -45,6 +45,7 @@ class WorkingContext:
     w_max: int
     protected_tail: int
     levels: int = 2
+    sink: int = 0  # the first `sink` tokens stay LOD0: the base's attention sink (StreamingLLM, Xiao et al. 2023)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -75,7 +76,15 @@ class WorkingContext:
             raise ValueError(f"entries {index}..{index + BLOCK - 1} are not 32 aligned siblings of one parent")
         if group[-1].end > self.cursor - self.protected_tail:
             raise ValueError(f"entries {index}..{index + BLOCK - 1} reach into the protected tail; it stays LOD0")
+        if first.parent().start < self.sink:
+            raise ValueError(f"entries {index}..{index + BLOCK - 1} cover the attention sink (the first {self.sink} "
+                             "tokens); it stays LOD0")
         self.entries[index : index + BLOCK] = [first.parent()]
+
+    def may_collapse_into(self, parent: Node) -> bool:
+        """Whether the place rules (not the siblings' presence) allow a collapse into `parent`: below the top
+        level, wholly before the protected tail, clear of the attention sink (the rule `collapse` enforces)."""
+        return parent.level <= self.levels and parent.end <= self.cursor - self.protected_tail and parent.start >= self.sink
 
     def append_tokens(self, n: int) -> None:
         """Streaming: the next `n` tokens of the history join as LOD0 entries (cost +n)."""
@@ -87,11 +96,12 @@ class WorkingContext:
 
     def check(self, tree_tokens: int | None = None) -> None:
         """Raise `InvariantViolation` unless coverage, alignment, budget and protected tail all hold."""
-        check_invariants(self.entries, self.cursor, self.w_max, self.protected_tail, self.levels, tree_tokens)
+        check_invariants(self.entries, self.cursor, self.w_max, self.protected_tail, self.levels, tree_tokens, self.sink)
 
 
 def check_invariants(
-    entries: Sequence[Node], cursor: int, w_max: int, protected_tail: int, levels: int, tree_tokens: int | None = None
+    entries: Sequence[Node], cursor: int, w_max: int, protected_tail: int, levels: int, tree_tokens: int | None = None,
+    sink: int = 0,
 ) -> None:
     if len(entries) > w_max:
         raise InvariantViolation(f"budget: {len(entries)} entries > W_max {w_max}")
@@ -105,6 +115,8 @@ def check_invariants(
             raise InvariantViolation(f"entry {i} has level {node.level} > {levels}")
         if node.level > 0 and node.end > cursor - protected_tail:
             raise InvariantViolation(f"protected tail: entry {i} is a level-{node.level} gist within the last {protected_tail} tokens")
+        if node.level > 0 and node.start < sink:
+            raise InvariantViolation(f"attention sink: entry {i} is a level-{node.level} gist over the first {sink} tokens")
         expected = node.end
     if expected != cursor:
         raise InvariantViolation(f"coverage: entries end at {expected}, cursor is {cursor}")
@@ -112,7 +124,7 @@ def check_invariants(
         raise InvariantViolation(f"cursor {cursor} is past the tree's {tree_tokens} tokens")
 
 
-def cold_start(n_tokens: int, w_max: int, protected_tail: int, levels: int = 2) -> WorkingContext:
+def cold_start(n_tokens: int, w_max: int, protected_tail: int, levels: int = 2, sink: int = 0) -> WorkingContext:
     """The longest raw (LOD0) tail the budget allows, older spans as gists, the most recent of them refined.
 
     The raw tail starts at the earliest block boundary s for which [0, s), tiled by the coarsest
@@ -120,26 +132,32 @@ def cold_start(n_tokens: int, w_max: int, protected_tail: int, levels: int = 2) 
     what is left then refines the most recent coarse gists one level (LOD2 -> 32 LOD1, +31 each).
     So the cold start keeps nearly the recency baseline's detail plus a summary of everything older
     at any history length: at 100k tokens and W_max 2,048 a 1,920-token raw tail (docs/architecture.md §2.4).
+    With `sink` (a multiple of 32 tokens) the history's first `sink` tokens stay raw too, the base's
+    attention sink, and the aligned gists tile from there (LOD1 up to the next 1,024 boundary); the raw tail
+    pays for it (a 32-token sink costs 62 positions with two levels).
     BudgetExceeded when even the coarsest gists and the protected tail do not fit.
     """
     if n_tokens < 0:
         raise ValueError("n_tokens must be >= 0")
+    if sink % BLOCK or sink < 0:
+        raise ValueError(f"the attention sink must be a whole number of {BLOCK}-token blocks, got {sink}")
     if n_tokens <= w_max:
         entries = [Node(t, 0) for t in range(n_tokens)]
     else:
         latest = (n_tokens - min(protected_tail, n_tokens)) // BLOCK * BLOCK  # the tail starts at a block boundary
-        if _coarse_count(latest, levels) + n_tokens - latest > w_max:
+        sink = min(sink, latest)
+        if _coarse_count(latest, levels, sink) + n_tokens - latest > w_max:
             raise BudgetExceeded(f"{n_tokens} tokens cannot fit W_max {w_max} with a {protected_tail}-token protected "
                                  f"tail using gist levels {list(range(1, levels + 1))}; raise wc.w_max or add a level")
-        lo, hi = 0, latest // BLOCK  # binary search over block boundaries: the cost falls as the tail shrinks
+        lo, hi = sink // BLOCK, latest // BLOCK  # binary search over block boundaries: the cost falls as the tail shrinks
         while lo < hi:
             mid = (lo + hi) // 2
-            if _coarse_count(mid * BLOCK, levels) + n_tokens - mid * BLOCK <= w_max:
+            if _coarse_count(mid * BLOCK, levels, sink) + n_tokens - mid * BLOCK <= w_max:
                 hi = mid
             else:
                 lo = mid + 1
         start = lo * BLOCK
-        entries = _coarse(start, levels) + [Node(t, 0) for t in range(start, n_tokens)]
+        entries = _coarse(start, levels, sink) + [Node(t, 0) for t in range(start, n_tokens)]
         room = w_max - len(entries)
         i = len(entries)
         while room >= BLOCK - 1:  # refine the most recent gists above LOD1, newest first
@@ -149,27 +167,25 @@ def cold_start(n_tokens: int, w_max: int, protected_tail: int, levels: int = 2) 
             entries[i : i + 1] = entries[i].children()
             room -= BLOCK - 1
             i += BLOCK  # search again from the new children's end (a LOD2 child of a LOD3 may refine next)
-    wc = WorkingContext(entries, n_tokens, w_max, protected_tail, levels)
+    wc = WorkingContext(entries, n_tokens, w_max, protected_tail, levels, sink)
     wc.check()
     return wc
 
 
-def _coarse_count(end: int, levels: int) -> int:
-    """How many gists tile [0, end) coarsest-first (`end` a multiple of BLOCK)."""
-    count = 0
-    for level in range(levels, 0, -1):
-        count += end // span(level)
-        end %= span(level)
-    return count
+def _coarse_count(end: int, levels: int, sink: int = 0) -> int:
+    """How many entries `_coarse(end, levels, sink)` has."""
+    return len(_coarse(end, levels, sink))
 
 
-def _coarse(end: int, levels: int) -> list[Node]:
-    """[0, end) tiled by aligned gists, coarsest first (the oldest part at the top level)."""
-    out, lo = [], 0
-    for level in range(levels, 0, -1):
-        stop = lo + (end - lo) // span(level) * span(level)
-        out += [Node(s, level) for s in range(lo, stop, span(level))]
-        lo = stop
+def _coarse(end: int, levels: int, sink: int = 0) -> list[Node]:
+    """[0, end) as the raw sink [0, sink) and then the fewest aligned gists (`end`, `sink` multiples of BLOCK):
+    from each start the coarsest level aligned there that fits, so the oldest part is at the top level."""
+    out = [Node(t, 0) for t in range(min(sink, end))]
+    lo = len(out)
+    while lo < end:
+        level = next(k for k in range(levels, 0, -1) if lo % span(k) == 0 and lo + span(k) <= end)
+        out.append(Node(lo, level))
+        lo += span(level)
     return out
 
 

@@ -123,10 +123,11 @@ def collate(items: Sequence[LensInputs]) -> LensInputs:
 # --- legality -----------------------------------------------------------------------------
 
 
-def legality_mask(entries: Sequence[Node], levels: int, cursor: int, protected_tail: int) -> tuple[torch.Tensor, torch.Tensor]:
+def legality_mask(entries: Sequence[Node], levels: int, cursor: int, protected_tail: int,
+                  sink: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(can_expand [N], can_collapse [N]) bool. Tokens cannot expand. An entry can collapse only as
     part of a complete aligned run of its 32 siblings, below the top level, wholly before the
-    protected tail (the same rule as `WorkingContext.collapse`)."""
+    protected tail and clear of the first `sink` tokens (the same rule as `WorkingContext.collapse`)."""
     can_expand = torch.tensor([n.level > 0 for n in entries], dtype=torch.bool)
     can_collapse = torch.zeros(len(entries), dtype=torch.bool)
     i = 0
@@ -138,6 +139,7 @@ def legality_mask(entries: Sequence[Node], levels: int, cursor: int, protected_t
             and node.start % span(node.level + 1) == 0  # cheap pre-check: a run starts at its parent's start
             and list(group) == node.siblings()
             and group[-1].end <= cursor - protected_tail
+            and node.parent().start >= sink
         ):
             can_collapse[i : i + BLOCK] = True
             i += BLOCK

@@ -114,7 +114,7 @@ class Runtime:
         """`gist_embedding`: what GistNet and LensNet read (the plain base embedding when LoRA is on);
         `plain`: a context that turns the base's adapters off (LensNet's attention input is read there)."""
         self.every = cfg.allocator.refocus_every
-        need = cfg.wc.protected_tail + self.every + 2 * BLOCK
+        need = cfg.wc.protected_tail + self.every + 2 * BLOCK + cfg.wc.sink_tokens
         if cfg.wc.w_max < need:
             raise ConfigError(
                 f"wc.w_max {cfg.wc.w_max} is too small to stream: it must hold the protected tail "
@@ -128,7 +128,7 @@ class Runtime:
         self.encoder = TreeGistEncoder(gistnet.attach(base.model), self.gist_embedding)
         self.tree = MegaContextTree.create(tree_dir, base_model_id=base.model_id, encoder=self.encoder,
                                            levels=cfg.wc.levels, gist_dtype=cfg.gistnet.gist_dtype)
-        self.wc = WorkingContext([], 0, cfg.wc.w_max, cfg.wc.protected_tail, cfg.wc.levels)
+        self.wc = WorkingContext([], 0, cfg.wc.w_max, cfg.wc.protected_tail, cfg.wc.levels, cfg.wc.sink_tokens)
         self.allocator = FocusAllocator(cfg.allocator)
         self.positions = PositionScheme.of(cfg.wc)
         reach = self.positions.limit(cfg.wc.w_max, cfg.wc.protected_tail)

@@ -48,11 +48,10 @@ class Candidate:
 def candidates(wc: WorkingContext, limit: int, rng: np.random.Generator) -> list[Candidate]:
     """Every legal expand and collapse of the snapshot (a seeded subset of at most `limit`)."""
     found = []
-    tail_start = wc.cursor - wc.protected_tail
     for i, node in enumerate(wc.entries):
         if node.level > 0:
             found.append(Candidate(i, "expand", node, node.children()))
-        if (node.level < wc.levels and node.start == node.parent().start and node.parent().end <= tail_start
+        if (node.level < wc.levels and node.start == node.parent().start and wc.may_collapse_into(node.parent())
                 and wc.entries[i : i + BLOCK] == node.siblings()):
             found.append(Candidate(i, "collapse", node, [node.parent()]))
     if len(found) > limit:

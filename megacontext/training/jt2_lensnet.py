@@ -145,7 +145,7 @@ class JT2LensNet:
             target, labelled = entry_targets(self.labels.filter(pl.col("snapshot_id") == source), len(wc))
         else:
             target, labelled = relevance_targets(wc.entries, wc.cursor, wc.protected_tail, wc.w_max, source)
-        return (inputs, target, labelled, *legality_mask(wc.entries, wc.levels, wc.cursor, wc.protected_tail))
+        return (inputs, target, labelled, *legality_mask(wc.entries, wc.levels, wc.cursor, wc.protected_tail, wc.sink))
 
     def _snapshot(self, sid: str) -> tuple:
         """LensNet inputs, targets and legality of one snapshot (built when the phase started)."""
