@@ -345,6 +345,9 @@ class Config(Section):
         if not self.wc.protected_tail <= tail <= self.wc.w_max - 64:
             raise ValueError(f"eval.focus_tail ({tail}) must be in [wc.protected_tail, wc.w_max - 64]: the oracle "
                              "needs room for at least one block beside its tail")
+        if self.wc.sink_tokens and self.wc.sink_tokens + self.wc.protected_tail + 2 * 32 > self.train.budget:
+            raise ValueError(f"wc.sink_tokens ({self.wc.sink_tokens}) must leave the protected tail and two blocks of "
+                             f"room under train.budget ({self.train.budget}) too: training windows keep the sink raw")
         if self.lensnet.wc_attention_queries > self.wc.protected_tail:
             raise ValueError(f"lensnet.wc_attention_queries ({self.lensnet.wc_attention_queries}) must be <= "
                              f"wc.protected_tail ({self.wc.protected_tail}): the queries are raw tail tokens")
@@ -375,6 +378,8 @@ def config_hash(cfg: Config, sections: Sequence[str] | None = None) -> str:
     data.pop("profile")
     data["model"].pop("device", None)
     data["allocator"].pop("room_slack", None)  # the streaming runtime's K/V schedule: no artifact reads it
+    if not data["wc"].get("sink_tokens"):
+        data["wc"].pop("sink_tokens", None)  # no sink: the hash of every artifact made before the option existed
     if sections is not None:
         data = {name: data[name] for name in sections}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

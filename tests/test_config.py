@@ -44,6 +44,12 @@ def test_the_attention_sink_is_whole_blocks_that_leave_room() -> None:
     for bad in ("wc.sink_tokens=40", "wc.sink_tokens=-32", "wc.sink_tokens=4096"):
         with pytest.raises(ConfigError, match="sink_tokens"):
             load_config("tiny", [bad], env={})
+    tiny = load_config("tiny", [], env={})
+    too_big = tiny.train.budget - tiny.wc.protected_tail - 32  # fits W_max, not the training budget
+    with pytest.raises(ConfigError, match="train.budget"):
+        load_config("tiny", [f"wc.sink_tokens={too_big // 32 * 32}"], env={})
+    assert config_hash(tiny) == config_hash(load_config("tiny", ["wc.sink_tokens=0"], env={}))
+    assert config_hash(tiny) != config_hash(load_config("tiny", ["wc.sink_tokens=32"], env={}))
 
 
 def test_overrides_are_parsed_as_yaml_scalars() -> None:

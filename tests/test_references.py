@@ -182,6 +182,11 @@ def test_expanded_blocks_count_what_the_cold_start_gists() -> None:
     from megacontext.context.working_context import cold_start
 
     assert expanded_blocks(cold_start(8_128, 2_048, 256).entries, 8_128, 2_048, 256, 2) == []
+    sunk = cold_start(8_128, 2_048, 256, sink=32).entries  # its raw [0, 32) is the sink, not an expansion
+    assert expanded_blocks(sunk, 8_128, 2_048, 256, 2) == [8_128 - 32]  # against the plain cold start it is one
+    assert expanded_blocks(sunk, 8_128, 2_048, 256, 2, sink=32) == []
+    opened = sunk[:32] + [Node(t, 0) for t in range(32, 64)] + sunk[33:]  # block 1 read raw: 8,064 tokens back
+    assert expanded_blocks(opened, 8_128, 2_048, 256, 2, sink=32) == [8_128 - 64]
 
 
 # --- passkey ----------------------------------------------------------------------------------

@@ -51,6 +51,14 @@ def test_relevance_targets_known_answers() -> None:
     assert (target <= 1).all() and (target[1:] <= 0).all() and labelled[:1 + 256 - 64].all()
     with pytest.raises(ValueError, match="block masses"):
         teacher.relevance_targets(lod2, 1_280, 64, 300, mass[:30])
+    # a 64-token attention sink kept raw: block 1's tokens (mass 16, below no θ) cannot collapse: no label
+    sunk = [*_raw(0), *_raw(1), Node(64, 1), Node(96, 1), *[Node(t, 0) for t in range(128, 320)]]
+    mass = np.array([80, 0.5, 1, 2, 16, 1, 0.5, 4, 9, 9], dtype=np.float64)
+    plain, plain_labelled = teacher.relevance_targets(sunk, 320, 64, 200, mass)
+    target, labelled = teacher.relevance_targets(sunk, 320, 64, 200, mass, sink=64)
+    assert plain_labelled[32:64].all() and plain[32].item() < 0  # without the sink rule: told to collapse
+    assert not labelled[:64].any() and torch.equal(labelled[64:], plain_labelled[64:])
+    assert torch.equal(target[64:], plain[64:])
 
 
 def test_listwise_term_is_the_listnet_cross_entropy_over_labelled_entries() -> None:

@@ -83,11 +83,12 @@ def select_blocks(n: int, budget: int, tail: int, scores: np.ndarray, *, levels:
     return entries
 
 
-def expanded_blocks(entries: list[Node], n: int, w_max: int, protected_tail: int, levels: int) -> list[int]:
-    """Distances (tokens before the cursor `n`) of the 32-blocks read raw here but gisted in the cold start."""
-    cold = cold_start(n, w_max, protected_tail, levels).entries
-    cold_raw_from = next((node.start for node in cold if node.level == 0), n)
-    raw = {node.start // BLOCK for node in entries if node.level == 0 and node.end <= cold_raw_from}
+def expanded_blocks(entries: list[Node], n: int, w_max: int, protected_tail: int, levels: int, sink: int = 0) -> list[int]:
+    """Distances (tokens before the cursor `n`) of the 32-blocks read raw here but gisted in the cold start
+    (the cold start with an attention sink of `sink` tokens, which are raw there and never count)."""
+    cold = cold_start(n, w_max, protected_tail, levels, sink).entries
+    cold_raw_from = next((node.start for node in cold if node.level == 0 and node.start >= sink), n)
+    raw = {node.start // BLOCK for node in entries if node.level == 0 and sink <= node.start and node.end <= cold_raw_from}
     return sorted(n - (b + 1) * BLOCK for b in raw)
 
 

@@ -164,7 +164,7 @@ def _health(rows: Rows, name: str, entries: Sequence[Node], n: int) -> None:
     if rows.health is None:
         return
     wcc = rows.cfg.wc
-    distances = expanded_blocks(list(entries), n, wcc.w_max, wcc.protected_tail, wcc.levels)
+    distances = expanded_blocks(list(entries), n, wcc.w_max, wcc.protected_tail, wcc.levels, wcc.sink_tokens)
     rows.health.setdefault(f"{name}:count", []).append(float(len(distances)))
     rows.health.setdefault(f"{name}:distance", []).extend(float(d) for d in distances)
 

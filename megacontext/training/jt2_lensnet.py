@@ -144,7 +144,7 @@ class JT2LensNet:
         if isinstance(source, str):
             target, labelled = entry_targets(self.labels.filter(pl.col("snapshot_id") == source), len(wc))
         else:
-            target, labelled = relevance_targets(wc.entries, wc.cursor, wc.protected_tail, wc.w_max, source)
+            target, labelled = relevance_targets(wc.entries, wc.cursor, wc.protected_tail, wc.w_max, source, wc.sink)
         return (inputs, target, labelled, *legality_mask(wc.entries, wc.levels, wc.cursor, wc.protected_tail, wc.sink))
 
     def _snapshot(self, sid: str) -> tuple:

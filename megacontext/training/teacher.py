@@ -52,7 +52,7 @@ def horizon_block_mass(base: BaseLM, window: Window) -> np.ndarray:
 
 
 def relevance_targets(entries: Sequence[Node], cursor: int, protected_tail: int, w_max: int,
-                      mass: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+                      mass: np.ndarray, sink: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets [N] in [-1, 1], labelled [N] bool) for a working context from its window's block masses.
 
     The budget decides how many 32-token blocks before the protected tail can be read raw: with all
@@ -67,7 +67,8 @@ def relevance_targets(entries: Sequence[Node], cursor: int, protected_tail: int,
     large share of every query's attention whatever they hold (36-51 % of the horizon's mass on
     SmolLM2 windows of 2,048 tokens), and whatever entry comes first in a working context plays that
     part. Their mass says nothing about relevance, so it takes no part in θ or in any entry's value;
-    an entry that covers only sink blocks is unlabelled.
+    an entry that covers only sink blocks is unlabelled. So are the raw tokens of a working context's
+    own attention sink (`sink`, `wc.sink_tokens`): they have no legal action either.
     """
     tail_from = max(0, cursor - protected_tail)
     free = tail_from // BLOCK  # U: blocks wholly before the protected tail
@@ -81,7 +82,7 @@ def relevance_targets(entries: Sequence[Node], cursor: int, protected_tail: int,
     target = torch.zeros(len(entries))
     labelled = torch.zeros(len(entries), dtype=torch.bool)
     for i, node in enumerate(entries):
-        if node.level == 0 and node.start >= tail_from:
+        if node.level == 0 and (node.start >= tail_from or node.start < sink):
             continue
         first = max(node.start // BLOCK, SINK_BLOCKS)
         blocks = mass[first : max(node.end // BLOCK, node.start // BLOCK + 1)]
