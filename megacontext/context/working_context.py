@@ -82,9 +82,8 @@ class WorkingContext:
         self.entries[index : index + BLOCK] = [first.parent()]
 
     def may_collapse_into(self, parent: Node) -> bool:
-        """Whether the place rules (not the siblings' presence) allow a collapse into `parent`: below the top
-        level, wholly before the protected tail, clear of the attention sink (the rule `collapse` enforces)."""
-        return parent.level <= self.levels and parent.end <= self.cursor - self.protected_tail and parent.start >= self.sink
+        """`collapse_allowed` for this working context: the rule `collapse` enforces."""
+        return collapse_allowed(parent, self.cursor, self.protected_tail, self.levels, self.sink)
 
     def append_tokens(self, n: int) -> None:
         """Streaming: the next `n` tokens of the history join as LOD0 entries (cost +n)."""
@@ -97,6 +96,13 @@ class WorkingContext:
     def check(self, tree_tokens: int | None = None) -> None:
         """Raise `InvariantViolation` unless coverage, alignment, budget and protected tail all hold."""
         check_invariants(self.entries, self.cursor, self.w_max, self.protected_tail, self.levels, tree_tokens, self.sink)
+
+
+def collapse_allowed(parent: Node, cursor: int, protected_tail: int, levels: int, sink: int = 0) -> bool:
+    """Whether the place rules (not the siblings' presence) allow a collapse into `parent`: below the top
+    level, wholly before the protected tail, clear of the first `sink` tokens (the attention sink). The one
+    rule `WorkingContext.collapse`, the allocator, LensNet's legality mask and JT2's candidates share."""
+    return parent.level <= levels and parent.end <= cursor - protected_tail and parent.start >= sink
 
 
 def check_invariants(

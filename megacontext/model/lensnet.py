@@ -27,6 +27,7 @@ from torch import nn
 from megacontext.config import LensNetConfig
 from megacontext.model.checkpoints import load_module, module_identity, save_module
 from megacontext.context.nodes import BLOCK, Node, span
+from megacontext.context.working_context import collapse_allowed
 
 MAX_LEVEL = 4  # the highest gist level a config allows (WorkingContextConfig.levels <= 4)
 N_FEATURES = 3
@@ -138,8 +139,7 @@ def legality_mask(entries: Sequence[Node], levels: int, cursor: int, protected_t
             node.level < levels
             and node.start % span(node.level + 1) == 0  # cheap pre-check: a run starts at its parent's start
             and list(group) == node.siblings()
-            and group[-1].end <= cursor - protected_tail
-            and node.parent().start >= sink
+            and collapse_allowed(node.parent(), cursor, protected_tail, levels, sink)
         ):
             can_collapse[i : i + BLOCK] = True
             i += BLOCK
