@@ -325,7 +325,8 @@ class Matrix:
             if one_refuses:
                 fine = fine and len(refused) == 1
             waited = any("waiting (up to" in d.stderr for d in done)
-            holder = next((d.stderr.strip().splitlines()[-1] for d in refused),
+            odd = [d for d in done if d.returncode != 0 and d not in refused]  # failed some other way: say how
+            holder = next((d.stderr.strip().splitlines()[-1] for d in refused + odd if d.stderr.strip()),
                           "one waited for the other" if waited else "none refused or waited (they did not overlap)")
             return fine, f"exits {codes}; {holder[:200]}; audit {'clean' if not problems else problems[0]}"
 

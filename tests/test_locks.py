@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -43,10 +44,36 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_frees_
     finally:
         proc.kill()
         proc.wait()
-    with artifact_lock(folder):  # the OS released the dead holder's lock; its record file is left behind
+    record = lock_path(folder).with_suffix(".lock.json")
+    assert f'"pid": {proc.pid},' in record.read_text()  # the killed holder's record is left behind
+    with artifact_lock(folder):  # the OS released the dead holder's lock
         with artifact_lock(folder):  # re-entrant within a process
             pass
-    assert lock_path(folder).is_file()
+        assert f'"pid": {os.getpid()},' in record.read_text()  # still ours: the inner exit kept it
+    assert lock_path(folder).is_file() and not record.exists()  # a finished holder's record goes with it
+
+
+def test_a_refused_writer_never_names_a_dead_holder_and_waits_for_the_live_ones_record(tmp_path: Path) -> None:
+    import json
+    import socket
+    import threading
+
+    from megacontext.lifecycle.locks import holder
+
+    folder = tmp_path / "cycles" / "cycle-0002"
+    folder.parent.mkdir(parents=True)
+    record = lock_path(folder).with_suffix(".lock.json")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = {"pid": int(dead), "host": socket.gethostname(), "command": "old", "since": "then"}
+    record.write_text(json.dumps(stale) + "\n")  # a killed holder's record, left behind
+    start = time.perf_counter()
+    assert holder(folder, settle=0.3) == "another process (no holder record)"
+    assert time.perf_counter() - start >= 0.3
+    live = {**stale, "pid": os.getpid(), "command": "megacontext train-cycle --cycle 2"}
+    threading.Timer(0.3, lambda: record.write_text(json.dumps(live) + "\n")).start()  # the new holder, late
+    assert holder(folder, settle=5.0).startswith(f"pid {live['pid']} on {socket.gethostname()} "
+                                                 "(`megacontext train-cycle --cycle 2`")
 
 
 def test_a_waiting_writer_gets_the_lock_when_the_holder_finishes(tmp_path: Path) -> None:

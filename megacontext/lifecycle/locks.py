@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from filelock import FileLock, Timeout
 
 from megacontext.errors import ArtifactError
-from megacontext.lifecycle.lineage import sweep_leftovers
+from megacontext.lifecycle.lineage import running, sweep_leftovers
 
 F = TypeVar("F", bound=Callable[..., Any])
 _LOCKS: dict[Path, FileLock] = {}  # one FileLock object per path and process, so that nesting re-enters it
@@ -39,13 +39,25 @@ def lock_path(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.lock"
 
 
-def holder(folder: Path) -> str:
-    """Who holds the lock on `folder`, as recorded by the holder (best effort)."""
-    try:
-        info = json.loads(lock_path(folder).with_suffix(".lock.json").read_text())
-    except (OSError, ValueError):
-        return "another process (no holder record)"
-    return f"pid {info['pid']} on {info['host']} (`{info['command']}`, since {info['since']})"
+def holder(folder: Path, *, settle: float = 2.0) -> str:
+    """Who holds the lock on `folder`, as recorded by the holder (best effort).
+
+    The holder writes its record just after it takes the lock, so a caller that was refused in
+    between finds no record yet, or a dead holder's stale one; it waits up to `settle` seconds
+    for a live holder's record before it gives up.
+    """
+    record = lock_path(folder).with_suffix(".lock.json")
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            info = json.loads(record.read_text())
+            if info["host"] != socket.gethostname() or running(int(info["pid"])):
+                return f"pid {info['pid']} on {info['host']} (`{info['command']}`, since {info['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if time.monotonic() >= deadline:
+            return "another process (no holder record)"
+        time.sleep(0.05)
 
 
 @contextmanager
@@ -76,13 +88,17 @@ def artifact_lock(folder: Path, *, wait: float = 0.0) -> Iterator[None]:
         raise ArtifactBusy(f"{Path(folder)}: being written by {holder(folder)}; wait for it to finish "
                            "or stop that process, then rerun") from None
     try:
-        if outermost:
-            sweep_leftovers(Path(folder).parent, Path(folder).name)  # a killed writer's: safe under the lock
+        if outermost:  # the record first (a refused writer is waiting to name us), written whole
             record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            path.with_suffix(".lock.json").write_text(json.dumps(record) + "\n")
+            staging = path.with_suffix(f".lock.json.{os.getpid()}")
+            staging.write_text(json.dumps(record) + "\n")
+            os.replace(staging, path.with_suffix(".lock.json"))
+            sweep_leftovers(Path(folder).parent, Path(folder).name)  # a killed writer's: safe under the lock
         yield
     finally:
+        if outermost:  # a finished holder's record goes with it (a killed one's is left: see `holder`)
+            path.with_suffix(".lock.json").unlink(missing_ok=True)
         lock.release()
 
 
