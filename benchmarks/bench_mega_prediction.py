@@ -78,7 +78,8 @@ def measure(cfg, base, gistnet, policy, windows, plain_embedding, plain=nullcont
                "lod2_agreement": out.metrics.get("lod2_agreement", float("nan")), "wc_entries": len(wc)}
         for level in (1, 2):  # ΔNLL@H per level: the history compressed with gists of one level only
             try:
-                one = single_level_start(window.history, t.budget, wcc.protected_tail, level, wcc.levels)
+                one = single_level_start(window.history, t.budget, wcc.protected_tail, level, wcc.levels,
+                                         wcc.sink_tokens)
                 row[f"nll_mega_lod{level}"] = level_nll(cfg, base, gistnet, one, ids, targets, plain_embedding)
             except BudgetExceeded:
                 row[f"nll_mega_lod{level}"] = float("nan")

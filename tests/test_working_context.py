@@ -112,6 +112,22 @@ def test_no_longer_raw_tail_would_fit_and_the_newest_gists_are_the_finest(n, w_m
 def test_single_level_starts_for_per_level_evaluation() -> None:
     assert single_level_start(8_128, 2_048, 256, level=2).levels_used == {2: 6, 0: 1_984}
     assert single_level_start(8_128, 2_048, 256, level=1).levels_used == {1: 197, 0: 1_824}
+    # with a 32-token sink: LOD1 from token 32 on, (8,128 - a) raw <= 2,016 - (a - 32)/32 first holds at a = 6,336
+    lod1 = single_level_start(8_128, 2_048, 256, level=1, sink=32)
+    assert lod1.entries[:33] == [Node(t, 0) for t in range(32)] + [Node(32, 1)] and lod1.sink == 32
+    assert lod1.levels_used == {0: 32 + 1_792, 1: 197} and lod1.entries[229] == Node(6_336, 0)
+    # LOD2 from 1,024 on (the sink's span is 32 raw + 31 LOD1): five LOD2 and a 1,984-token tail need 4 positions
+    # too many, so the tail starts a span later
+    lod2 = single_level_start(8_128, 2_048, 256, level=2, sink=32)
+    assert lod2.entries[:64] == [Node(t, 0) for t in range(32)] + [Node(s, 1) for s in range(32, 1_024, 32)] + [
+        Node(1_024, 2)]
+    assert lod2.levels_used == {0: 32 + 960, 1: 31, 2: 6} and lod2.entries[69] == Node(7_168, 0)
+    for start in (lod1, lod2):
+        start.check()
+        assert not start.may_collapse_into(Node(0, 1))  # the sink stays raw
+    assert single_level_start(2_000, 2_048, 256, level=2, sink=32).levels_used == {0: 2_000}  # it all fits raw
+    with pytest.raises(ValueError, match="whole number"):
+        single_level_start(8_128, 2_048, 256, level=1, sink=16)
 
 
 def test_expand_and_collapse_edit_in_place_with_budget_accounting() -> None:

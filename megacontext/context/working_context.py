@@ -195,21 +195,40 @@ def _coarse(end: int, levels: int, sink: int = 0) -> list[Node]:
     return out
 
 
-def single_level_start(n_tokens: int, w_max: int, protected_tail: int, level: int, levels: int = 2) -> WorkingContext:
-    """The compressed part uses gists of one level only (for per-level ΔNLL)."""
-    return _start(n_tokens, w_max, protected_tail, levels, allowed=(level,))
+def single_level_start(n_tokens: int, w_max: int, protected_tail: int, level: int, levels: int = 2,
+                       sink: int = 0) -> WorkingContext:
+    """The compressed part uses gists of one level only (for per-level ΔNLL).
+
+    With `sink` the first `sink` tokens stay raw, as in `cold_start`; the rest of the sink's level-`level`
+    span is then LOD1 (the only level aligned there), so e.g. the LOD2 row is 32 raw tokens, 31 LOD1 gists,
+    LOD2 gists from token 1,024 on and the raw tail. BudgetExceeded when it cannot fit `w_max`.
+    """
+    return _start(n_tokens, w_max, protected_tail, levels, allowed=(level,), sink=sink)
 
 
-def _start(n_tokens: int, w_max: int, protected_tail: int, levels: int, allowed: tuple[int, ...]) -> WorkingContext:
+def _start(n_tokens: int, w_max: int, protected_tail: int, levels: int, allowed: tuple[int, ...],
+           sink: int = 0) -> WorkingContext:
     if n_tokens < 0:
         raise ValueError("n_tokens must be >= 0")
-    entries = _cover(0, n_tokens, w_max, min(protected_tail, n_tokens), allowed)
+    if sink % BLOCK or sink < 0:
+        raise ValueError(f"the attention sink must be a whole number of {BLOCK}-token blocks, got {sink}")
+    tail = min(protected_tail, n_tokens)
+    if n_tokens <= w_max:
+        entries: list[Node] | None = [Node(t, 0) for t in range(n_tokens)]
+    else:
+        latest = (n_tokens - tail) // BLOCK * BLOCK  # as in cold_start: the sink never reaches into the tail
+        sink = min(sink, latest)
+        step = span(allowed[0])
+        aligned = min(-(-sink // step) * step, latest)  # where gists of the allowed level may start
+        head = [Node(t, 0) for t in range(sink)] + [Node(s, 1) for s in range(sink, aligned, BLOCK)]
+        rest = _cover(aligned, n_tokens, w_max - len(head), tail, allowed if aligned % step == 0 else ())
+        entries = None if rest is None else head + rest
     if entries is None:
         raise BudgetExceeded(
             f"{n_tokens} tokens cannot fit W_max {w_max} with a {protected_tail}-token protected tail "
             f"using gist levels {sorted(allowed)}; raise wc.w_max or add a level"
         )
-    wc = WorkingContext(entries, n_tokens, w_max, protected_tail, levels)
+    wc = WorkingContext(entries, n_tokens, w_max, protected_tail, levels, sink)
     wc.check()
     return wc
 

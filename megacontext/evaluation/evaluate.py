@@ -125,7 +125,7 @@ def score_sample(base: BaseLM, tree: NodeSource, sample: Sample, refs: Reference
         columns[f"nll_mc_lod{level}"] = np.full(h, np.nan)
         if level <= wcc.levels:
             try:
-                single = single_level_start(n, w, wcc.protected_tail, level, wcc.levels)
+                single = single_level_start(n, w, wcc.protected_tail, level, wcc.levels, wcc.sink_tokens)
             except BudgetExceeded:
                 continue
             columns[f"nll_mc_lod{level}"] = score(single.entries)
@@ -380,7 +380,7 @@ def score_passkey(base: BaseLM, references: pl.DataFrame, rows: Rows, gistnet: n
             candidates = {"mc": (wc.entries, rows.mega)}
             try:
                 candidates["lod1"] = (single_level_start(trial.length, wcc.w_max, wcc.protected_tail, 1,
-                                                         wcc.levels).entries, None)
+                                                         wcc.levels, wcc.sink_tokens).entries, None)
             except BudgetExceeded:
                 pass
             if cfg.eval.baselines:
