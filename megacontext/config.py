@@ -128,8 +128,9 @@ class WorkingContextConfig(Section):
     positions: Literal["absolute", "compressed"] = "absolute"
     slot_widths: list[int] = Field([1, 2, 4], min_length=2)  # per level 0, 1, 2, ...; level 0 is always 1
     # the history's first sink_tokens tokens stay LOD0 in every working context: the base's attention sink
-    # (StreamingLLM, Xiao et al. 2023); a gist in its place costs the cold start ~0.04 nats/token (bench_gist_harm)
-    sink_tokens: int = Field(0, ge=0)
+    # (StreamingLLM, Xiao et al. 2023); a gist in its place costs the cold start ~0.04 nats/token (bench_gist_harm).
+    # 0 turns it off (the layout of every cycle trained before it became the default)
+    sink_tokens: int = Field(32, ge=0)
 
     @model_validator(mode="after")
     def _tail_fits(self) -> "WorkingContextConfig":

@@ -268,15 +268,24 @@ def test_the_gist_guard_measures_each_reading_and_refuses_gists_that_change_noth
     assert same["unchanged"]  # and the verdict says so, not "rejected"
     t = tiny.train
     assert same["windows"] == 2 and same["tokens"] == 2 * t.horizon
-    # known answer: with the cold start's spans left out, the base reads only the raw tail; RoPE is relative,
-    # so that equals reading the tail's tokens from position 0
+    # known answer: with the cold start's spans left out, the base reads only the attention sink (the first
+    # sink_tokens tokens, at positions 0..) and the raw tail at its own positions
+    sink = tiny.wc.sink_tokens
+    assert sink == 32  # the default: the known answer below covers the sink
     left_out = []
     for item in range(2):
         w = sample_window(phase.docs, history=t.history, horizon=t.horizon, align=span(tiny.wc.levels),
                           seed=tiny.seed + SeedOffset.JT1_GUARD, step=0, item=item)
-        raw_from = next(e.start for e in phase.policy(w).entries if e.level == 0)
-        ids = torch.as_tensor(w.tokens[raw_from:].astype(np.int64))[None]
-        left_out.append(horizon_token_nll(phase.base.model, t.horizon, input_ids=ids).sum().item())
+        entries = phase.policy(w).entries
+        assert [e.level for e in entries[:sink]] == [0] * sink and entries[sink].level > 0
+        raw_from = entries[max(i for i, e in enumerate(entries) if e.level > 0) + 1].start
+        keep = np.r_[0:sink, raw_from:len(w.tokens)]
+        ids = torch.as_tensor(w.tokens[keep].astype(np.int64))[None]
+        positions = torch.as_tensor(keep)[None]
+        # the plain base (Gaussian RoPE inactive) at explicit positions; the explicit mask matters: without one,
+        # transformers reads a position jump as the start of a packed sequence and hides the sink from the tail
+        left_out.append(horizon_token_nll(phase.base.model, t.horizon, input_ids=ids, position_ids=positions,
+                                          attention_mask=torch.ones_like(ids)).sum().item())
     phase.policy.drain()
     assert same["nll"]["left_out"] == pytest.approx(sum(left_out) / (2 * t.horizon), rel=1e-4)
     assert same["trained_minus_left_out"]["value"] == pytest.approx(same["nll"]["trained"] - same["nll"]["left_out"],

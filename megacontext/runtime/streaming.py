@@ -118,8 +118,9 @@ class Runtime:
         if cfg.wc.w_max < need:
             raise ConfigError(
                 f"wc.w_max {cfg.wc.w_max} is too small to stream: it must hold the protected tail "
-                f"({cfg.wc.protected_tail}), a refocus interval of headroom ({self.every}) and {2 * BLOCK} positions "
-                f"of gists, i.e. at least {need}; raise wc.w_max or lower wc.protected_tail")
+                f"({cfg.wc.protected_tail}), a refocus interval of headroom ({self.every}), {2 * BLOCK} positions "
+                f"of gists and the attention sink ({cfg.wc.sink_tokens}), i.e. at least {need}; raise wc.w_max "
+                "or lower wc.protected_tail")
         self.cfg, self.base, self.lensnet, self.plain = cfg, base, lensnet, plain
         check_attention_queries(lensnet.cfg.wc_attention_queries if lensnet is not None else 0, cfg.wc.protected_tail)
         install_gaussian_rope(base.model)
