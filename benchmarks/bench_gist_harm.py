@@ -51,6 +51,9 @@ SEED_STREAM = 7  # windows drawn from their own stream: never the training phase
 def with_sink(start: Callable[[int], WorkingContext], w_max: int) -> list[Node]:
     """A working context built by `start(budget)` with its first 32 tokens raw, within `w_max`.
 
+    (For the cold start this is exactly `cold_start(..., sink=32)`, checked at 2k-64k histories and
+    budgets 512-2,048; the cold-start row uses that. This one serves the structures without a sink option.)
+
     The first block of a window is the base's attention sink (StreamingLLM, Xiao et al. 2023); here
     it stays raw: the start is built at a budget lowered by what that costs (+31 per level expanded),
     then its first gist is expanded down to the tokens, so the raw tail is that much shorter."""
@@ -67,8 +70,8 @@ def structures(n: int, w_max: int, protected_tail: int, levels: int) -> dict[str
     """name -> entries of each working-context structure over an n-token history."""
     tail = min(1_024, n) // BLOCK * BLOCK
     lod1 = [Node(s, 1) for s in range(0, n - tail, BLOCK)] + [Node(t, 0) for t in range(n - tail, n)]
-    cold = lambda budget: cold_start(n, budget, protected_tail, levels)  # noqa: E731
-    out = {"cold_start": cold(w_max).entries, "cold_start+sink": with_sink(cold, w_max)}
+    out = {"cold_start": cold_start(n, w_max, protected_tail, levels, sink=0).entries,
+           "cold_start+sink": cold_start(n, w_max, protected_tail, levels, sink=BLOCK).entries}  # wc.sink_tokens
     try:  # (with a sink its tail would shrink to the next 1,024 boundary: not compared)
         out["lod2_only"] = single_level_start(n, w_max, protected_tail, 2, levels).entries
     except BudgetExceeded:  # LOD2 alone cannot hold this history in the budget
