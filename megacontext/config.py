@@ -241,6 +241,10 @@ class TrainConfig(Section):
     # JT2 dense supervision: windows whose teacher pass (horizon attention mass per block) labels every
     # entry of their on-policy WC; cached across cycles. 0 = counterfactual labels only
     teacher_windows: int = Field(0, ge=0)
+    # Dense targets relative to the position prior (teacher.position_prior): a block's mass over the mean mass
+    # at its position across the teacher windows, so LensNet cannot learn "oldest first" from the sink's
+    # spill-over (measured on the default profile: without it, a dense LensNet expanded the oldest blocks)
+    teacher_debias: bool = False
     # The gist guard (docs/lifecycle.md §3.3): after JT1, the trained GistNet is kept only if, on this many
     # unseen training windows, its gists lower the working context's NLL@H against the warm start's. 0 = off.
     gist_guard_windows: int = Field(8, ge=0)
@@ -381,6 +385,8 @@ def config_hash(cfg: Config, sections: Sequence[str] | None = None) -> str:
     data["allocator"].pop("room_slack", None)  # the streaming runtime's K/V schedule: no artifact reads it
     if not data["wc"].get("sink_tokens"):
         data["wc"].pop("sink_tokens", None)  # no sink: the hash of every artifact made before the option existed
+    if not data["train"].get("teacher_debias"):
+        data["train"].pop("teacher_debias", None)  # off: artifacts made before the option keep their hash
     if sections is not None:
         data = {name: data[name] for name in sections}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

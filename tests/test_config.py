@@ -56,10 +56,12 @@ def test_the_attention_sink_is_whole_blocks_that_leave_room() -> None:
     no_sink = load_config("tiny", ["wc.sink_tokens=0"], env={})
     data = no_sink.to_dict()
     for section, key in (("paths", None), ("profile", None), ("model", "device"), ("allocator", "room_slack"),
-                         ("wc", "sink_tokens")):
+                         ("wc", "sink_tokens"), ("train", "teacher_debias")):
         data.pop(section) if key is None else data[section].pop(key)
     assert config_hash(no_sink) == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     assert config_hash(tiny) != config_hash(no_sink)
+    assert config_hash(no_sink) != config_hash(load_config("tiny", ["wc.sink_tokens=0", "train.teacher_debias=true"],
+                                                           env={}))
 
 
 def test_overrides_are_parsed_as_yaml_scalars() -> None:

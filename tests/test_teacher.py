@@ -207,3 +207,51 @@ def test_jt2_validation_is_the_loss_on_held_out_teacher_windows(corpus, tmp_path
     assert phase.validate(1) == pytest.approx(by_hand[0])
     with pytest.raises(ValueError, match="held-out teacher windows"):
         phase.validate(3)
+
+
+def test_the_position_prior_is_the_mean_non_sink_share_per_block_and_debiasing_divides_by_it() -> None:
+    a = np.array([6.0, 1.0, 3.0, 0.0])  # non-sink shares 1/4, 3/4, 0
+    b = np.array([2.0, 2.0, 1.0, 1.0])  # non-sink shares 1/2, 1/4, 1/4
+    prior = teacher.position_prior([a, b])
+    floor = 1e-9 * (3 / 8 + 1 / 2 + 1 / 8)
+    assert np.allclose(prior, [(6 / 4 + 2 / 4) / 2, 3 / 8, 1 / 2, 1 / 8]) and prior.min() > floor
+    assert np.allclose(teacher.debiased(a, prior), [6.0, 1.0 / (3 / 8), 3.0 / (1 / 2), 0.0])  # sink block untouched
+    # a window shaped exactly like the prior has the same lift on every block: flat targets (all at theta)
+    flat = teacher.debiased(prior * 5.0, prior)
+    assert np.allclose(flat[teacher.SINK_BLOCKS:], 5.0)
+    with pytest.raises(ValueError, match="different lengths"):
+        teacher.position_prior([a, b[:3]])
+    with pytest.raises(ValueError, match="at least one window"):
+        teacher.position_prior([])
+    with pytest.raises(ValueError, match="4-block position prior"):
+        teacher.debiased(a[:3], prior)
+
+
+def test_jt2_with_teacher_debias_trains_on_the_debiased_masses(corpus, tmp_path) -> None:
+    cfg = corpus
+    base = load_base_model(cfg)
+    docs = read_split(shards_dir(cfg), "train")
+    usable = eligible(docs, cfg.train.history, cfg.train.horizon)
+    windows = [snapshot_window(cfg, usable, i) for i in range(3)]
+    masses, _ = teacher.teacher_masses(cfg, base, windows)
+    gistnet = build_gistnet(cfg.gistnet, base.model.get_input_embeddings(), seed=0)
+    labels = tmp_path / "labels"
+    generate_labels(cfg, base, gistnet, docs, cold_start_policy(cfg), labels)
+    write_manifest(labels, kind="lens_labels", format_version=1, config_hash="test")
+    debias = cfg.model_copy(update={"train": cfg.train.model_copy(update={"teacher_debias": True})})
+    targets = {}
+    for name, c in (("plain", cfg), ("debias", debias)):
+        lensnet = build_lensnet(c.lensnet, base.d_model, seed=0, head_std=0.5)
+        phase = JT2LensNet(c, base, gistnet, lensnet, docs, cold_start_policy(c), labels, masses, heldout=masses[:1])
+        targets[name] = phase._snapshot("t00001")[1], phase._heldout[0][1]
+    prior = teacher.position_prior(masses)
+    wc = cold_start_policy(cfg)(windows[1])
+    by_hand, _ = teacher.relevance_targets(wc.entries, wc.cursor, wc.protected_tail, wc.w_max,
+                                           teacher.debiased(masses[1], prior), wc.sink)
+    assert torch.equal(targets["debias"][0], by_hand) and not torch.equal(targets["plain"][0], by_hand)
+    from megacontext.data.windows import SeedOffset
+
+    held_wc = cold_start_policy(cfg)(snapshot_window(cfg, usable, 0, SeedOffset.JT2_HELDOUT))
+    held, _ = teacher.relevance_targets(held_wc.entries, held_wc.cursor, held_wc.protected_tail, held_wc.w_max,
+                                        teacher.debiased(masses[0], prior), held_wc.sink)
+    assert torch.equal(targets["debias"][1], held)  # held-out windows use the training windows' prior

@@ -36,7 +36,7 @@ from megacontext.model.gaussian_rope import install_gaussian_rope
 from megacontext.model.gistnet import GistNet
 from megacontext.context.working_context import PositionScheme
 from megacontext.training.jt2_labels import candidates, label_snapshot, label_table, to_targets
-from megacontext.training.teacher import relevance_targets
+from megacontext.training.teacher import debiased, position_prior, relevance_targets
 from megacontext.model.lensnet import LensInputs, LensNet, collate, legality_mask, lensnet_loss, pad_batch, save_lensnet
 from megacontext.context.nodes import BLOCK, span
 from megacontext.progress import progress_bar
@@ -112,6 +112,10 @@ class JT2LensNet:
         verify_artifact(labels, repair=repair_advice(labels))  # a sealed label table, unchanged since JT2 wrote it
         self.labels = validate(pl.read_parquet(labels / LABELS_FILE), LABEL_SCHEMA, where=str(labels / LABELS_FILE))
         self.teacher, self.heldout = list(teacher), list(heldout)
+        if cfg.train.teacher_debias and self.teacher:  # the training windows' prior, for held-out ones too
+            prior = position_prior(self.teacher)
+            self.teacher = [debiased(m, prior) for m in self.teacher]
+            self.heldout = [debiased(m, prior) for m in self.heldout]
         self.snapshot_ids = sorted(self.labels["snapshot_id"].unique().to_list()) + \
             [f"{DENSE}{i:05d}" for i in range(len(self.teacher))]
         base.model.requires_grad_(False)

@@ -51,6 +51,36 @@ def horizon_block_mass(base: BaseLM, window: Window) -> np.ndarray:
     return block_sums(mass[0], 0, n // BLOCK * BLOCK, BLOCK).cpu().numpy()
 
 
+def position_prior(masses: Sequence[np.ndarray]) -> np.ndarray:
+    """[B] float64: the mean share of the horizon's mass on each block position, over windows.
+
+    Each window's masses (`horizon_block_mass`, one length B for all) are first normalised to sum 1
+    over its non-sink blocks; the prior is their mean per block index, floored at 1e-9 of its
+    total. Dividing a window's masses by it (`debiased`) leaves how much more (or less) attention a
+    block draws than blocks at that position usually do: the question-dependent part, without the
+    attention sink's spill-over onto the next blocks and the recency slope near the cursor (what an
+    unadjusted target teaches a LensNet that sees each entry's position). ValueError for no windows
+    or windows of different lengths.
+    """
+    if not len(masses):
+        raise ValueError("a position prior needs at least one window")
+    if len({len(m) for m in masses}) != 1:
+        raise ValueError(f"windows of different lengths: {sorted({len(m) for m in masses})} blocks")
+    stacked = np.asarray(masses, dtype=np.float64)  # [W, B]
+    share = stacked / np.maximum(stacked[:, SINK_BLOCKS:].sum(axis=1, keepdims=True), 1e-30)
+    prior = share.mean(axis=0)
+    return np.maximum(prior, 1e-9 * prior[SINK_BLOCKS:].sum())
+
+
+def debiased(mass: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """A window's block masses [B] divided by the position prior [B] (the sink blocks left as they are)."""
+    if len(mass) != len(prior):
+        raise ValueError(f"{len(mass)} block masses for a {len(prior)}-block position prior")
+    out = np.asarray(mass, dtype=np.float64).copy()
+    out[SINK_BLOCKS:] = out[SINK_BLOCKS:] / prior[SINK_BLOCKS:]
+    return out
+
+
 def relevance_targets(entries: Sequence[Node], cursor: int, protected_tail: int, w_max: int,
                       mass: np.ndarray, sink: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(targets [N] in [-1, 1], labelled [N] bool) for a working context from its window's block masses.
