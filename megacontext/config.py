@@ -350,6 +350,9 @@ class Config(Section):
         if not self.wc.protected_tail <= tail <= self.wc.w_max - 64:
             raise ValueError(f"eval.focus_tail ({tail}) must be in [wc.protected_tail, wc.w_max - 64]: the oracle "
                              "needs room for at least one block beside its tail")
+        if self.train.teacher_debias and self.train.teacher_windows < 2:
+            raise ValueError(f"train.teacher_debias needs train.teacher_windows >= 2 (each window is debiased by "
+                             f"the others' position prior); got {self.train.teacher_windows}")
         if self.wc.sink_tokens and self.wc.sink_tokens + self.wc.protected_tail + 2 * 32 > self.train.budget:
             raise ValueError(f"wc.sink_tokens ({self.wc.sink_tokens}) must leave the protected tail and two blocks of "
                              f"room under train.budget ({self.train.budget}) too: training windows keep the sink raw")

@@ -60,8 +60,11 @@ def test_the_attention_sink_is_whole_blocks_that_leave_room() -> None:
         data.pop(section) if key is None else data[section].pop(key)
     assert config_hash(no_sink) == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     assert config_hash(tiny) != config_hash(no_sink)
-    assert config_hash(no_sink) != config_hash(load_config("tiny", ["wc.sink_tokens=0", "train.teacher_debias=true"],
-                                                           env={}))
+    windows = ["wc.sink_tokens=0", "train.teacher_windows=2"]
+    assert config_hash(load_config("tiny", windows, env={})) != config_hash(
+        load_config("tiny", [*windows, "train.teacher_debias=true"], env={}))
+    with pytest.raises(ConfigError, match="teacher_windows >= 2"):
+        load_config("tiny", ["train.teacher_debias=true", "train.teacher_windows=1"], env={})
 
 
 def test_overrides_are_parsed_as_yaml_scalars() -> None:

@@ -76,6 +76,16 @@ def test_a_refused_writer_never_names_a_dead_holder_and_waits_for_the_live_ones_
                                                  "(`megacontext train-cycle --cycle 2`")
 
 
+def test_a_writer_refused_while_the_holder_finishes_takes_the_lock_instead_of_refusing(tmp_path: Path) -> None:
+    folder = tmp_path / "champion"
+    proc = hold(folder)
+    lock_path(folder).with_suffix(".lock.json").unlink()  # the holder is finishing: its record is gone ...
+    subprocess.Popen(["sh", "-c", f"sleep 0.5; kill {proc.pid}"])  # ... and its lock goes half a second later
+    with artifact_lock(folder):  # no record turns up in 2 s; the second try finds the lock free
+        assert f'"pid": {os.getpid()},' in lock_path(folder).with_suffix(".lock.json").read_text()
+    proc.wait()
+
+
 def test_a_waiting_writer_gets_the_lock_when_the_holder_finishes(tmp_path: Path) -> None:
     folder = tmp_path / "model-cache"
     proc = hold(folder)

@@ -219,6 +219,9 @@ def test_the_position_prior_is_the_mean_non_sink_share_per_block_and_debiasing_d
     # a window shaped exactly like the prior has the same lift on every block: flat targets (all at theta)
     flat = teacher.debiased(prior * 5.0, prior)
     assert np.allclose(flat[teacher.SINK_BLOCKS:], 5.0)
+    assert np.allclose(teacher.position_prior([a, b], leave_out=0), [2 / 4, 2 / 4, 1 / 4, 1 / 4])  # b's shares
+    with pytest.raises(ValueError, match="at least one window"):
+        teacher.position_prior([a], leave_out=0)
     with pytest.raises(ValueError, match="different lengths"):
         teacher.position_prior([a, b[:3]])
     with pytest.raises(ValueError, match="at least one window"):
@@ -238,7 +241,8 @@ def test_jt2_with_teacher_debias_trains_on_the_debiased_masses(corpus, tmp_path)
     labels = tmp_path / "labels"
     generate_labels(cfg, base, gistnet, docs, cold_start_policy(cfg), labels)
     write_manifest(labels, kind="lens_labels", format_version=1, config_hash="test")
-    debias = cfg.model_copy(update={"train": cfg.train.model_copy(update={"teacher_debias": True})})
+    debias = cfg.model_copy(update={"train": cfg.train.model_copy(update={"teacher_debias": True,
+                                                                          "teacher_windows": 3})})
     targets = {}
     for name, c in (("plain", cfg), ("debias", debias)):
         lensnet = build_lensnet(c.lensnet, base.d_model, seed=0, head_std=0.5)
@@ -246,8 +250,8 @@ def test_jt2_with_teacher_debias_trains_on_the_debiased_masses(corpus, tmp_path)
         targets[name] = phase._snapshot("t00001")[1], phase._heldout[0][1]
     prior = teacher.position_prior(masses)
     wc = cold_start_policy(cfg)(windows[1])
-    by_hand, _ = teacher.relevance_targets(wc.entries, wc.cursor, wc.protected_tail, wc.w_max,
-                                           teacher.debiased(masses[1], prior), wc.sink)
+    by_hand, _ = teacher.relevance_targets(wc.entries, wc.cursor, wc.protected_tail, wc.w_max,  # the others' prior
+                                           teacher.debiased(masses[1], teacher.position_prior(masses, 1)), wc.sink)
     assert torch.equal(targets["debias"][0], by_hand) and not torch.equal(targets["plain"][0], by_hand)
     from megacontext.data.windows import SeedOffset
 

@@ -126,6 +126,9 @@ def test_single_level_starts_for_per_level_evaluation() -> None:
         start.check()
         assert not start.may_collapse_into(Node(0, 1))  # the sink stays raw
     assert single_level_start(2_000, 2_048, 256, level=2, sink=32).levels_used == {0: 2_000}  # it all fits raw
+    for n, w_max, tail in ((1_024, 192, 64), (700, 256, 64), (2_100, 2_048, 128)):  # the sink's LOD1 alone fits
+        with pytest.raises(BudgetExceeded):  # no LOD2 row, as without a sink where it cannot fit (or has LOD2)
+            single_level_start(n, w_max, tail, level=2, sink=32)
     with pytest.raises(ValueError, match="whole number"):
         single_level_start(8_128, 2_048, 256, level=1, sink=16)
 

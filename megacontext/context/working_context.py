@@ -200,8 +200,9 @@ def single_level_start(n_tokens: int, w_max: int, protected_tail: int, level: in
     """The compressed part uses gists of one level only (for per-level ΔNLL).
 
     With `sink` the first `sink` tokens stay raw, as in `cold_start`; the rest of the sink's level-`level`
-    span is then LOD1 (the only level aligned there), so e.g. the LOD2 row is 32 raw tokens, 31 LOD1 gists,
-    LOD2 gists from token 1,024 on and the raw tail. BudgetExceeded when it cannot fit `w_max`.
+    span is then LOD1, so e.g. the LOD2 row is 32 raw tokens, 31 LOD1 gists, LOD2 gists from token 1,024 on
+    and the raw tail. BudgetExceeded when it cannot fit `w_max`, or when it fits a history longer than
+    `w_max` without a single gist of `level` (the sink's LOD1 gists alone: no row for that level).
     """
     return _start(n_tokens, w_max, protected_tail, levels, allowed=(level,), sink=sink)
 
@@ -223,6 +224,8 @@ def _start(n_tokens: int, w_max: int, protected_tail: int, levels: int, allowed:
         head = [Node(t, 0) for t in range(sink)] + [Node(s, 1) for s in range(sink, aligned, BLOCK)]
         rest = _cover(aligned, n_tokens, w_max - len(head), tail, allowed if aligned % step == 0 else ())
         entries = None if rest is None else head + rest
+        if entries is not None and not any(e.level in allowed for e in entries):
+            entries = None  # the sink's LOD1 alone made it fit: not a row of this level (as without a sink)
     if entries is None:
         raise BudgetExceeded(
             f"{n_tokens} tokens cannot fit W_max {w_max} with a {protected_tail}-token protected tail "

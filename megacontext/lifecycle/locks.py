@@ -77,21 +77,23 @@ def artifact_lock(folder: Path, *, wait: float = 0.0) -> Iterator[None]:
     lock = _LOCKS.setdefault(path, FileLock(path, thread_local=False))
     outermost = not lock.is_locked
     try:
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            if wait <= 0:
-                raise
-            print(f"{Path(folder)}: waiting (up to {wait:,.0f} s) for {holder(folder)}", file=sys.stderr, flush=True)
-            lock.acquire(timeout=wait, poll_interval=0.5)
+        lock.acquire(timeout=0)
     except Timeout:
-        raise ArtifactBusy(f"{Path(folder)}: being written by {holder(folder)}; wait for it to finish "
-                           "or stop that process, then rerun") from None
+        who = holder(folder)
+        try:
+            if wait > 0:
+                print(f"{Path(folder)}: waiting (up to {wait:,.0f} s) for {who}", file=sys.stderr, flush=True)
+                lock.acquire(timeout=wait, poll_interval=0.5)
+            else:  # once more: a holder that finished while we looked for its record has freed the lock
+                lock.acquire(timeout=0)
+        except Timeout:
+            raise ArtifactBusy(f"{Path(folder)}: being written by {holder(folder) if wait > 0 else who}; wait for "
+                               "it to finish or stop that process, then rerun") from None
     try:
         if outermost:  # the record first (a refused writer is waiting to name us), written whole
             record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            staging = path.with_suffix(f".lock.json.{os.getpid()}")
+            staging = path.with_name(f"{path.stem}.{os.getpid()}.lock.json")  # a lock file to lineage, too
             staging.write_text(json.dumps(record) + "\n")
             os.replace(staging, path.with_suffix(".lock.json"))
             sweep_leftovers(Path(folder).parent, Path(folder).name)  # a killed writer's: safe under the lock

@@ -112,9 +112,9 @@ class JT2LensNet:
         verify_artifact(labels, repair=repair_advice(labels))  # a sealed label table, unchanged since JT2 wrote it
         self.labels = validate(pl.read_parquet(labels / LABELS_FILE), LABEL_SCHEMA, where=str(labels / LABELS_FILE))
         self.teacher, self.heldout = list(teacher), list(heldout)
-        if cfg.train.teacher_debias and self.teacher:  # the training windows' prior, for held-out ones too
+        if cfg.train.teacher_debias:  # each training window by the others' prior; held-out ones by all of theirs
             prior = position_prior(self.teacher)
-            self.teacher = [debiased(m, prior) for m in self.teacher]
+            self.teacher = [debiased(m, position_prior(self.teacher, leave_out=i)) for i, m in enumerate(self.teacher)]
             self.heldout = [debiased(m, prior) for m in self.heldout]
         self.snapshot_ids = sorted(self.labels["snapshot_id"].unique().to_list()) + \
             [f"{DENSE}{i:05d}" for i in range(len(self.teacher))]

@@ -51,8 +51,11 @@ def horizon_block_mass(base: BaseLM, window: Window) -> np.ndarray:
     return block_sums(mass[0], 0, n // BLOCK * BLOCK, BLOCK).cpu().numpy()
 
 
-def position_prior(masses: Sequence[np.ndarray]) -> np.ndarray:
+def position_prior(masses: Sequence[np.ndarray], leave_out: int | None = None) -> np.ndarray:
     """[B] float64: the mean share of the horizon's mass on each block position, over windows.
+
+    `leave_out`: the index of a window to leave out of the mean (a training window is debiased by the
+    other windows' prior, as a held-out one is: a window in its own prior would have its peaks squashed).
 
     Each window's masses (`horizon_block_mass`, one length B for all) are first normalised to sum 1
     over its non-sink blocks; the prior is their mean per block index, floored at 1e-9 of its
@@ -62,11 +65,13 @@ def position_prior(masses: Sequence[np.ndarray]) -> np.ndarray:
     unadjusted target teaches a LensNet that sees each entry's position). ValueError for no windows
     or windows of different lengths.
     """
-    if not len(masses):
+    if len(masses) - (leave_out is not None) < 1:
         raise ValueError("a position prior needs at least one window")
     if len({len(m) for m in masses}) != 1:
         raise ValueError(f"windows of different lengths: {sorted({len(m) for m in masses})} blocks")
     stacked = np.asarray(masses, dtype=np.float64)  # [W, B]
+    if leave_out is not None:
+        stacked = np.delete(stacked, leave_out, axis=0)
     share = stacked / np.maximum(stacked[:, SINK_BLOCKS:].sum(axis=1, keepdims=True), 1e-30)
     prior = share.mean(axis=0)
     return np.maximum(prior, 1e-9 * prior[SINK_BLOCKS:].sum())
