@@ -243,7 +243,8 @@ class TrainConfig(Section):
     teacher_windows: int = Field(0, ge=0)
     # Dense targets relative to the position prior (teacher.position_prior): a block's mass over the mean mass
     # at its position across the teacher windows, so LensNet cannot learn "oldest first" from the sink's
-    # spill-over (measured on the default profile: without it, a dense LensNet expanded the oldest blocks)
+    # spill-over (default profile: without it a dense LensNet expanded the oldest blocks; with it, it collapsed
+    # recent ones and read worse still: docs/lifecycle.md §3.4). Off
     teacher_debias: bool = False
     # The gist guard (docs/lifecycle.md §3.3): after JT1, the trained GistNet is kept only if, on this many
     # unseen training windows, its gists lower the working context's NLL@H against the warm start's. 0 = off.
