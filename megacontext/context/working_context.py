@@ -130,6 +130,14 @@ def check_invariants(
         raise InvariantViolation(f"cursor {cursor} is past the tree's {tree_tokens} tokens")
 
 
+def _check_start(n_tokens: int, sink: int) -> None:
+    """ValueError for a negative history or a sink that is not a whole number of blocks."""
+    if n_tokens < 0:
+        raise ValueError("n_tokens must be >= 0")
+    if sink % BLOCK or sink < 0:
+        raise ValueError(f"the attention sink must be a whole number of {BLOCK}-token blocks, got {sink}")
+
+
 def cold_start(n_tokens: int, w_max: int, protected_tail: int, levels: int = 2, sink: int = 0) -> WorkingContext:
     """The longest raw (LOD0) tail the budget allows, older spans as gists, the most recent of them refined.
 
@@ -143,10 +151,7 @@ def cold_start(n_tokens: int, w_max: int, protected_tail: int, levels: int = 2, 
     pays for it (a 32-token sink costs 62 positions with two levels).
     BudgetExceeded when even the coarsest gists and the protected tail do not fit.
     """
-    if n_tokens < 0:
-        raise ValueError("n_tokens must be >= 0")
-    if sink % BLOCK or sink < 0:
-        raise ValueError(f"the attention sink must be a whole number of {BLOCK}-token blocks, got {sink}")
+    _check_start(n_tokens, sink)
     if n_tokens <= w_max:
         entries = [Node(t, 0) for t in range(n_tokens)]
     else:
@@ -209,10 +214,7 @@ def single_level_start(n_tokens: int, w_max: int, protected_tail: int, level: in
 
 def _start(n_tokens: int, w_max: int, protected_tail: int, levels: int, allowed: tuple[int, ...],
            sink: int = 0) -> WorkingContext:
-    if n_tokens < 0:
-        raise ValueError("n_tokens must be >= 0")
-    if sink % BLOCK or sink < 0:
-        raise ValueError(f"the attention sink must be a whole number of {BLOCK}-token blocks, got {sink}")
+    _check_start(n_tokens, sink)
     tail = min(protected_tail, n_tokens)
     if n_tokens <= w_max:
         entries: list[Node] | None = [Node(t, 0) for t in range(n_tokens)]

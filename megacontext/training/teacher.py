@@ -54,16 +54,16 @@ def horizon_block_mass(base: BaseLM, window: Window) -> np.ndarray:
 def position_prior(masses: Sequence[np.ndarray], leave_out: int | None = None) -> np.ndarray:
     """[B] float64: the mean share of the horizon's mass on each block position, over windows.
 
-    `leave_out`: the index of a window to leave out of the mean (a training window is debiased by the
-    other windows' prior, as a held-out one is: a window in its own prior would have its peaks squashed).
-
     Each window's masses (`horizon_block_mass`, one length B for all) are first normalised to sum 1
     over its non-sink blocks; the prior is their mean per block index, floored at 1e-9 of its
     total. Dividing a window's masses by it (`debiased`) leaves how much more (or less) attention a
     block draws than blocks at that position usually do: the question-dependent part, without the
     attention sink's spill-over onto the next blocks and the recency slope near the cursor (what an
-    unadjusted target teaches a LensNet that sees each entry's position). ValueError for no windows
-    or windows of different lengths.
+    unadjusted target teaches a LensNet that sees each entry's position).
+
+    `leave_out`: the index of a window to leave out of the mean (a training window is debiased by the
+    other windows' prior, as a held-out one is: a window in its own prior would have its peaks squashed).
+    ValueError for no windows or windows of different lengths.
     """
     if len(masses) - (leave_out is not None) < 1:
         raise ValueError("a position prior needs at least one window")
