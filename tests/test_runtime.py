@@ -304,10 +304,11 @@ def test_room_slack_makes_forced_collapses_rarer_so_decoding_recomputes_less_wit
 
 
 def test_a_budget_too_small_to_stream_is_refused(tmp_path, base):
-    # 64 tail + 32 sink + 2 blocks fit the config's check; a refocus interval of headroom (32) does not
-    small = tiny_config(tmp_path, "wc.w_max=160", "wc.protected_tail=64")
-    with pytest.raises(ConfigError, match=r"wc.w_max 160 is too small to stream: .*the attention sink \(32\), "
-                                          r"i.e. at least 192;"):
+    # 64 tail + 32 sink + 2 blocks fit the config's check; a refocus interval of headroom (32) and the sink's
+    # real cost (32 tokens + the 31 LOD1 gists of the rest of its 1,024-token span) do not: 64 + 32 + 64 + 63
+    small = tiny_config(tmp_path, "wc.w_max=192", "wc.protected_tail=64")
+    with pytest.raises(ConfigError, match=r"wc.w_max 192 is too small to stream: .*the attention sink \(32 tokens "
+                                          r"and the gists of the rest of its span: 63 positions\), i.e. at least 223;"):
         runtime(small, base, tmp_path / "t")
     assert not (tmp_path / "t").exists()
     no_sink = tiny_config(tmp_path, "wc.w_max=128", "wc.protected_tail=64", "wc.sink_tokens=0")

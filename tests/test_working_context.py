@@ -16,6 +16,7 @@ from megacontext.context.working_context import (
     check_invariants,
     cold_start,
     single_level_start,
+    sink_cost,
 )
 
 
@@ -289,3 +290,17 @@ def test_compressed_positions_of_any_reachable_working_context_stay_in_the_base_
         runs = (levels[1:] == 0) & (levels[:-1] == 0)
         assert np.all(np.diff(mu.numpy())[runs] == 1.0)  # raw runs keep contiguous positions
     assert ABSOLUTE.limit(w_max, tail) == float("inf")
+
+
+def test_sink_cost_counts_the_sink_span_gists():
+    # known answers: the sink's raw tokens, then the fewest aligned gists up to its top-level span's end
+    assert sink_cost(0, 2) == 0
+    assert sink_cost(32, 2) == 32 + 31  # 31 LOD1 gists for [32, 1024)
+    assert sink_cost(32, 1) == 32  # one level: nothing coarser to fill
+    assert sink_cost(1024, 2) == 1024  # the sink fills its span
+    assert sink_cost(64, 3) == 64 + 30 + 31  # 30 LOD1 for [64, 1024), 31 LOD2 for [1024, 32768)
+    # it is what a cold start past the sink's span spends on [0, 1024)
+    wc = cold_start(8_128, 2_048, 256, 2, 32)
+    assert sum(1 for n in wc.entries if n.end <= 1_024) == sink_cost(32, 2)
+    with pytest.raises(ValueError, match="whole number"):
+        sink_cost(16, 2)

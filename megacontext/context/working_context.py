@@ -183,6 +183,17 @@ def cold_start(n_tokens: int, w_max: int, protected_tail: int, levels: int = 2, 
     return wc
 
 
+def sink_cost(sink: int, levels: int = 2) -> int:
+    """Positions the attention sink's top-level span takes in any working context past it: the `sink` raw
+    tokens plus the fewest aligned gists for the rest of that span (no top-level gist may cover the sink),
+    e.g. 63 for a 32-token sink with two levels (32 tokens + 31 LOD1), 32 with one level, 0 without a sink."""
+    _check_start(0, sink)
+    if not sink:
+        return 0
+    top = span(levels)
+    return _coarse_count(-(-sink // top) * top, levels, sink)
+
+
 def _coarse_count(end: int, levels: int, sink: int = 0) -> int:
     """How many entries `_coarse(end, levels, sink)` has."""
     return len(_coarse(end, levels, sink))

@@ -42,7 +42,7 @@ from megacontext.mega.model import install_mega_attention
 from megacontext.mega.prediction import next_block_prediction, tied_weight
 from megacontext.context.nodes import BLOCK, Node
 from megacontext.context.tree import MegaContextTree
-from megacontext.context.working_context import BudgetExceeded, PositionScheme, WorkingContext, assemble
+from megacontext.context.working_context import BudgetExceeded, PositionScheme, WorkingContext, assemble, sink_cost
 
 
 INGEST_CHUNK = 8_192  # tokens per tree append when a long feed is ingested ahead of the refocus loop
@@ -114,13 +114,14 @@ class Runtime:
         """`gist_embedding`: what GistNet and LensNet read (the plain base embedding when LoRA is on);
         `plain`: a context that turns the base's adapters off (LensNet's attention input is read there)."""
         self.every = cfg.allocator.refocus_every
-        need = cfg.wc.protected_tail + self.every + 2 * BLOCK + cfg.wc.sink_tokens
+        sink = sink_cost(cfg.wc.sink_tokens, cfg.wc.levels)
+        need = cfg.wc.protected_tail + self.every + 2 * BLOCK + sink
         if cfg.wc.w_max < need:
             raise ConfigError(
                 f"wc.w_max {cfg.wc.w_max} is too small to stream: it must hold the protected tail "
                 f"({cfg.wc.protected_tail}), a refocus interval of headroom ({self.every}), {2 * BLOCK} positions "
-                f"of gists and the attention sink ({cfg.wc.sink_tokens}), i.e. at least {need}; raise wc.w_max "
-                "or lower wc.protected_tail")
+                f"of gists and the attention sink ({cfg.wc.sink_tokens} tokens and the gists of the rest of its "
+                f"span: {sink} positions), i.e. at least {need}; raise wc.w_max or lower wc.protected_tail")
         self.cfg, self.base, self.lensnet, self.plain = cfg, base, lensnet, plain
         check_attention_queries(lensnet.cfg.wc_attention_queries if lensnet is not None else 0, cfg.wc.protected_tail)
         install_gaussian_rope(base.model)
