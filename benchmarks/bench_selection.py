@@ -13,7 +13,8 @@ read by the plain base (no adapters), like the cached oracle; the oracle's raw s
 again here and must equal the cache's reading (`oracle_vs_cache_max_abs_nll`, a warning otherwise).
 
 Scorers: `oracle` and `training_free` (cached; they need the full-context pass), `recent` (the newest
-blocks: the recency window itself, recall only), `random` (seeded), `probe:<gists>` (the gist probe,
+blocks: the recency window itself, recall only), `oldest` (the oldest blocks first: what a scorer that
+learned "the blocks after the sink matter" from short windows picks at this length), `random` (seeded), `probe:<gists>` (the gist probe,
 `focus_policy.gist_probe_scores`: the base reads the tail plus every older block as its LOD1 gist and
 a block scores the attention the last `--queries` tail tokens put on its gist; no full-context pass),
 `lensnet` (the `--checkpoint` cycle's LensNet scoring the same probe working context's LOD1 gists,
@@ -106,6 +107,7 @@ def main() -> int:
             oracle = refs.block_scores(doc.doc_id, cursor, "mass_horizon")[:n_blocks]
             scores = {"training_free": refs.block_scores(doc.doc_id, cursor, "mass_tail")[:n_blocks],
                       "recent": np.arange(n_blocks, dtype=np.float64),
+                      "oldest": -np.arange(n_blocks, dtype=np.float64),
                       "random": np.random.default_rng([cfg.seed, i]).random(n_blocks)}
             for name, gistnet in probes.items():
                 tick = time.perf_counter()
