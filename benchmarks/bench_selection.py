@@ -14,9 +14,10 @@ again here and must equal the cache's reading (`oracle_vs_cache_max_abs_nll`, a 
 
 Scorers: `oracle` and `training_free` (cached; they need the full-context pass), `recent` (the newest
 blocks: the recency window itself, recall only), `oldest` (the oldest blocks first: what a scorer that
-learned "the blocks after the sink matter" from short windows picks at this length), `random` (seeded), `probe:<gists>` (the gist probe,
-`focus_policy.gist_probe_scores`: the base reads the tail plus every older block as its LOD1 gist and
-a block scores the attention the last `--queries` tail tokens put on its gist; no full-context pass),
+learned "the blocks after the sink matter" from short windows picks at this length), `random`
+(seeded), `probe:<gists>` (the gist probe, `focus_policy.gist_probe_scores`: the base reads the tail
+plus every older block as its LOD1 gist and a block scores the attention the last `--queries` tail
+tokens put on its gist; no full-context pass),
 `lensnet` (the `--checkpoint` cycle's LensNet scoring the same probe working context's LOD1 gists,
 read through that cycle's GistNet). `<gists>` as in bench_gist_harm.py: `mean` (an untrained
 GistNet), `cycle:<folder>` (that cycle's), `zero`, `token:<text>`.

@@ -130,12 +130,17 @@ def check_invariants(
         raise InvariantViolation(f"cursor {cursor} is past the tree's {tree_tokens} tokens")
 
 
+def _check_sink(sink: int) -> None:
+    """ValueError for a sink that is not a whole number of blocks."""
+    if sink % BLOCK or sink < 0:
+        raise ValueError(f"the attention sink must be a whole number of {BLOCK}-token blocks, got {sink}")
+
+
 def _check_start(n_tokens: int, sink: int) -> None:
     """ValueError for a negative history or a sink that is not a whole number of blocks."""
     if n_tokens < 0:
         raise ValueError("n_tokens must be >= 0")
-    if sink % BLOCK or sink < 0:
-        raise ValueError(f"the attention sink must be a whole number of {BLOCK}-token blocks, got {sink}")
+    _check_sink(sink)
 
 
 def cold_start(n_tokens: int, w_max: int, protected_tail: int, levels: int = 2, sink: int = 0) -> WorkingContext:
@@ -187,7 +192,7 @@ def sink_cost(sink: int, levels: int = 2) -> int:
     """Positions the attention sink's top-level span takes in any working context past it: the `sink` raw
     tokens plus the fewest aligned gists for the rest of that span (no top-level gist may cover the sink),
     e.g. 63 for a 32-token sink with two levels (32 tokens + 31 LOD1), 32 with one level, 0 without a sink."""
-    _check_start(0, sink)
+    _check_sink(sink)
     if not sink:
         return 0
     top = span(levels)
